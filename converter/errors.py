@@ -1,0 +1,52 @@
+"""One exception tree. Every message names the file, tensor or layer, what was found, and the fix."""
+
+from __future__ import annotations
+
+
+class ConverterError(Exception):
+    """Base of every error ckptport raises on purpose. The CLI prints ``str(err)`` on one line, exit 2."""
+
+    exit_code = 2
+
+
+class SourceFormatError(ConverterError):
+    """The input file is missing, empty, truncated, corrupt or of an unknown format."""
+
+
+class UnknownArchitectureError(ConverterError):
+    """No mapping table matches the source layers (or the named one does not fit them)."""
+
+
+class MappingError(ConverterError):
+    """A mapping table is malformed, or a conversion leaves tensors unmapped or targets unfilled."""
+
+
+class ShapeMismatchError(MappingError):
+    """A tensor's shape after its transform differs from what the target expects."""
+
+
+class UnsupportedLayerError(ConverterError):
+    """The source uses a feature PyTorch has no twin for (BatchNormalization renorm, ...)."""
+
+
+class InvalidTensorError(ConverterError):
+    """A tensor holds NaN/inf or impossible values (negative variance)."""
+
+
+class OutputExistsError(ConverterError):
+    """The output path exists and ``force`` was not given."""
+
+
+class RegistryError(ConverterError, KeyError):
+    """A registry lookup missed or a name was registered twice."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class FrameworkMissingError(ConverterError):
+    """An optional framework (torch, timm, tensorflow) is needed for this step but not installed."""
+
+
+class VerificationError(ConverterError):
+    """Verification could not run (not: it ran and found a mismatch)."""

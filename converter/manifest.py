@@ -1,0 +1,143 @@
+"""Layer manifests: what a source architecture looks like (Keras side) and what a target expects
+(PyTorch side: keys, shapes, BN settings), shipped as JSON under ``mappings/manifests``.
+
+Source manifest (``keras.<id>.json``)::
+
+    {"schema": 1, "id": "keras:EfficientNetB0", "framework": "keras", "keras_version": "3.15.1",
+     "build": {"fn": "EfficientNetB0", "kwargs": {"weights": null, ...}},
+     "layers": [{"name": "stem_conv", "class_name": "Conv2D", "config": {...},
+                 "vars": [{"name": "kernel", "shape": [3, 3, 3, 32], "dtype": "float32"}]}, ...]}
+
+``layers`` is ``model.layers`` in order (the input layer included: TF object checkpoints index
+``_operations/<i>`` by it), ``vars`` each layer's variables in Keras save order (trainable first).
+
+Target manifest (``timm.tf_efficientnet_b0.json``)::
+
+    {"schema": 1, "id": "timm:tf_efficientnet_b0", "library": "timm", "library_version": "1.0.29",
+     "name": "tf_efficientnet_b0", "kwargs": {},
+     "tensors": [{"key": "conv_stem.weight", "shape": [32, 3, 3, 3], "dtype": "float32"}, ...],
+     "bn_modules": {"bn1": {"eps": 0.001, "momentum": 0.1, "affine": true,
+                            "track_running_stats": true}, ...}}
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import MappingError
+
+SCHEMA = 1
+_DROP_CONFIG = re.compile(r"_(initializer|regularizer|constraint)$")
+
+
+def slug(manifest_id: str) -> str:
+    """File stem for a manifest id: ``keras:MobileNetV3Small(alpha=0.75)`` -> ``keras.MobileNetV3Small.alpha0.75``."""
+    s = manifest_id.replace(":", ".").replace("(", ".").replace(")", "").replace("=", "")
+    s = s.replace(",", ".").replace(" ", "")
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", s)
+
+
+def manifest_dir() -> Path:
+    return Path(str(resources.files("converter.mappings") / "manifests"))
+
+
+def manifest_path(manifest_id: str) -> Path:
+    return manifest_dir() / f"{slug(manifest_id)}.json"
+
+
+@lru_cache(maxsize=None)
+def load_manifest(manifest_id: str) -> dict[str, Any]:
+    """Load a shipped manifest by id; a miss names the file and how to regenerate."""
+    path = manifest_path(manifest_id)
+    if not path.is_file():
+        raise MappingError(
+            f"no manifest for {manifest_id!r} (expected {path}); regenerate with `make manifests`"
+        )
+    data = json.loads(path.read_text())
+    if data.get("schema") != SCHEMA or data.get("id") != manifest_id:
+        raise MappingError(f"manifest {path} is not schema {SCHEMA} for {manifest_id!r}; run `make manifests`")
+    return data
+
+
+def clean_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A layer config without initializers/regularizers/constraints/dtype policy (noise for us)."""
+    return {
+        k: v
+        for k, v in config.items()
+        if not _DROP_CONFIG.search(k) and k not in ("dtype", "trainable")
+    }
+
+
+def source_manifest_from_model(model: Any, manifest_id: str, build: dict | None = None) -> dict[str, Any]:
+    """Describe a live Keras model (needs keras; used by `--source-model` and manifest generation)."""
+    import keras
+
+    layers = []
+    for layer in model.layers:
+        if hasattr(layer, "layers") and getattr(layer, "layers", None) and layer.weights:
+            from .errors import UnsupportedLayerError
+
+            raise UnsupportedLayerError(
+                f"layer {layer.name!r} is a nested model; flatten it (or map its layers) before converting"
+            )
+        variables = list(layer._trainable_variables) + list(layer._non_trainable_variables)
+        layers.append(
+            {
+                "name": layer.name,
+                "class_name": type(layer).__name__,
+                "config": clean_config(layer.get_config()),
+                "vars": [
+                    {"name": v.name, "shape": list(v.shape), "dtype": str(v.dtype)} for v in variables
+                ],
+            }
+        )
+    return {
+        "schema": SCHEMA,
+        "id": manifest_id,
+        "framework": "keras",
+        "keras_version": keras.__version__,
+        "build": build or {},
+        "layers": layers,
+    }
+
+
+def target_manifest_from_model(model: Any, manifest_id: str, library: str, name: str,
+                               kwargs: dict | None = None) -> dict[str, Any]:
+    """Describe a live PyTorch model: state-dict keys, shapes, dtypes, BN module settings."""
+    import torch
+
+    lib = importlib_version(library)
+    tensors = [
+        {"key": k, "shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
+        for k, v in model.state_dict().items()
+    ]
+    bn = {}
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+            bn[mod_name] = {
+                "eps": mod.eps,
+                "momentum": mod.momentum,
+                "affine": mod.affine,
+                "track_running_stats": mod.track_running_stats,
+            }
+    return {
+        "schema": SCHEMA,
+        "id": manifest_id,
+        "library": library,
+        "library_version": lib,
+        "name": name,
+        "kwargs": kwargs or {},
+        "tensors": tensors,
+        "bn_modules": bn,
+    }
+
+
+def importlib_version(dist: str) -> str:
+    from importlib.metadata import version
+
+    return version(dist)
