@@ -19,13 +19,13 @@ from .errors import ConverterError
 __version__ = "0.1.0"
 
 _LAZY = {
-    "convert": "converter.convert",
-    "ConversionResult": "converter.convert",
+    "convert": "converter.pipeline",
+    "ConversionResult": "converter.pipeline",
     "load_model": "converter.model",
     "build_target": "converter.model",
-    "inspect": "converter.inspect",
-    "verify": "converter.verify",
-    "VerificationReport": "converter.verify",
+    "inspect": "converter.inspection",
+    "verify": "converter.verification",
+    "VerificationReport": "converter.verification",
     "bn": "converter.bn",
     "testing": "converter.testing",
 }

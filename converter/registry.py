@@ -51,3 +51,7 @@ class Registry(Generic[T]):
 
     def items(self) -> list[tuple[str, T]]:
         return sorted(self._items.items())
+
+    def in_order(self) -> list[tuple[str, T]]:
+        """Items in registration order (for lookups where order means priority, like sniffing)."""
+        return list(self._items.items())

@@ -1,0 +1,192 @@
+"""File formats, one small verb set for all: ``sniff(path)``, ``read(path)``, ``write(path, ...)``.
+
+Readers never execute model code: HDF5 and zip members are read as data, TF checkpoints by a
+pure-Python tensor-bundle reader, PyTorch files with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import OutputExistsError, SourceFormatError
+from ..registry import Registry
+
+
+@dataclass
+class RawTensor:
+    """A tensor in a file, loaded on demand."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: str
+    loader: Callable[[], np.ndarray] = field(repr=False)
+
+    def load(self) -> np.ndarray:
+        try:
+            arr = np.asarray(self.loader())
+        except SourceFormatError:
+            raise
+        except Exception as exc:  # h5py / zip / IO errors on a damaged file
+            raise SourceFormatError(f"cannot read tensor {self.key!r}: {exc}; the file is damaged") from exc
+        if tuple(arr.shape) != tuple(self.shape):
+            raise SourceFormatError(f"tensor {self.key!r} has shape {arr.shape}, its header says {self.shape}")
+        return arr
+
+
+@dataclass
+class RawCheckpoint:
+    """What a reader returns: tensors by their key in the file, plus whatever config the file holds."""
+
+    path: Path
+    format: str
+    tensors: dict[str, RawTensor]
+    model_config: dict[str, Any] | None = None  # Keras model config (Functional), when stored
+    group_names: dict[str, str] = field(default_factory=dict)  # .weights.h5 group -> layer name
+    metadata: dict[str, str] = field(default_factory=dict)  # our own outputs' metadata
+    ignored: dict[str, str] = field(default_factory=dict)  # key -> why it is not model state
+    _sha256: str | None = field(default=None, repr=False)
+
+    @property
+    def sha256(self) -> str:
+        if self._sha256 is None:
+            self._sha256 = sha256_path(self.path)
+        return self._sha256
+
+
+class Format:
+    """A file format: ``sniff`` says whether a path is one, ``read``/``write`` move tensors."""
+
+    name = "format"
+    description = ""
+    extensions: tuple[str, ...] = ()
+    can_read = True
+    can_write = False
+
+    def sniff(self, path: Path) -> bool:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def read(self, path: Path) -> RawCheckpoint:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def write(self, path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
+        raise SourceFormatError(f"ckptport cannot write {self.name} files")
+
+
+FORMATS: Registry[Format] = Registry("format")
+
+
+def register(cls: type[Format]) -> type[Format]:
+    FORMATS.add(cls.name, cls())
+    return cls
+
+
+def sha256_path(path: Path) -> str:
+    h = hashlib.sha256()
+    p = Path(path)
+    files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else _bundle_files(p)
+    for f in files:
+        if p.is_dir():
+            h.update(str(f.relative_to(p)).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _bundle_files(p: Path) -> list[Path]:
+    if p.is_file():
+        return [p]
+    return sorted(p.parent.glob(p.name + ".*"))  # a TF checkpoint prefix: index + shards
+
+
+def _check_exists(path: Path) -> None:
+    if not path.exists() and not list(path.parent.glob(path.name + ".index")):
+        raise SourceFormatError(f"{path}: no such file or directory")
+    if path.is_file() and path.stat().st_size == 0:
+        raise SourceFormatError(f"{path} is empty (0 bytes); the copy or download did not finish")
+
+
+def sniff(path: str | os.PathLike) -> str:
+    """Name of the format of ``path``, or SourceFormatError listing the formats we read."""
+    p = Path(path)
+    _check_exists(p)
+    for name, fmt in FORMATS.in_order():
+        if fmt.can_read and fmt.sniff(p):
+            return name
+    known = ", ".join(f"{f.name} ({'/'.join(f.extensions)})" for _, f in FORMATS.in_order() if f.can_read)
+    raise SourceFormatError(f"{p} is not a format ckptport reads; known formats: {known}")
+
+
+def read(path: str | os.PathLike, format: str | None = None) -> RawCheckpoint:
+    """Read any supported file into a RawCheckpoint (tensors stay on disk until loaded)."""
+    p = Path(path)
+    _check_exists(p)
+    name = format or sniff(p)
+    fmt = FORMATS.get(name)
+    if format and not fmt.sniff(p):
+        raise SourceFormatError(f"{p} is not a {name} file (it looks like {sniff(p)})")
+    return fmt.read(p)
+
+
+def output_format_for(path: Path, format: str | None) -> str:
+    if format:
+        return format
+    return "pt" if path.suffix in (".pt", ".pth", ".bin") else "safetensors"
+
+
+def write(
+    path: str | os.PathLike,
+    tensors: dict[str, Any],
+    metadata: dict[str, str] | None = None,
+    format: str | None = None,
+    force: bool = False,
+) -> Path:
+    """Write tensors atomically (temp file + rename); refuse to overwrite unless ``force``."""
+    p = Path(path)
+    fmt = FORMATS.get(output_format_for(p, format))
+    if not fmt.can_write:
+        raise SourceFormatError(f"cannot write {fmt.name}; output formats: safetensors, pt")
+    if p.exists() and not force:
+        raise OutputExistsError(f"{p} exists; pass --force (force=True) to overwrite it")
+    if p.is_dir():
+        raise OutputExistsError(f"{p} is a directory; give an output file name")
+    if not p.parent.exists():
+        raise SourceFormatError(f"output directory {p.parent} does not exist; create it first")
+    arrays = {k: _to_numpy(v) for k, v in tensors.items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".partial", dir=p.parent)
+    os.close(fd)
+    try:
+        fmt.write(Path(tmp), arrays, dict(metadata or {}))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return p
+
+
+write_checkpoint = write
+
+
+def _to_numpy(v: Any) -> np.ndarray:
+    if isinstance(v, np.ndarray):
+        return v
+    if hasattr(v, "detach"):  # torch tensor
+        t = v.detach().cpu()
+        if str(t.dtype) == "torch.bfloat16":
+            import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
+
+            return t.view(dtype=__import__("torch").int16).numpy().view("bfloat16")
+        return t.numpy()
+    return np.asarray(v)
+
+
+# Register the built-in formats (import order = sniff order).
+from . import keras_h5, ours, tf  # noqa: E402,F401

@@ -1,0 +1,170 @@
+"""Keras files: ``.keras`` (zip: config.json + model.weights.h5), ``.weights.h5`` (Keras 3),
+legacy Keras 2 ``.h5`` (whole model or weights only). Read with h5py; nothing is executed."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import SourceFormatError
+from . import Format, RawCheckpoint, RawTensor, register
+
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+
+
+def _is_hdf5(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    with open(path, "rb") as fh:
+        return fh.read(8) == HDF5_MAGIC
+
+
+def _open_h5(source: Any, label: Path):
+    import h5py
+
+    try:
+        return h5py.File(source, "r")
+    except OSError as exc:
+        raise SourceFormatError(
+            f"{label} is truncated or not a valid HDF5 file ({str(exc).split(';')[0]}); re-copy or re-save it"
+        ) from exc
+
+
+def _dataset_tensor(key: str, ds: Any) -> RawTensor:
+    return RawTensor(key, tuple(ds.shape), str(ds.dtype), lambda ds=ds: ds[()])
+
+
+def _read_weights_h5(f: Any, path: Path, fmt: str) -> RawCheckpoint:
+    """Keras 3 layout: layers/<auto name>/vars/<i>, the vars group's attrs['name'] = layer name."""
+    tensors: dict[str, RawTensor] = {}
+    names: dict[str, str] = {}
+    ignored: dict[str, str] = {}
+    if "layers" not in f:
+        raise SourceFormatError(f"{path} has no 'layers' group: not a Keras 3 weights file")
+    for top in f:
+        if top != "layers":
+            if top == "optimizer":
+                ignored[top] = "optimizer state (not model weights)"
+            elif top == "vars" and len(f[top]) == 0:
+                continue
+            else:
+                ignored[top] = "not under layers/"
+            continue
+    for group_name, group in f["layers"].items():
+        nested = [k for k in group if k != "vars"]
+        if nested:
+            raise SourceFormatError(
+                f"{path}: layer group layers/{group_name} contains nested layers ({', '.join(nested[:3])}); "
+                "nested models are not supported yet: flatten the model before saving"
+            )
+        if "vars" not in group:
+            continue
+        vars_ = group["vars"]
+        names[group_name] = str(vars_.attrs.get("name", group_name))
+        for idx in sorted(vars_, key=int):
+            key = f"layers/{group_name}/vars/{idx}"
+            tensors[key] = _dataset_tensor(key, vars_[idx])
+    return RawCheckpoint(path, fmt, tensors, group_names=names, ignored=ignored)
+
+
+@register
+class KerasArchive(Format):
+    name = "keras"
+    description = "Keras 3 .keras archive (config.json + model.weights.h5)"
+    extensions = (".keras",)
+
+    def sniff(self, path: Path) -> bool:
+        return path.is_file() and zipfile.is_zipfile(path) and _zip_has(path, "config.json")
+
+    def read(self, path: Path) -> RawCheckpoint:
+        try:
+            with zipfile.ZipFile(path) as zf:
+                config = json.loads(zf.read("config.json"))
+                if "model.weights.h5" not in zf.namelist():
+                    raise SourceFormatError(f"{path} has no model.weights.h5 inside; re-save with model.save()")
+                data = zf.read("model.weights.h5")
+        except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, EOFError) as exc:
+            raise SourceFormatError(f"{path} is a damaged .keras archive ({exc}); re-save it") from exc
+        f = _open_h5(io.BytesIO(data), path)
+        raw = _read_weights_h5(f, path, self.name)
+        raw.model_config = config
+        return raw
+
+
+def _zip_has(path: Path, member: str) -> bool:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return member in zf.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def _h5_kind(path: Path) -> str | None:
+    if not _is_hdf5(path):
+        return None
+    try:
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            if "layers" in f:
+                return "weights.h5"
+            if "model_weights" in f or "layer_names" in f.attrs:
+                return "h5"
+    except OSError:
+        # A truncated HDF5: claim it by extension so the reader gives the precise error.
+        return "weights.h5" if path.name.endswith(".weights.h5") else "h5"
+    return None
+
+
+@register
+class KerasWeightsH5(Format):
+    name = "weights.h5"
+    description = "Keras 3 weights file (model.save_weights)"
+    extensions = (".weights.h5",)
+
+    def sniff(self, path: Path) -> bool:
+        return _h5_kind(path) == "weights.h5"
+
+    def read(self, path: Path) -> RawCheckpoint:
+        return _read_weights_h5(_open_h5(path, path), path, self.name)
+
+
+@register
+class LegacyH5(Format):
+    name = "h5"
+    description = "legacy Keras 2 HDF5 (whole model or weights only)"
+    extensions = (".h5", ".hdf5")
+
+    def sniff(self, path: Path) -> bool:
+        return _h5_kind(path) == "h5"
+
+    def read(self, path: Path) -> RawCheckpoint:
+        f = _open_h5(path, path)
+        config = None
+        if "model_config" in f.attrs:
+            cfg = f.attrs["model_config"]
+            config = json.loads(cfg.decode() if isinstance(cfg, bytes) else cfg)
+        root = f["model_weights"] if "model_weights" in f else f
+        if "layer_names" not in root.attrs:
+            raise SourceFormatError(f"{path}: legacy HDF5 without layer_names; not a Keras weights file")
+        tensors: dict[str, RawTensor] = {}
+        ignored = {k: "optimizer state (not model weights)" for k in f if k == "optimizer_weights"}
+        for lname in _strs(root.attrs["layer_names"]):
+            if lname not in root:
+                raise SourceFormatError(f"{path}: layer {lname!r} is listed but its group is missing (truncated file?)")
+            g = root[lname]
+            for wname in _strs(g.attrs.get("weight_names", [])):
+                if wname not in g:
+                    raise SourceFormatError(f"{path}: weight {lname}/{wname} is listed but missing (truncated file?)")
+                key = f"{root.name.strip('/')}/{lname}/{wname}".lstrip("/")
+                tensors[key] = _dataset_tensor(key, g[wname])
+        return RawCheckpoint(path, self.name, tensors, model_config=config, ignored=ignored)
+
+
+def _strs(values: Any) -> list[str]:
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in np.asarray(values).tolist()] if len(values) else []

@@ -1,0 +1,81 @@
+"""TensorFlow checkpoints (object-based and name-based) and SavedModel directories, read with the
+pure-Python tensor-bundle reader (no tensorflow import)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from ..errors import SourceFormatError
+from . import Format, RawCheckpoint, RawTensor, register
+
+_NOT_STATE = re.compile(
+    r"(^_CHECKPOINTABLE_OBJECT_GRAPH$)|(^save_counter/)|(^(.*/)?optimizer/)|(\.OPTIMIZER_SLOT/)|(^_all_variables/)"
+    r"|(^keras_api/)|(^signatures/)"
+)
+
+
+def _bundle_tensors(prefix: Path, label: Path) -> tuple[dict[str, RawTensor], dict[str, str]]:
+    from . import tf_bundle
+
+    entries = tf_bundle.read_index(prefix)
+    tensors: dict[str, RawTensor] = {}
+    ignored: dict[str, str] = {}
+    has_flat = any(k.startswith("variables/") for k in entries)
+    for name, entry in entries.items():
+        if entry.dtype == "string" or _NOT_STATE.search(name):
+            if name.startswith("_all_variables/") and not has_flat:
+                pass  # the only copy: keep it
+            else:
+                ignored[name] = "checkpoint bookkeeping or optimizer state"
+                continue
+        tensors[name] = RawTensor(
+            name, tuple(entry.shape), entry.dtype, lambda e=entry: tf_bundle.load_tensor(prefix, e)
+        )
+    if not tensors:
+        raise SourceFormatError(f"{label} holds no model variables (only {len(ignored)} bookkeeping entries)")
+    return tensors, ignored
+
+
+def _is_savedmodel(path: Path) -> bool:
+    return path.is_dir() and (path / "variables" / "variables.index").is_file() and (
+        (path / "saved_model.pb").is_file() or (path / "saved_model.pbtxt").is_file()
+    )
+
+
+@register
+class SavedModel(Format):
+    name = "savedmodel"
+    description = "TensorFlow SavedModel directory (its variables/)"
+    extensions = ("<dir>/saved_model.pb",)
+
+    def sniff(self, path: Path) -> bool:
+        return _is_savedmodel(path)
+
+    def read(self, path: Path) -> RawCheckpoint:
+        tensors, ignored = _bundle_tensors(path / "variables" / "variables", path)
+        return RawCheckpoint(path, self.name, tensors, ignored=ignored)
+
+
+@register
+class TFCheckpoint(Format):
+    name = "tf-checkpoint"
+    description = "TensorFlow checkpoint (prefix, .index file, or directory)"
+    extensions = (".index", "<prefix>", "<dir>/checkpoint")
+
+    def sniff(self, path: Path) -> bool:
+        if _is_savedmodel(path):
+            return False
+        from . import tf_bundle
+
+        try:
+            return tf_bundle.sniff(path)
+        except SourceFormatError:
+            return False
+
+    def read(self, path: Path) -> RawCheckpoint:
+        from . import tf_bundle
+
+        prefix = tf_bundle.resolve_prefix(path)
+        tensors, ignored = _bundle_tensors(prefix, path)
+        return RawCheckpoint(prefix, self.name, tensors, ignored=ignored)

@@ -1,0 +1,73 @@
+"""What each Keras layer class stores, in Keras save order (trainable first, then non-trainable).
+
+Formats that number variables (``.weights.h5``: ``vars/0``; SavedModel: ``variables/<i>``) need this
+to name them; formats that name them (legacy ``.h5``, TF object checkpoints) use ``aliases`` to map
+attribute names (``_kernel``) to variable names (``kernel``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .registry import Registry
+
+
+@dataclass(frozen=True)
+class LayerVars:
+    names: Callable[[dict[str, Any]], list[str]]
+    aliases: dict[str, str] = field(default_factory=dict)
+
+
+KERAS_LAYERS: Registry[LayerVars] = Registry("Keras layer class")
+
+
+def _kernel_bias(kernel: str = "kernel") -> Callable[[dict[str, Any]], list[str]]:
+    return lambda c: [kernel] + (["bias"] if c.get("use_bias", True) else [])
+
+
+for _cls in ("Conv1D", "Conv2D", "Conv3D", "Conv2DTranspose", "Dense"):
+    KERAS_LAYERS.add(_cls, LayerVars(_kernel_bias(), {"_kernel": "kernel"}))
+KERAS_LAYERS.add("DepthwiseConv2D", LayerVars(_kernel_bias(), {"_kernel": "kernel", "depthwise_kernel": "kernel"}))
+KERAS_LAYERS.add(
+    "SeparableConv2D",
+    LayerVars(lambda c: ["depthwise_kernel", "pointwise_kernel"] + (["bias"] if c.get("use_bias", True) else [])),
+)
+
+
+def _bn_vars(c: dict[str, Any]) -> list[str]:
+    names = (["gamma"] if c.get("scale", True) else []) + (["beta"] if c.get("center", True) else [])
+    return names + ["moving_mean", "moving_variance"]
+
+
+KERAS_LAYERS.add("BatchNormalization", LayerVars(_bn_vars))
+KERAS_LAYERS.add(
+    "LayerNormalization",
+    LayerVars(lambda c: (["gamma"] if c.get("scale", True) else []) + (["beta"] if c.get("center", True) else [])),
+)
+
+
+def _norm_vars(c: dict[str, Any]) -> list[str]:
+    return [] if c.get("mean") is not None else ["mean", "variance", "count"]
+
+
+KERAS_LAYERS.add(
+    "Normalization",
+    LayerVars(_norm_vars, {"adapt_mean": "mean", "adapt_variance": "variance"}),
+)
+KERAS_LAYERS.add("LayerScale", LayerVars(lambda c: ["gamma"]))
+
+
+def var_names(class_name: str, config: dict[str, Any], n_found: int) -> list[str] | None:
+    """Variable names of a layer in save order, or None for a class we do not know."""
+    if class_name not in KERAS_LAYERS:
+        return None
+    names = KERAS_LAYERS.get(class_name).names(config)
+    return names if len(names) == n_found else None
+
+
+def canonical_attr(class_name: str, attr: str) -> str:
+    """TF checkpoint attribute name -> Keras variable name (``_kernel`` -> ``kernel``)."""
+    if class_name in KERAS_LAYERS:
+        attr = KERAS_LAYERS.get(class_name).aliases.get(attr, attr)
+    return attr.lstrip("_")

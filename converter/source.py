@@ -1,0 +1,342 @@
+"""Resolve a raw checkpoint into Keras layers: names, classes, configs and variables.
+
+Files that carry a model config (``.keras``, whole-model legacy ``.h5``) describe themselves. Files
+that do not (``.weights.h5``, TF checkpoints, SavedModel variables) are resolved against a layer
+manifest: a shipped one found by structural match, or one made from a model the user supplies
+(``--source-model module:function``, their own trusted code).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .errors import ConverterError, SourceFormatError, UnknownArchitectureError, UnsupportedLayerError
+from .formats import RawCheckpoint, RawTensor
+from .keras_layers import KERAS_LAYERS, canonical_attr, var_names
+from .registry import Registry
+
+
+@dataclass
+class SourceLayer:
+    """One Keras layer: its given name, class, config (and where the config came from), variables."""
+
+    name: str
+    class_name: str
+    config: dict[str, Any]
+    config_origin: str  # "file" | "manifest" | "model"
+    weights: dict[str, RawTensor] = field(default_factory=dict)
+    keys: dict[str, str] = field(default_factory=dict)  # var name -> key in the file
+    index: int = 0
+
+    def load(self, var: str) -> np.ndarray:
+        return self.weights[var].load()
+
+
+@dataclass
+class SourceModel:
+    raw: RawCheckpoint
+    layers: list[SourceLayer]
+    manifest_id: str | None  # the shipped manifest this source matches, if any
+    config_origin: str
+
+    @property
+    def weighted(self) -> list[SourceLayer]:
+        return [lay for lay in self.layers if lay.weights]
+
+    def layer(self, name: str) -> SourceLayer:
+        for lay in self.layers:
+            if lay.name == name:
+                return lay
+        raise KeyError(name)
+
+
+# ------------------------------------------------------------------ skeletons
+
+
+@dataclass
+class Skel:
+    name: str
+    class_name: str
+    config: dict[str, Any]
+    shapes: list[tuple[str, tuple[int, ...]]] | None = None  # (var, shape) when known (manifests)
+
+
+def snake_case(name: str) -> str:
+    """Keras' auto-name rule (keras.src.utils.naming.to_snake_case)."""
+    name = re.sub(r"\W+", "", name)
+    name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
+    name = re.sub("([a-z])([A-Z])", r"\1_\2", name)
+    return name.lower()
+
+
+def is_auto_name(name: str, class_name: str) -> bool:
+    return re.fullmatch(re.escape(snake_case(class_name)) + r"(_\d+)?", name) is not None
+
+
+def skeleton_from_config(model_config: dict[str, Any], label: Path) -> list[Skel]:
+    cfg = model_config.get("config", model_config)
+    if not isinstance(cfg, dict) or "layers" not in cfg:
+        raise SourceFormatError(f"{label}: the stored model config has no layer list; is it a Functional/Sequential model?")
+    is_sequential = model_config.get("class_name") == "Sequential"
+    out = []
+    for entry in cfg["layers"]:
+        cls = entry.get("class_name", "")
+        lcfg = entry.get("config", {})
+        name = lcfg.get("name") or entry.get("name")
+        if is_sequential and cls == "InputLayer":
+            continue
+        if isinstance(lcfg, dict) and "layers" in lcfg:
+            raise UnsupportedLayerError(
+                f"{label}: layer {name!r} is a nested {cls}; nested models are not supported yet, flatten it first"
+            )
+        out.append(Skel(name, cls, lcfg))
+    return out
+
+
+def skeleton_from_manifest(manifest: dict[str, Any]) -> list[Skel]:
+    return [
+        Skel(lay["name"], lay["class_name"], lay["config"],
+             [(v["name"], tuple(v["shape"])) for v in lay["vars"]])
+        for lay in manifest["layers"]
+    ]
+
+
+# ------------------------------------------------------------------ per-format key resolution
+# A resolver maps each tensor key to (layer index in the skeleton, variable name), or raises.
+
+Resolver = Callable[[RawCheckpoint, list[Skel]], dict[str, tuple[int, str]]]
+RESOLVERS: Registry[Resolver] = Registry("key resolver")
+
+
+class NoFit(Exception):
+    """The skeleton does not fit the file (detection tries the next candidate)."""
+
+
+def _by_name(skel: list[Skel]) -> dict[str, int]:
+    return {s.name: i for i, s in enumerate(skel)}
+
+
+def _auto_names(skel: list[Skel]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    out = {}
+    for i, s in enumerate(skel):
+        base = snake_case(s.class_name)
+        n = counts.get(base, 0)
+        counts[base] = n + 1
+        out[base if n == 0 else f"{base}_{n}"] = i
+    return out
+
+
+def _name_index(name: str, skel: list[Skel], names: dict[str, int]) -> int:
+    if name in names:
+        return names[name]
+    # auto-named layers (rescaling_3) differ between Keras sessions: match by class and order
+    raise NoFit(name)
+
+
+def _match_auto(raw_names: list[str], skel: list[Skel]) -> dict[str, int]:
+    """Names from a file -> skeleton indices; auto names match by class in order."""
+    by_name = _by_name(skel)
+    out: dict[str, int] = {}
+    used: set[int] = set()
+    pending = []
+    for n in raw_names:
+        if n in by_name and not (is_auto_name(n, skel[by_name[n]].class_name) and by_name[n] in used):
+            out[n] = by_name[n]
+            used.add(by_name[n])
+        else:
+            pending.append(n)
+    for n in pending:
+        base = re.sub(r"_\d+$", "", n)
+        cands = [i for i, s in enumerate(skel) if i not in used and snake_case(s.class_name) == base
+                 and is_auto_name(s.name, s.class_name)]
+        if not cands:
+            raise NoFit(n)
+        out[n] = cands[0]
+        used.add(cands[0])
+    return out
+
+
+def _numbered_vars(raw: RawCheckpoint, skel: list[Skel], group_index: dict[str, int]) -> dict[str, tuple[int, str]]:
+    groups: dict[str, list[str]] = {}
+    for key in raw.tensors:
+        g = key.split("/")[1]
+        groups.setdefault(g, []).append(key)
+    out = {}
+    for g, keys in groups.items():
+        if g not in group_index:
+            raise NoFit(g)
+        i = group_index[g]
+        names = var_names(skel[i].class_name, skel[i].config, len(keys))
+        if names is None:
+            if skel[i].shapes and len(skel[i].shapes) == len(keys):
+                names = [v for v, _ in skel[i].shapes]
+            else:
+                raise NoFit(f"{g}: cannot name {len(keys)} variables of {skel[i].class_name}")
+        for key in sorted(keys, key=lambda k: int(k.rsplit("/", 1)[1])):
+            out[key] = (i, names[int(key.rsplit("/", 1)[1])])
+    return out
+
+
+@RESOLVERS.register("keras")
+@RESOLVERS.register("weights.h5")
+def _resolve_weights_h5(raw: RawCheckpoint, skel: list[Skel]) -> dict[str, tuple[int, str]]:
+    groups = sorted({k.split("/")[1] for k in raw.tensors})
+    if raw.group_names:
+        real = _match_auto([raw.group_names.get(g, g) for g in groups], skel)
+        index = {g: real[raw.group_names.get(g, g)] for g in groups}
+    else:
+        auto = _auto_names(skel)
+        index = {g: auto[g] for g in groups if g in auto}
+    return _numbered_vars(raw, skel, index)
+
+
+@RESOLVERS.register("h5")
+def _resolve_legacy_h5(raw: RawCheckpoint, skel: list[Skel]) -> dict[str, tuple[int, str]]:
+    parts = {k: k.split("/") for k in raw.tensors}
+    layer_of = {k: (p[1] if p[0] == "model_weights" else p[0]) for k, p in parts.items()}
+    index = _match_auto(sorted(set(layer_of.values())), skel)
+    return {k: (index[layer_of[k]], p[-1].split(":")[0]) for k, p in parts.items()}
+
+
+_OBJ = re.compile(r"^(?:.*/)?(?P<kind>_operations|layer_with_weights-|layer-)/?(?P<i>\d+)/(?P<attr>.+?)/\.ATTRIBUTES/VARIABLE_VALUE$")
+_FLAT = re.compile(r"^(?:_all_)?variables/(?P<i>\d+)/\.ATTRIBUTES/VARIABLE_VALUE$")
+
+
+@RESOLVERS.register("tf-checkpoint")
+@RESOLVERS.register("savedmodel")
+def _resolve_tf(raw: RawCheckpoint, skel: list[Skel]) -> dict[str, tuple[int, str]]:
+    keys = list(raw.tensors)
+    if all(_FLAT.match(k) for k in keys):
+        return _resolve_flat(raw, skel)
+    with_weights = [i for i, s in enumerate(skel) if _n_vars(s)]
+    out: dict[str, tuple[int, str]] = {}
+    named = []
+    for k in keys:
+        m = _OBJ.match(k)
+        if m:
+            i = int(m["i"])
+            idx = with_weights[i] if m["kind"] == "layer_with_weights-" and i < len(with_weights) else i
+            if idx >= len(skel):
+                raise NoFit(k)
+            attr = m["attr"].split("/")[-1]
+            out[k] = (idx, canonical_attr(skel[idx].class_name, attr))
+        elif "/" in k and ".ATTRIBUTES" not in k:
+            named.append(k)  # name-based (TF1): <layer>/<var>
+        else:
+            raise NoFit(k)
+    if named:
+        layer_of = {k: k.rsplit("/", 1)[0] for k in named}
+        index = _match_auto(sorted(set(layer_of.values())), skel)
+        for k in named:
+            out[k] = (index[layer_of[k]], k.rsplit("/", 1)[1].split(":")[0])
+    return out
+
+
+def _n_vars(s: Skel) -> int:
+    if s.shapes is not None:
+        return len(s.shapes)
+    return len(KERAS_LAYERS.get(s.class_name).names(s.config)) if s.class_name in KERAS_LAYERS else 0
+
+
+def _resolve_flat(raw: RawCheckpoint, skel: list[Skel]) -> dict[str, tuple[int, str]]:
+    flat: list[tuple[int, str]] = []
+    for i, s in enumerate(skel):
+        if s.shapes is not None:
+            flat += [(i, v) for v, _ in s.shapes]
+        elif s.class_name in KERAS_LAYERS:
+            flat += [(i, v) for v in KERAS_LAYERS.get(s.class_name).names(s.config)]
+    out = {}
+    for k in raw.tensors:
+        n = int(_FLAT.match(k)["i"])
+        if n >= len(flat):
+            raise NoFit(k)
+        out[k] = flat[n]
+    if len(out) != len(flat):
+        raise NoFit(f"{len(out)} variables in the file, {len(flat)} in the model")
+    return out
+
+
+# ------------------------------------------------------------------ assembling
+
+
+def build_layers(raw: RawCheckpoint, skel: list[Skel], origin: str) -> list[SourceLayer]:
+    """Attach the file's tensors to the skeleton; raises NoFit when they do not belong to it."""
+    resolver = RESOLVERS.get(raw.format)
+    assignment = resolver(raw, skel)
+    layers = [SourceLayer(s.name, s.class_name, s.config, origin, index=i) for i, s in enumerate(skel)]
+    for key, (i, var) in assignment.items():
+        lay = layers[i]
+        if var in lay.weights:
+            raise NoFit(f"{key}: layer {lay.name} variable {var} appears twice")
+        lay.weights[var] = raw.tensors[key]
+        lay.keys[var] = key
+    for s, lay in zip(skel, layers):
+        if s.shapes is not None:
+            want = dict(s.shapes)
+            got = {v: tuple(t.shape) for v, t in lay.weights.items()}
+            if got != want:
+                raise NoFit(f"layer {s.name}: file has {got}, manifest {want}")
+    return layers
+
+
+def structure_key(layers: list[Any]) -> list[tuple[str, str, tuple]]:
+    """What must agree between a file and a manifest: classes, names (auto names by class) and shapes."""
+    out = []
+    for lay in layers:
+        if isinstance(lay, Skel):
+            shapes = tuple(sorted(lay.shapes or []))
+            name, cls = lay.name, lay.class_name
+        else:
+            shapes = tuple(sorted((v, tuple(t.shape)) for v, t in lay.weights.items()))
+            name, cls = lay.name, lay.class_name
+        if not shapes:
+            continue
+        out.append((snake_case(cls) if is_auto_name(name, cls) else name, cls, shapes))
+    return out
+
+
+def resolve(raw: RawCheckpoint, manifests: list[dict[str, Any]], source_model: dict[str, Any] | None = None) -> SourceModel:
+    """Resolve ``raw`` into layers. ``manifests``: candidate shipped source manifests, tried in order."""
+    if source_model is not None:
+        skel = skeleton_from_manifest(source_model)
+        try:
+            layers = build_layers(raw, skel, "model")
+        except NoFit as exc:
+            raise UnknownArchitectureError(
+                f"{raw.path} does not fit the model from --source-model ({exc}); is it the same architecture?"
+            ) from None
+        return SourceModel(raw, layers, _matching_manifest(layers, manifests), "model")
+    if raw.model_config is not None:
+        skel = skeleton_from_config(raw.model_config, raw.path)
+        try:
+            layers = build_layers(raw, skel, "file")
+        except NoFit as exc:
+            raise SourceFormatError(f"{raw.path}: weights do not match the file's own model config ({exc})") from None
+        return SourceModel(raw, layers, _matching_manifest(layers, manifests), "file")
+    misses = []
+    for man in manifests:
+        try:
+            layers = build_layers(raw, skeleton_from_manifest(man), "manifest")
+        except (NoFit, ConverterError) as exc:
+            misses.append(f"{man['id']}: {exc}")
+            continue
+        return SourceModel(raw, layers, man["id"], "manifest")
+    raise UnknownArchitectureError(
+        f"{raw.path} ({raw.format}, {len(raw.tensors)} tensors) stores no model config and matches no known "
+        f"architecture ({len(manifests)} tried); pass --source-model module:function that builds the Keras model, "
+        "or --mapping with a table for it"
+    )
+
+
+def _matching_manifest(layers: list[SourceLayer], manifests: list[dict[str, Any]]) -> str | None:
+    key = structure_key(layers)
+    for man in manifests:
+        if structure_key(skeleton_from_manifest(man)) == key:
+            return man["id"]
+    return None

@@ -1,0 +1,229 @@
+"""Mapping tables: one TOML file per architecture family under ``mappings/`` (data, not code).
+
+A table has variants (source manifest -> target spec, surgeries, lookups), rules (regex on the Keras
+layer name -> target module template, named transform) and drops (layers that are not weights of the
+target: preprocessing becomes a recorded spec). First matching rule wins. Placeholders in templates:
+``{g}`` a regex group, ``{g-1}``/``{g+1}`` integer arithmetic, ``{g:alpha}`` a letter as index
+(a -> 0), ``{g@name}`` the variant's lookup list ``name`` at index g, ``{$name}`` a variant constant.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import MappingError, RegistryError
+from .registry import Registry
+from .surgeries import SURGERIES
+from .transforms import TRANSFORMS, LayerTransform
+
+_PH = re.compile(r"\{(?P<ref>\$?\w+)(?::(?P<conv>alpha|int))?(?P<off>[+-]\d+)?(?:@(?P<lookup>\w+))?\}")
+DROP_KINDS = ("preprocessing", "ignore")
+
+
+@dataclass
+class Rule:
+    source: re.Pattern[str]
+    target: str
+    transform: LayerTransform
+    fold_bias: str | None = None
+    tap: bool | str = True  # False: not comparable; a template: compare that source layer instead
+    tap_module: str | None = None  # template: hook this target module instead ({target} = rendered target)
+    args: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return f"{self.source.pattern} -> {self.target} [{self.transform.name}]"
+
+
+@dataclass
+class Drop:
+    source: re.Pattern[str]
+    kind: str
+    reason: str = ""
+
+
+@dataclass
+class Variant:
+    source: str | None  # source manifest id; None: any source whose layers the rules cover
+    target: str
+    surgeries: list[dict[str, Any]] = field(default_factory=list)
+    lookups: dict[str, list[str]] = field(default_factory=dict)
+    consts: dict[str, Any] = field(default_factory=dict)
+    target_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Table:
+    id: str
+    version: int
+    family: str
+    description: str
+    variants: list[Variant]
+    rules: list[Rule]
+    drops: list[Drop]
+    path: Path
+    preprocessing_domain: dict[str, Any] = field(default_factory=dict)
+    head: dict[str, str] = field(default_factory=dict)  # {"source": regex, "module": target module}
+
+    def match(self, layer_name: str) -> tuple[Rule, re.Match[str]] | tuple[Drop, None] | None:
+        for rule in self.rules:
+            m = rule.source.fullmatch(layer_name)
+            if m:
+                return rule, m
+        for drop in self.drops:
+            if drop.source.fullmatch(layer_name):
+                return drop, None
+        return None
+
+    def variants_for(self, source_id: str | None) -> list[Variant]:
+        return [v for v in self.variants if v.source is None or v.source == source_id]
+
+
+def render(template: str, m: re.Match[str] | None, variant: Variant, where: str, **extra: str) -> str:
+    groups = {**(m.groupdict() if m else {}), **extra}
+
+    def sub(ph: re.Match[str]) -> str:
+        ref = ph["ref"]
+        if ref.startswith("$"):
+            if ref[1:] not in variant.consts:
+                raise MappingError(f"{where}: variant {variant.target} has no constant {ref[1:]!r}")
+            val: Any = variant.consts[ref[1:]]
+        else:
+            val = groups.get(ref)
+            if val is None:
+                raise MappingError(f"{where}: group {ref!r} did not match anything")
+        if ph["conv"] == "alpha":
+            val = ord(str(val)) - ord("a")
+        if ph["off"]:
+            val = int(val) + int(ph["off"])
+        if ph["lookup"]:
+            table = variant.lookups.get(ph["lookup"])
+            if table is None or not (0 <= int(val) < len(table)):
+                raise MappingError(f"{where}: lookup {ph['lookup']}[{val}] is not defined for {variant.target}")
+            val = table[int(val)]
+        return str(val)
+
+    return _PH.sub(sub, template)
+
+
+# ------------------------------------------------------------------ loading
+
+
+def _fail(path: Path, msg: str) -> MappingError:
+    return MappingError(f"mapping table {path}: {msg}")
+
+
+def _regex(path: Path, pattern: Any, where: str) -> re.Pattern[str]:
+    if not isinstance(pattern, str):
+        raise _fail(path, f"{where}: source must be a string regex")
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise _fail(path, f"{where}: bad pattern {pattern!r} ({exc})") from None
+
+
+def load_table(path: str | Path) -> Table:
+    """Parse and validate a table file; any error names the file, the entry and the fix."""
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise MappingError(f"mapping table {p} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise _fail(p, f"not valid TOML ({exc})") from None
+    head = data.get("table", {})
+    for key in ("id", "version"):
+        if key not in head:
+            raise _fail(p, f"[table] needs {key!r}")
+    variants = []
+    for i, v in enumerate(data.get("variants", [])):
+        if "target" not in v:
+            raise _fail(p, f"variants[{i}] needs a target spec like 'timm:tf_efficientnet_b0'")
+        for s in v.get("surgeries", []):
+            try:
+                SURGERIES.get(s["name"])
+            except RegistryError as exc:
+                raise _fail(p, f"variants[{i}]: {exc}") from None
+        variants.append(Variant(v.get("source"), v["target"], v.get("surgeries", []), v.get("lookups", {}),
+                                v.get("consts", {}), v.get("target_kwargs", {})))
+    if not variants:
+        raise _fail(p, "no [[variants]]: say which source maps to which target")
+    rules = []
+    seen_targets: dict[str, str] = {}
+    for i, r in enumerate(data.get("rules", [])):
+        where = f"rules[{i}] ({r.get('source')!r})"
+        rx = _regex(p, r.get("source"), where)
+        if "target" not in r or "transform" not in r:
+            raise _fail(p, f"{where} needs target and transform")
+        try:
+            tr = TRANSFORMS.get(r["transform"])
+        except RegistryError as exc:
+            raise _fail(p, f"{where}: {exc}") from None
+        for tmpl in filter(None, [r["target"], r.get("fold_bias"), r.get("tap") if isinstance(r.get("tap"), str) else None,
+                                 r.get("tap_module")]):
+            for ph in _PH.finditer(tmpl):
+                ref = ph["ref"]
+                if ref == "target":
+                    continue
+                if ref.startswith("$"):
+                    missing = [v.target for v in variants if ref[1:] not in v.consts]
+                    if missing:
+                        raise _fail(p, f"{where}: constant {ref} is missing in variants {missing}")
+                elif ref not in rx.groupindex:
+                    raise _fail(p, f"{where}: template {tmpl!r} uses group {ref!r}, not in the pattern")
+                if ph["lookup"]:
+                    missing = [v.target for v in variants if ph["lookup"] not in v.lookups]
+                    if missing:
+                        raise _fail(p, f"{where}: lookup {ph['lookup']!r} is missing in variants {missing}")
+        if r["target"] in seen_targets:
+            raise _fail(p, f"{where}: duplicate target {r['target']!r} (also {seen_targets[r['target']]})")
+        seen_targets[r["target"]] = where
+        unknown = set(r) - {"source", "target", "transform", "fold_bias", "tap", "tap_module", "args"}
+        if unknown:
+            raise _fail(p, f"{where}: unknown keys {sorted(unknown)}")
+        rules.append(Rule(rx, r["target"], tr, r.get("fold_bias"), r.get("tap", True), r.get("tap_module"),
+                          r.get("args", {})))
+    drops = []
+    for i, d in enumerate(data.get("drops", [])):
+        kind = d.get("as", "ignore")
+        if kind not in DROP_KINDS:
+            raise _fail(p, f"drops[{i}]: as={kind!r}; valid: {', '.join(DROP_KINDS)}")
+        drops.append(Drop(_regex(p, d.get("source"), f"drops[{i}]"), kind, d.get("reason", "")))
+    head = data.get("head", {})
+    if head:
+        if set(head) != {"source", "module"}:
+            raise _fail(p, "[head] needs exactly source (regex of the classifier layer) and module (target module)")
+        _regex(p, head["source"], "[head]")
+    return Table(data["table"]["id"], int(data["table"]["version"]), data["table"].get("family", data["table"]["id"]),
+                 data["table"].get("description", ""),
+                 variants, rules, drops, p, data.get("preprocessing_domain", {}), head)
+
+
+TABLES: Registry[Table] = Registry("mapping table")
+
+
+def builtin_table_paths() -> list[Path]:
+    root = Path(str(resources.files("converter.mappings")))
+    return sorted(root.glob("*.toml"))
+
+
+@lru_cache(maxsize=1)
+def _load_builtins() -> None:
+    for path in builtin_table_paths():
+        table = load_table(path)
+        TABLES.add(table.id, table)
+
+
+def builtin_tables() -> list[Table]:
+    _load_builtins()
+    return [t for _, t in TABLES.items()]
+
+
+def get_table(table_id: str) -> Table:
+    _load_builtins()
+    return TABLES.get(table_id)

@@ -1,0 +1,336 @@
+"""Named transforms: tensor-level (with an inverse and a readable repr) and layer-level (which
+source variables become which target tensors). Both are registries; tables refer to them by name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from .errors import MappingError, UnsupportedLayerError
+from .registry import Registry
+
+# ---------------------------------------------------------------- tensor transforms
+
+
+class TensorTransform:
+    """A pure function on one array, with an inverse (PyTorch -> Keras) and a readable repr."""
+
+    name = "tensor"
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(self(np.empty(shape, dtype=np.float32)).shape) if shape else ()
+
+    @property
+    def inverse(self) -> "TensorTransform":  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+class Identity(TensorTransform):
+    name = "identity"
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+    @property
+    def inverse(self) -> TensorTransform:
+        return self
+
+
+@dataclass(frozen=True, repr=False)
+class Permute(TensorTransform):
+    axes: tuple[int, ...]
+    label: str = ""
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if x.ndim != len(self.axes):
+            raise MappingError(f"{self!r} expects a {len(self.axes)}-d tensor, got shape {tuple(x.shape)}")
+        return np.ascontiguousarray(np.transpose(x, self.axes))
+
+    @property
+    def inverse(self) -> TensorTransform:
+        return Permute(tuple(int(i) for i in np.argsort(self.axes)), f"inverse of {self.label or self.axes}")
+
+    def __repr__(self) -> str:
+        return self.label or f"permute{self.axes}"
+
+
+class DepthwiseToTorch(TensorTransform):
+    """Keras depthwise kernel (h, w, C, mult) -> PyTorch grouped conv weight (C*mult, 1, h, w)."""
+
+    name = "depthwise (h,w,C,mult)->(C*mult,1,h,w)"
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        h, w, c, m = x.shape
+        return np.ascontiguousarray(x.transpose(2, 3, 0, 1).reshape(c * m, 1, h, w))
+
+    @property
+    def inverse(self) -> TensorTransform:
+        return DepthwiseFromTorch()
+
+
+class DepthwiseFromTorch(TensorTransform):
+    name = "depthwise (C*mult,1,h,w)->(h,w,C,mult), mult=1"
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        cm, _, h, w = x.shape
+        return np.ascontiguousarray(x.reshape(cm, 1, h, w).transpose(2, 3, 0, 1))
+
+    @property
+    def inverse(self) -> TensorTransform:
+        return DepthwiseToTorch()
+
+
+class Conv1x1ToLinear(TensorTransform):
+    """Keras 1x1 conv kernel (1, 1, in, out) -> Linear weight (out, in)."""
+
+    name = "1x1-conv (1,1,in,out)->linear (out,in)"
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if x.shape[:2] != (1, 1):
+            raise MappingError(f"{self!r} needs a 1x1 kernel, got shape {tuple(x.shape)}")
+        return np.ascontiguousarray(x[0, 0].T)
+
+    @property
+    def inverse(self) -> TensorTransform:
+        return LinearTo1x1Conv()
+
+
+class LinearTo1x1Conv(TensorTransform):
+    name = "linear (out,in)->1x1-conv (1,1,in,out)"
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(x.T[None, None])
+
+    @property
+    def inverse(self) -> TensorTransform:
+        return Conv1x1ToLinear()
+
+
+@dataclass(frozen=True, repr=False)
+class FlattenNHWCToNCHW(TensorTransform):
+    """Dense kernel after Flatten: rows in (H, W, C) order -> Linear weight (out, C*H*W)."""
+
+    hwc: tuple[int, int, int]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        h, w, c = self.hwc
+        if x.shape[0] != h * w * c:
+            raise MappingError(f"{self!r}: kernel has {x.shape[0]} rows, expected {h}*{w}*{c}={h * w * c}")
+        return np.ascontiguousarray(x.reshape(h, w, c, -1).transpose(3, 2, 0, 1).reshape(x.shape[1], -1))
+
+    @property
+    def inverse(self) -> TensorTransform:
+        return FlattenNCHWToNHWC(self.hwc)
+
+    def __repr__(self) -> str:
+        return f"flatten-reorder NHWC{self.hwc}->NCHW, transpose"
+
+
+@dataclass(frozen=True, repr=False)
+class FlattenNCHWToNHWC(TensorTransform):
+    hwc: tuple[int, int, int]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        h, w, c = self.hwc
+        return np.ascontiguousarray(x.reshape(-1, c, h, w).transpose(2, 3, 1, 0).reshape(h * w * c, -1))
+
+    @property
+    def inverse(self) -> TensorTransform:
+        return FlattenNHWCToNCHW(self.hwc)
+
+    def __repr__(self) -> str:
+        return f"flatten-reorder NCHW->NHWC{self.hwc}, transpose"
+
+
+IDENTITY = Identity()
+CONV_HWIO_TO_OIHW = Permute((3, 2, 0, 1), "conv HWIO->OIHW")
+DENSE_T = Permute((1, 0), "dense (in,out)->(out,in)")
+
+# ---------------------------------------------------------------- layer transforms
+
+
+@dataclass
+class Emitted:
+    """What a layer transform produces: target tensors, later adjustments, BN settings."""
+
+    tensors: dict[str, tuple[np.ndarray, str, str]] = field(default_factory=dict)  # key -> (array, source key, repr)
+    adjust: list[tuple[str, str, np.ndarray, str]] = field(default_factory=list)  # (key, op, array, why)
+    bn: dict[str, dict[str, Any]] = field(default_factory=dict)  # module -> bn config
+    consumed: set[str] = field(default_factory=set)  # source variable names used
+
+
+@dataclass
+class LayerContext:
+    """Everything a layer transform may look at."""
+
+    layer: Any  # SourceLayer
+    target: str  # target module path
+    target_shapes: dict[str, tuple[int, ...]]  # all target keys -> shapes
+    args: dict[str, Any]
+    fold_bias: str | None = None  # target BN module that absorbs this conv's bias
+
+    def has(self, key: str) -> bool:
+        return key in self.target_shapes
+
+    def var(self, name: str) -> np.ndarray:
+        return self.layer.load(name)
+
+
+class LayerTransform:
+    name = "layer"
+    #: transform applied to each source variable -> (target param name, tensor transform)
+    params: dict[str, tuple[str, TensorTransform]] = {}
+
+    def apply(self, ctx: LayerContext) -> Emitted:
+        out = Emitted()
+        for var, (param, tt) in self.params.items():
+            if var not in ctx.layer.weights:
+                continue
+            self.emit(ctx, out, var, param, tt)
+        return out
+
+    def emit(self, ctx: LayerContext, out: Emitted, var: str, param: str, tt: TensorTransform) -> None:
+        key = f"{ctx.target}.{param}" if ctx.target else param
+        arr = ctx.var(var)
+        if var == "bias" and not ctx.has(key):
+            if ctx.fold_bias is None:
+                return  # left unconsumed: strict accounting reports it
+            out.adjust.append((f"{ctx.fold_bias}.running_mean", "sub", arr.astype(np.float32, copy=False),
+                               f"bias of {ctx.layer.name} folded into {ctx.fold_bias}.running_mean"))
+            out.consumed.add(var)
+            return
+        out.tensors[key] = (tt(arr), ctx.layer.keys.get(var, var), repr(tt))
+        out.consumed.add(var)
+
+    def inverse_params(self) -> dict[str, tuple[str, TensorTransform]]:
+        """Target param -> (source var, inverse tensor transform): the PyTorch -> Keras direction."""
+        return {param: (var, tt.inverse) for var, (param, tt) in self.params.items()}
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{v}->{p} [{t!r}]" for v, (p, t) in self.params.items())
+        return f"{self.name}({inner})"
+
+
+TRANSFORMS: Registry[LayerTransform] = Registry("transform")
+
+
+def register(name: str) -> Callable[[type], type]:
+    def deco(cls: type) -> type:
+        cls.name = name
+        TRANSFORMS.add(name, cls())
+        return cls
+
+    return deco
+
+
+@register("conv2d")
+class Conv2dT(LayerTransform):
+    params = {"kernel": ("weight", CONV_HWIO_TO_OIHW), "bias": ("bias", IDENTITY)}
+
+
+@register("depthwise_conv2d")
+class DepthwiseT(LayerTransform):
+    params = {"kernel": ("weight", DepthwiseToTorch()), "bias": ("bias", IDENTITY)}
+
+
+@register("dense")
+class DenseT(LayerTransform):
+    params = {"kernel": ("weight", DENSE_T), "bias": ("bias", IDENTITY)}
+
+
+@register("conv1x1_to_linear")
+class Conv1x1LinearT(LayerTransform):
+    params = {"kernel": ("weight", Conv1x1ToLinear()), "bias": ("bias", IDENTITY)}
+
+
+@register("dense_after_flatten")
+class DenseFlattenT(LayerTransform):
+    """Dense fed by Flatten of an (H, W, C) map: table args ``hwc = [H, W, C]``."""
+
+    params = {"kernel": ("weight", DENSE_T), "bias": ("bias", IDENTITY)}
+
+    def apply(self, ctx: LayerContext) -> Emitted:
+        hwc = ctx.args.get("hwc")
+        if not hwc or len(hwc) != 3:
+            raise MappingError(f"transform dense_after_flatten on {ctx.layer.name!r} needs args.hwc = [H, W, C]")
+        out = Emitted()
+        self.emit(ctx, out, "kernel", "weight", FlattenNHWCToNCHW(tuple(hwc)))
+        if "bias" in ctx.layer.weights:
+            self.emit(ctx, out, "bias", "bias", IDENTITY)
+        return out
+
+
+@register("layer_norm")
+class LayerNormT(LayerTransform):
+    params = {"gamma": ("weight", IDENTITY), "beta": ("bias", IDENTITY)}
+
+
+@register("batch_norm")
+class BatchNormT(LayerTransform):
+    """Keras BatchNormalization -> torch BatchNorm: gamma/beta (1/0 when scale/center=False),
+    moving stats, num_batches_tracked = 0, and momentum p = 1 - m, eps carried per module."""
+
+    params = {
+        "gamma": ("weight", IDENTITY),
+        "beta": ("bias", IDENTITY),
+        "moving_mean": ("running_mean", IDENTITY),
+        "moving_variance": ("running_var", IDENTITY),
+    }
+
+    def apply(self, ctx: LayerContext) -> Emitted:
+        layer, cfg = ctx.layer, ctx.layer.config
+        if cfg.get("renorm"):
+            raise UnsupportedLayerError(
+                f"layer {layer.name!r} uses BatchNormalization(renorm=True), which PyTorch has no twin for; "
+                "retrain or fine-tune without renorm, or convert with a custom --mapping that drops it knowingly"
+            )
+        axis = cfg.get("axis", -1)
+        if isinstance(axis, list):
+            axis = axis[0] if len(axis) == 1 else axis
+        if axis not in (-1, 3, 1) or isinstance(axis, list):
+            raise UnsupportedLayerError(f"layer {layer.name!r}: BatchNormalization axis={axis} is not a channel axis")
+        out = super().apply(ctx)
+        n = layer.weights["moving_mean"].shape[0]
+        for var, param, fill in (("gamma", "weight", 1.0), ("beta", "bias", 0.0)):
+            key = f"{ctx.target}.{param}"
+            if var not in layer.weights and ctx.has(key):
+                out.tensors[key] = (np.full((n,), fill, np.float32), "", f"fill {fill:g} ({'scale' if var == 'gamma' else 'center'}=False)")
+        nbt = f"{ctx.target}.num_batches_tracked"
+        if ctx.has(nbt):
+            out.tensors[nbt] = (np.array(0, dtype=np.int64), "", "num_batches_tracked = 0 (Keras does not count)")
+        m = float(cfg.get("momentum", 0.99))
+        out.bn[ctx.target] = {
+            "source_layer": layer.name,
+            "keras_momentum": m,
+            "momentum": round(1.0 - m, 12),
+            "eps": float(cfg.get("epsilon", 1e-3)),
+            "center": bool(cfg.get("center", True)),
+            "scale": bool(cfg.get("scale", True)),
+            "config_origin": layer.config_origin,
+        }
+        return out
+
+
+@register("layer_scale")
+class LayerScaleT(LayerTransform):
+    """Keras LayerScale gamma (C,) -> target param shaped like the target (C,) or (C,1,1)."""
+
+    params = {"gamma": ("gamma", IDENTITY)}
+
+    def apply(self, ctx: LayerContext) -> Emitted:
+        out = Emitted()
+        param = ctx.args.get("param", "gamma")
+        key = f"{ctx.target}.{param}" if ctx.target else param
+        g = ctx.var("gamma")
+        shape = ctx.target_shapes.get(key, g.shape)
+        out.tensors[key] = (g.reshape(shape), ctx.layer.keys.get("gamma", "gamma"), f"reshape {g.shape}->{tuple(shape)}")
+        out.consumed.add("gamma")
+        return out
