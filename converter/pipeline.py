@@ -344,3 +344,27 @@ def _apply(source: SourceModel, table: Table, variant: Variant, tman: dict[str, 
     return ConversionResult(ordered, bn, pre, meta, mapped, dropped, variant.target, kwargs, surgeries,
                             table.id, source.manifest_id, source.config_origin,
                             head.report() if head else None)
+
+
+def dry_run(table: Table, variant: Variant, seed: int = 0) -> ConversionResult:
+    """Run ``variant`` of ``table`` on synthetic tensors shaped like its source manifest, against its
+    target manifest: proves the table covers every source tensor and fills every target tensor with
+    the right shapes, without TensorFlow or PyTorch."""
+    from .formats import RawCheckpoint, RawTensor
+    from .source import SourceModel, build_layers, skeleton_from_manifest
+
+    if variant.source is None:
+        raise MappingError(f"table {table.id}: variant {variant.target} has no source manifest to dry-run")
+    man = load_manifest(variant.source)
+    rng = np.random.default_rng(seed)
+    tensors: dict[str, RawTensor] = {}
+    for lay in man["layers"]:
+        for v in lay["vars"]:
+            key = f"{lay['name']}/{v['name']}"
+            shape = tuple(v["shape"])
+            arr = rng.uniform(0.5, 1.5, shape).astype(v["dtype"] if v["dtype"] != "int64" else "int64")
+            tensors[key] = RawTensor(key, shape, v["dtype"], lambda a=arr: a)
+    raw = RawCheckpoint(Path(f"<dry-run {variant.source}>"), "tf-checkpoint", tensors, _sha256="0" * 64)
+    layers = build_layers(raw, skeleton_from_manifest(man), "manifest")
+    source = SourceModel(raw, layers, variant.source, "manifest")
+    return _apply(source, table, variant, load_manifest(variant.target), dict(variant.target_kwargs), None, None)

@@ -1,0 +1,36 @@
+"""ckptport archs"""
+
+from __future__ import annotations
+
+import click
+
+from .common import emit_json, json_option, stderr_console
+
+
+@click.command("archs")
+@json_option
+def command(as_json) -> int:
+    """List mapping tables: source architecture, target, surgeries (first target = default)."""
+    from ..tables import builtin_tables
+
+    rows = []
+    for table in builtin_tables():
+        seen = set()
+        for v in table.variants:
+            rows.append({
+                "table": table.id, "version": table.version, "family": table.family,
+                "source": v.source or "(any covered)", "target": v.target,
+                "default": v.source not in seen, "surgeries": [s["name"] for s in v.surgeries],
+                "head": table.head.get("module"),
+            })
+            seen.add(v.source)
+    if as_json:
+        emit_json({"tables": rows})
+        return 0
+    from rich.table import Table
+
+    t = Table("table", "source", "target", "surgeries")
+    for r in rows:
+        t.add_row(r["table"], r["source"], r["target"] + (" (default)" if r["default"] else ""), ", ".join(r["surgeries"]) or "-")
+    stderr_console().print(t)
+    return 0

@@ -1,0 +1,101 @@
+"""ckptport convert SRC [--to SPEC] [-o OUT]"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..errors import ConverterError, OutputExistsError
+from .common import emit_json, force_option, json_option, stderr_console
+
+
+def summary(result, out: Path | None) -> dict:
+    momenta = sorted({c["momentum"] for c in result.bn_config.values()})
+    eps = sorted({c["eps"] for c in result.bn_config.values()})
+    return {
+        "output": str(out) if out else None,
+        "source_arch": result.source_arch,
+        "config_origin": result.config_origin,
+        "target": result.target,
+        "table": result.table_id,
+        "tensors": len(result.state_dict),
+        "bn_modules": len(result.bn_config),
+        "bn_momentum_torch": momenta,
+        "bn_eps": eps,
+        "surgeries": [s["name"] for s in result.surgeries],
+        "preprocessing": result.preprocessing,
+        "dropped": result.dropped,
+        "head_reset": result.head_reset,
+    }
+
+
+@click.command("convert")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("--to", "to", metavar="SPEC", help="Target, e.g. timm:tf_efficientnet_b0 (default: the table's for the detected architecture).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output file (.safetensors, or .pt). Default: ./<src>.safetensors")
+@click.option("--format", "src_format", metavar="NAME", help="Force the source format (see `ckptport inspect`).")
+@click.option("--mapping", type=click.Path(path_type=Path), help="Your own mapping table (TOML) instead of the built-in ones.")
+@click.option("--source-model", metavar="MODULE:FUNCTION", help="Your code that builds the Keras model, for files without config.")
+@click.option("--num-classes", type=int, help="Drop the source classifier; fresh head of this size, initialised the architecture's way.")
+@click.option("--verify", "do_verify", is_flag=True, help="Run the layer-by-layer verification after converting.")
+@force_option
+@json_option
+def command(src, to, output, src_format, mapping, source_model, num_classes, do_verify, force, as_json) -> int:
+    """Convert a Keras/TF checkpoint SRC to a PyTorch state dict."""
+    from ..pipeline import convert
+
+    out = output or Path.cwd() / (src.name.split(".")[0] + ".safetensors")
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out} exists; pass --force to overwrite it")
+    if src.exists() and out.resolve() == src.resolve():
+        raise ConverterError(f"output {out} is the input file; choose another -o")
+    console = stderr_console()
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    with Progress(TextColumn("converting"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                  console=console, transient=True, disable=as_json) as bar:
+        task = bar.add_task("", total=None)
+
+        def progress(done: int, total: int, name: str) -> None:
+            bar.update(task, completed=done, total=total, description=name)
+
+        result = convert(src, to, mapping=mapping, source_model=source_model, format=src_format,
+                         num_classes=num_classes, progress=progress)
+        written = result.save(out, force=force)
+    info = summary(result, written)
+    rc = 0
+    if do_verify:
+        from ..verification import verify
+
+        report = verify(src, written)
+        info["verification"] = report.to_dict()
+        rc = 0 if report.passed else 1
+    if as_json:
+        emit_json(info)
+        return rc
+    if to is None:
+        console.print(f"detected [bold]{result.source_arch or 'custom model'}[/]; default target [bold]{result.target}[/]")
+    console.print(f"wrote {written}: {info['tensors']} tensors for {result.target} (table {result.table_id})")
+    console.print(f"  layer config from: {result.config_origin}")
+    if result.bn_config:
+        console.print(f"  BatchNorm: {info['bn_modules']} modules, torch momentum {momenta_str(info['bn_momentum_torch'])} "
+                      f"(= 1 - Keras), eps {momenta_str(info['bn_eps'])}")
+    if info["surgeries"]:
+        console.print(f"  surgeries (applied by converter.load_model): {', '.join(info['surgeries'])}")
+    if result.preprocessing["steps"]:
+        s = result.preprocessing
+        console.print(f"  preprocessing moved out of the model: x_torch = x * {fmt_list(s['scale'])} + {fmt_list(s['offset'])}")
+    if result.head_reset:
+        console.print(f"  head reset: {result.head_reset['num_classes']} classes, dropped {', '.join(result.head_reset['dropped_source_layers'])}")
+    if do_verify:
+        console.print(f"  verification: {'PASS' if rc == 0 else 'MISMATCH'}")
+    return rc
+
+
+def momenta_str(values: list[float]) -> str:
+    return "/".join(f"{v:g}" for v in values)
+
+
+def fmt_list(values: list[float]) -> str:
+    return "[" + ", ".join(f"{v:.4g}" for v in values) + "]"

@@ -1,0 +1,127 @@
+"""End to end: randomized Keras model -> every source format -> convert -> PyTorch logits match.
+Parametrized over the table registry: every variant of every table is exercised."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+import converter
+from conftest import keras_build_args, make_keras_fixture, rel_err, torch_logits
+from converter.model import build_target, load_model
+from converter.tables import builtin_tables
+
+TOL = 1e-4  # max abs error on logits, relative to the logits' standard deviation
+SLOW_SOURCES = {f"keras:EfficientNetB{i}" for i in range(3, 8)} | {"keras:ResNet101", "keras:ResNet152"}
+VARIANTS = [(t, v) for t in builtin_tables() for v in t.variants]
+FAMILY_REPRESENTATIVES = ["keras:ResNet50", "keras:EfficientNetB0", "keras:MobileNetV3Small"]
+FORMATS = ["keras", "weights.h5", "h5", "h5-weights", "tf-checkpoint", "tf-names", "tf-layer-with-weights", "savedmodel"]
+
+
+def _keras_bn_config(keras_file: str) -> dict[str, dict]:
+    """BN settings read straight from the .keras archive's config.json (independent of ckptport)."""
+    with zipfile.ZipFile(keras_file) as zf:
+        cfg = json.loads(zf.read("config.json"))
+    return {lay["config"]["name"]: lay["config"] for lay in cfg["config"]["layers"]
+            if lay["class_name"] == "BatchNormalization"}
+
+
+def _variant_params():
+    for t, v in VARIANTS:
+        marks = [pytest.mark.slow] if v.source in SLOW_SOURCES else []
+        yield pytest.param(t, v, id=f"{v.source}->{v.target}", marks=marks)
+
+
+@pytest.mark.parametrize("table,variant", list(_variant_params()))
+def test_variant_end_to_end(table, variant, tmp_path):
+    fn, kwargs = keras_build_args(variant.source)
+    fx = make_keras_fixture(fn, kwargs, ["keras"])
+    src = fx["files"]["keras"]
+    result = converter.convert(src, to=variant.target)
+    assert result.source_arch == variant.source and result.config_origin == "file"
+    out = result.save(tmp_path / "model.safetensors")
+    model = load_model(out)
+    assert not model.training
+    err = rel_err(torch_logits(model, fx["x"], result.preprocessing), fx["logits"])
+    assert err < TOL, f"logits differ by {err:.2e} of their scale"
+
+    # every BatchNorm module carries the source's momentum (PyTorch convention) and eps
+    keras_bn = _keras_bn_config(src)
+    bn_modules = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    assert set(bn_modules) == set(result.bn_config), "a BN module was left without the source's settings"
+    assert len(bn_modules) == len(keras_bn)
+    for name, mod in bn_modules.items():
+        src_cfg = keras_bn[result.bn_config[name]["source_layer"]]
+        assert mod.momentum == pytest.approx(1 - src_cfg["momentum"], abs=1e-12)
+        assert mod.eps == pytest.approx(src_cfg["epsilon"], rel=1e-12)
+        assert mod.momentum < 0.5
+
+    if not variant.surgeries:  # the plain target loads the output strictly and matches too
+        plain = build_target(variant.target, **variant.target_kwargs)
+        plain.load_state_dict(result.torch_state_dict(), strict=True)
+        plain.eval()
+        err = rel_err(torch_logits(plain, fx["x"], result.preprocessing), fx["logits"])
+        assert err < TOL
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("source_id", FAMILY_REPRESENTATIVES)
+def test_every_source_format(source_id, fmt, tmp_path):
+    fn, kwargs = keras_build_args(source_id)
+    fx = make_keras_fixture(fn, kwargs, FORMATS)
+    result = converter.convert(fx["files"][fmt])
+    assert result.source_arch == source_id  # detected, --to left out: the table's default target
+    assert result.config_origin == ("file" if fmt in ("keras", "h5") else "manifest")
+    model = load_model(result.save(tmp_path / "m.safetensors"))
+    err = rel_err(torch_logits(model, fx["x"], result.preprocessing), fx["logits"])
+    assert err < TOL, f"{fmt}: logits differ by {err:.2e} of their scale"
+
+
+def test_pt_output_loads_strictly(tmp_path):
+    fn, kwargs = keras_build_args("keras:MobileNetV3Small")
+    fx = make_keras_fixture(fn, kwargs, ["keras"])
+    result = converter.convert(fx["files"]["keras"])
+    pt = result.save(tmp_path / "m.pt")
+    sd = torch.load(pt, weights_only=True)
+    plain = build_target(result.target)
+    plain.load_state_dict(sd, strict=True)
+    assert sd.ckptport_metadata["target"] == result.target
+    model = load_model(pt)
+    assert rel_err(torch_logits(model, fx["x"], result.preprocessing), fx["logits"]) < TOL
+
+
+def test_same_input_gives_identical_bytes(tmp_path):
+    fn, kwargs = keras_build_args("keras:MobileNetV3Small")
+    fx = make_keras_fixture(fn, kwargs, ["keras"])
+    a = converter.convert(fx["files"]["keras"]).save(tmp_path / "a.safetensors")
+    b = converter.convert(fx["files"]["keras"]).save(tmp_path / "b.safetensors")
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_output_metadata_and_safetensors_compat(tmp_path):
+    from safetensors.numpy import load_file
+    from safetensors import safe_open
+
+    fn, kwargs = keras_build_args("keras:EfficientNetB0")
+    fx = make_keras_fixture(fn, kwargs, ["keras"])
+    result = converter.convert(fx["files"]["keras"])
+    out = result.save(tmp_path / "m.safetensors")
+    loaded = load_file(str(out))  # the reference safetensors implementation reads our bytes
+    assert set(loaded) == set(result.state_dict)
+    for k, v in result.state_dict.items():
+        np.testing.assert_array_equal(loaded[k], v)
+    with safe_open(str(out), "np") as f:
+        meta = f.metadata()
+    import hashlib
+
+    assert meta["source.sha256"] == hashlib.sha256(open(fx["files"]["keras"], "rb").read()).hexdigest()
+    assert meta["source.format"] == "keras" and meta["table.id"] == "keras-efficientnet"
+    assert meta["target"] == "timm:tf_efficientnet_b0" and meta["ckptport.version"] == converter.__version__
+    bn = json.loads(meta["bn_config"])
+    assert {c["momentum"] for c in bn.values()} == {pytest.approx(0.01)}
+    pre = json.loads(meta["preprocessing"])
+    assert [s["op"] for s in pre["steps"]] == ["rescale", "normalize"]
