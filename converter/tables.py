@@ -69,6 +69,7 @@ class Table:
     path: Path
     preprocessing_domain: dict[str, Any] = field(default_factory=dict)
     head: dict[str, str] = field(default_factory=dict)  # {"source": regex, "module": target module}
+    input: dict[str, Any] = field(default_factory=lambda: {"size": 224, "range": [0.0, 255.0]})
 
     def match(self, layer_name: str) -> tuple[Rule, re.Match[str]] | tuple[Drop, None] | None:
         for rule in self.rules:
@@ -125,6 +126,14 @@ def _regex(path: Path, pattern: Any, where: str) -> re.Pattern[str]:
         return re.compile(pattern)
     except re.error as exc:
         raise _fail(path, f"{where}: bad pattern {pattern!r} ({exc})") from None
+
+
+def _input(p: Path, data: dict[str, Any]) -> dict[str, Any]:
+    spec = {"size": 224, "range": [0.0, 255.0], **data.get("input", {})}
+    lo, hi = spec["range"]
+    if not (isinstance(spec["size"], int) and spec["size"] > 0 and lo < hi):
+        raise _fail(p, "[input] needs size (int > 0) and range = [low, high] with low < high")
+    return spec
 
 
 def load_table(path: str | Path) -> Table:
@@ -201,7 +210,7 @@ def load_table(path: str | Path) -> Table:
         _regex(p, head["source"], "[head]")
     return Table(data["table"]["id"], int(data["table"]["version"]), data["table"].get("family", data["table"]["id"]),
                  data["table"].get("description", ""),
-                 variants, rules, drops, p, data.get("preprocessing_domain", {}), head)
+                 variants, rules, drops, p, data.get("preprocessing_domain", {}), head, _input(p, data))
 
 
 TABLES: Registry[Table] = Registry("mapping table")

@@ -25,26 +25,30 @@ def _gen_version() -> str:
     return hashlib.sha256(GENERATOR.read_bytes()).hexdigest()[:12]
 
 
-def keras_build_args(manifest_id: str) -> tuple[str, dict]:
-    """``keras:MobileNetV3Small(alpha=0.75)`` -> ("MobileNetV3Small", {"alpha": 0.75})."""
+def keras_build_args(manifest_id: str) -> tuple[str, dict, dict]:
+    """``keras:MobileNetV3Small(alpha=0.75)`` -> ("MobileNetV3Small", {"alpha": 0.75}, table [input])."""
     from converter.manifest import load_manifest
+    from converter.tables import builtin_tables
 
     build = load_manifest(manifest_id)["build"]
     kwargs = {k: v for k, v in build.get("kwargs", {}).items()
               if k not in ("weights", "input_shape", "classifier_activation", "include_top", "classes")}
-    return build["fn"], kwargs
+    table = next(t for t in builtin_tables() if any(v.source == manifest_id for v in t.variants))
+    return build["fn"], kwargs, table.input
 
 
-def make_keras_fixture(fn: str, kwargs: dict, formats: list[str], size: int = 64, seed: int = 0) -> dict:
-    """Build (or reuse) a randomized Keras model saved in ``formats``; returns files.json + reference."""
-    key = hashlib.sha256(json.dumps([fn, kwargs, sorted(formats), size, seed, _gen_version()],
+def make_keras_fixture(fn: str, kwargs: dict, input_spec: dict, formats: list[str], seed: int = 0) -> dict:
+    """Build (or reuse) a randomized Keras model saved in ``formats``; returns files.json + reference.
+    ``input_spec`` is the table's [input] (size, value range)."""
+    size, (lo, hi) = input_spec["size"], input_spec["range"]
+    key = hashlib.sha256(json.dumps([fn, kwargs, sorted(formats), size, lo, hi, seed, _gen_version()],
                                     sort_keys=True).encode()).hexdigest()[:16]
     out = CACHE / f"{fn}-{key}"
     CACHE.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out) + ".lock"):
         if not (out / "files.json").exists():
             cmd = [sys.executable, str(GENERATOR), "--build", fn, "--out", str(out), "--size", str(size),
-                   "--seed", str(seed), "--formats", ",".join(formats)]
+                   "--seed", str(seed), "--formats", ",".join(formats), f"--range={lo},{hi}"]
             cmd += [f"--kw={k}={json.dumps(v)}" for k, v in kwargs.items()]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:

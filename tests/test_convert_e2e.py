@@ -38,8 +38,8 @@ def _variant_params():
 
 @pytest.mark.parametrize("table,variant", list(_variant_params()))
 def test_variant_end_to_end(table, variant, tmp_path):
-    fn, kwargs = keras_build_args(variant.source)
-    fx = make_keras_fixture(fn, kwargs, ["keras"])
+    fn, kwargs, inp = keras_build_args(variant.source)
+    fx = make_keras_fixture(fn, kwargs, inp, ["keras"])
     src = fx["files"]["keras"]
     result = converter.convert(src, to=variant.target)
     assert result.source_arch == variant.source and result.config_origin == "file"
@@ -71,8 +71,8 @@ def test_variant_end_to_end(table, variant, tmp_path):
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("source_id", FAMILY_REPRESENTATIVES)
 def test_every_source_format(source_id, fmt, tmp_path):
-    fn, kwargs = keras_build_args(source_id)
-    fx = make_keras_fixture(fn, kwargs, FORMATS)
+    fn, kwargs, inp = keras_build_args(source_id)
+    fx = make_keras_fixture(fn, kwargs, inp, FORMATS)
     result = converter.convert(fx["files"][fmt])
     assert result.source_arch == source_id  # detected, --to left out: the table's default target
     assert result.config_origin == ("file" if fmt in ("keras", "h5") else "manifest")
@@ -82,8 +82,8 @@ def test_every_source_format(source_id, fmt, tmp_path):
 
 
 def test_pt_output_loads_strictly(tmp_path):
-    fn, kwargs = keras_build_args("keras:MobileNetV3Small")
-    fx = make_keras_fixture(fn, kwargs, ["keras"])
+    fn, kwargs, inp = keras_build_args("keras:MobileNetV3Small")
+    fx = make_keras_fixture(fn, kwargs, inp, ["keras"])
     result = converter.convert(fx["files"]["keras"])
     pt = result.save(tmp_path / "m.pt")
     sd = torch.load(pt, weights_only=True)
@@ -95,8 +95,8 @@ def test_pt_output_loads_strictly(tmp_path):
 
 
 def test_same_input_gives_identical_bytes(tmp_path):
-    fn, kwargs = keras_build_args("keras:MobileNetV3Small")
-    fx = make_keras_fixture(fn, kwargs, ["keras"])
+    fn, kwargs, inp = keras_build_args("keras:MobileNetV3Small")
+    fx = make_keras_fixture(fn, kwargs, inp, ["keras"])
     a = converter.convert(fx["files"]["keras"]).save(tmp_path / "a.safetensors")
     b = converter.convert(fx["files"]["keras"]).save(tmp_path / "b.safetensors")
     assert a.read_bytes() == b.read_bytes()
@@ -106,8 +106,8 @@ def test_output_metadata_and_safetensors_compat(tmp_path):
     from safetensors.numpy import load_file
     from safetensors import safe_open
 
-    fn, kwargs = keras_build_args("keras:EfficientNetB0")
-    fx = make_keras_fixture(fn, kwargs, ["keras"])
+    fn, kwargs, inp = keras_build_args("keras:EfficientNetB0")
+    fx = make_keras_fixture(fn, kwargs, inp, ["keras"])
     result = converter.convert(fx["files"]["keras"])
     out = result.save(tmp_path / "m.safetensors")
     loaded = load_file(str(out))  # the reference safetensors implementation reads our bytes

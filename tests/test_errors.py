@@ -1,0 +1,205 @@
+"""Bad input: one clear line naming the file/tensor/layer, exit 2, no traceback, nothing left behind,
+the input untouched."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import ROOT, keras_build_args, make_keras_fixture
+from converter.cli import main
+
+ALL = ["keras", "weights.h5", "h5", "tf-checkpoint", "savedmodel"]
+
+
+@pytest.fixture(scope="module")
+def r50():
+    fn, kw, inp = keras_build_args("keras:ResNet50")
+    return make_keras_fixture(fn, kw, inp, ["keras", "weights.h5", "h5", "h5-weights", "tf-checkpoint", "tf-names",
+                                       "tf-layer-with-weights", "savedmodel"])
+
+
+def run_cli(args, capsys):
+    rc = main([str(a) for a in args])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def assert_clean_error(rc, err, *needles, out: Path | None = None):
+    assert rc == 2, err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line, got:\n{err}"
+    assert lines[0].startswith("error: ") and "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], f"{n!r} not in {lines[0]!r}"
+    if out is not None:
+        assert not out.exists()
+        assert not list(out.parent.glob(f".{out.name}.*")), "a partial file was left behind"
+
+
+def sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def test_empty_file(tmp_path, capsys):
+    src = tmp_path / "model.keras"
+    src.touch()
+    out = tmp_path / "out.safetensors"
+    rc, _, err = run_cli(["convert", src, "-o", out], capsys)
+    assert_clean_error(rc, err, str(src), "empty", out=out)
+
+
+def test_missing_file(tmp_path, capsys):
+    rc, _, err = run_cli(["convert", tmp_path / "nope.keras", "-o", tmp_path / "o.safetensors"], capsys)
+    assert_clean_error(rc, err, "nope.keras", "no such file")
+
+
+def test_wrong_format(tmp_path, capsys):
+    src = tmp_path / "model.h5"
+    src.write_text("this is not a checkpoint\n")
+    out = tmp_path / "out.safetensors"
+    rc, _, err = run_cli(["convert", src, "-o", out], capsys)
+    assert_clean_error(rc, err, str(src), "not a format ckptport reads", out=out)
+
+
+@pytest.mark.parametrize("fmt", ["weights.h5", "h5", "keras"])
+def test_truncated(fmt, r50, tmp_path, capsys):
+    src_orig = Path(r50["files"][fmt])
+    src = tmp_path / src_orig.name
+    data = src_orig.read_bytes()
+    src.write_bytes(data[: len(data) // 2])
+    out = tmp_path / "out.safetensors"
+    rc, _, err = run_cli(["convert", src, "-o", out], capsys)
+    assert_clean_error(rc, err, src.name, out=out)
+    assert any(w in err for w in ("truncated", "damaged", "not a valid"))
+
+
+def test_wrong_architecture_target(r50, tmp_path, capsys):
+    out = tmp_path / "out.safetensors"
+    rc, _, err = run_cli(["convert", r50["files"]["keras"], "--to", "timm:tf_efficientnet_b0", "-o", out], capsys)
+    assert_clean_error(rc, err, "keras:ResNet50", "cannot be converted to timm:tf_efficientnet_b0",
+                       "torchvision:resnet50", out=out)
+
+
+def test_unknown_target(r50, tmp_path, capsys):
+    out = tmp_path / "out.safetensors"
+    rc, _, err = run_cli(["convert", r50["files"]["keras"], "--to", "timm:nonexistent", "-o", out], capsys)
+    assert_clean_error(rc, err, "unknown target", out=out)
+
+
+def test_missing_shard(r50, tmp_path, capsys):
+    prefix = Path(r50["files"]["tf-checkpoint"])
+    dst = tmp_path / "ck"
+    dst.mkdir()
+    shutil.copy(prefix.with_name(prefix.name + ".index"), dst / "ckpt.index")  # no data shard
+    out = tmp_path / "out.safetensors"
+    rc, _, err = run_cli(["convert", dst / "ckpt", "-o", out], capsys)
+    assert_clean_error(rc, err, "shard", out=out)
+
+
+def test_shape_mismatch(tmp_path, capsys):
+    fn, kw, inp = keras_build_args("keras:MobileNetV3Small")
+    fx = make_keras_fixture(fn, kw, inp, ["keras"])
+    table = (ROOT / "mappings" / "mobilenetv3.toml").read_text()
+    # a user table that claims the width-1.0 source fits the width-0.75 target
+    table = table.replace('target = "timm:tf_mobilenetv3_small_100"', 'target = "timm:tf_mobilenetv3_small_075"', 1)
+    (tmp_path / "bad.toml").write_text(table)
+    out = tmp_path / "out.safetensors"
+    rc, _, err = run_cli(["convert", fx["files"]["keras"], "--mapping", tmp_path / "bad.toml",
+                          "--to", "timm:tf_mobilenetv3_small_075", "-o", out], capsys)
+    assert_clean_error(rc, err, "shape mismatch", "conv_stem.weight", out=out)
+
+
+@pytest.mark.parametrize("value,needle", [(np.nan, "NaN"), (-1.0, "negative")])
+def test_bad_bn_stats(value, needle, r50, tmp_path, capsys):
+    src = tmp_path / "model.h5"
+    shutil.copy(r50["files"]["h5"], src)
+    with h5py.File(src, "r+") as f:
+        ds = f["model_weights/conv2_block1_1_bn/conv2_block1_1_bn/moving_variance"]
+        arr = ds[()]
+        arr[3] = value
+        ds[...] = arr
+    before = sha(src)
+    out = tmp_path / "out.safetensors"
+    rc, _, err = run_cli(["convert", src, "-o", out], capsys)
+    assert_clean_error(rc, err, "conv2_block1_1_bn", needle, out=out)
+    assert sha(src) == before
+
+
+def test_renorm_refused(r50, tmp_path, capsys):
+    src = tmp_path / "model.h5"
+    shutil.copy(r50["files"]["h5"], src)
+    with h5py.File(src, "r+") as f:
+        cfg = json.loads(f.attrs["model_config"])
+        for lay in cfg["config"]["layers"]:
+            if lay["config"]["name"] == "conv1_bn":
+                lay["config"]["renorm"] = True
+        f.attrs["model_config"] = json.dumps(cfg)
+    out = tmp_path / "out.safetensors"
+    rc, _, err = run_cli(["convert", src, "-o", out], capsys)
+    assert_clean_error(rc, err, "conv1_bn", "renorm", out=out)
+
+
+def test_refuses_overwrite_then_force(r50, tmp_path, capsys):
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"precious")
+    rc, _, err = run_cli(["convert", r50["files"]["keras"], "-o", out], capsys)
+    assert_clean_error(rc, err, str(out), "--force")
+    assert out.read_bytes() == b"precious"
+    rc, _, err = run_cli(["convert", r50["files"]["keras"], "-o", out, "--force"], capsys)
+    assert rc == 0, err
+    assert out.read_bytes() != b"precious"
+
+
+def test_input_untouched_and_no_partial_on_write_failure(r50, tmp_path, monkeypatch):
+    import converter
+    from converter.formats import FORMATS
+
+    src = Path(r50["files"]["keras"])
+    before = sha(src)
+    result = converter.convert(src)
+    fmt = FORMATS.get("safetensors")
+
+    def broken(path, tensors, metadata):
+        Path(path).write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(fmt, "write", broken)
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(OSError):
+        result.save(out)
+    assert not out.exists() and not list(tmp_path.iterdir())
+    assert sha(src) == before
+
+
+def test_untrusted_pickle_is_never_executed(tmp_path, capsys):
+    import torch
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    bad = tmp_path / "evil.pt"
+    torch.save({"w": Evil()}, bad)
+    rc, _, err = run_cli(["inspect", bad], capsys)
+    assert_clean_error(rc, err, "evil.pt", "weights-only")
+    assert not marker.exists()
+
+
+def test_process_level_exit_code_and_no_traceback(tmp_path):
+    src = tmp_path / "x.keras"
+    src.write_bytes(b"PK\x03\x04garbage")
+    proc = subprocess.run([sys.executable, "-m", "converter", "convert", str(src), "-o", str(tmp_path / "o.safetensors")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1 and "x.keras" in proc.stderr
