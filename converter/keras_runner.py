@@ -1,0 +1,173 @@
+"""Keras side of verification. Runs ONLY in its own process (``python -m converter.keras_runner``):
+TensorFlow must not share a process with torchvision (that order segfaults Keras model builds).
+
+It rebuilds the source model (from the file's own config, from the shipped manifest's build spec,
+or from the user's ``--source-model``), loads the weights ckptport resolved (so every source format
+goes through the same path), runs the inputs through it, taps the layers the mapping table names,
+optionally runs one training-mode step, and writes everything to a reference ``.safetensors``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _configure_tf(device: str) -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    import tensorflow as tf
+
+    for gpu in tf.config.list_physical_devices("GPU"):
+        tf.config.experimental.set_memory_growth(gpu, True)  # never grab all GPU memory
+
+
+def _build(source, manifest, source_model: str | None, size: int | None):
+    import keras
+
+    from .errors import VerificationError
+
+    if source_model:
+        from .model import call_factory
+
+        return call_factory(source_model, "--source-model")
+    if source.raw.model_config is not None:
+        try:
+            return keras.models.model_from_json(json.dumps(source.raw.model_config))
+        except Exception as exc:
+            raise VerificationError(f"{source.raw.path}: Keras cannot rebuild the stored model config: {exc}") from None
+    if manifest is None:
+        raise VerificationError(f"{source.raw.path}: no model config and no manifest; pass --source-model")
+    build = manifest["build"]
+    kwargs = dict(build.get("kwargs", {}))
+    if size:
+        kwargs["input_shape"] = [size, size, 3]
+    return getattr(keras.applications, build["fn"])(**kwargs)
+
+
+def _load_weights(model, source) -> dict[str, str]:
+    """Assign the resolved weights to the live model; returns file layer name -> live layer name."""
+    from .manifest import source_manifest_from_model
+    from .source import _match_auto, skeleton_from_manifest
+
+    live = skeleton_from_manifest(source_manifest_from_model(model, "live"))
+    names = [lay.name for lay in source.layers if lay.weights]
+    index = _match_auto(names, live)
+    mapping = {}
+    for lay in source.layers:
+        if not lay.weights:
+            continue
+        klayer = model.layers[index[lay.name]]
+        mapping[lay.name] = klayer.name
+        for v in list(klayer._trainable_variables) + list(klayer._non_trainable_variables):
+            if v.name not in lay.weights:
+                from .errors import VerificationError
+
+                raise VerificationError(f"layer {lay.name}: the file has no variable {v.name}")
+            v.assign(lay.load(v.name).astype(v.dtype))
+    return mapping
+
+
+def run(args: argparse.Namespace) -> None:
+    from . import formats
+    from .pipeline import _source_manifests
+    from .source import resolve
+    from .tables import builtin_tables, load_table
+
+    tables = [load_table(args.mapping)] if args.mapping else builtin_tables()
+    raw = formats.read(args.src, args.format)
+    src_manifest = None
+    manifests = _source_manifests(tables)
+    if args.source_model:
+        _configure_tf(args.device)
+        from .manifest import source_manifest_from_model
+        from .model import call_factory
+
+        src_manifest = source_manifest_from_model(call_factory(args.source_model, "--source-model"), "model")
+    source = resolve(raw, manifests, src_manifest)
+    manifest = next((m for m in manifests if m["id"] == source.manifest_id), None)
+    x = np.load(args.inputs).astype("float32")
+    taps = json.loads(Path(args.taps).read_text())
+    _configure_tf(args.device)
+    import keras
+
+    model = _build(source, manifest, args.source_model, x.shape[1])
+    live = _load_weights(model, source)
+    tap_layers = [model.get_layer(live.get(src, src)) for src, _ in taps]
+    last = model.layers[-1]
+    final_act = last.get_config().get("activation") if hasattr(last, "get_config") else None
+    probe = keras.Model(model.inputs, [lay.output for lay in tap_layers] + [model.outputs[0]])
+    t0 = time.perf_counter()
+    outs = probe(x, training=False)
+    t_run = time.perf_counter() - t0
+    tensors = {"input": x, "logits": np.asarray(outs[-1], np.float32)}
+    for i, o in enumerate(outs[:-1]):
+        tensors[f"tap/{i}"] = np.asarray(o, np.float32)
+    bn_info = {}
+    if args.train_step:
+        for lay in model.layers:  # only BatchNorm is in training mode: dropout off
+            if hasattr(lay, "rate"):
+                lay.rate = 0.0
+        bns = [lay for lay in model.layers if type(lay).__name__ == "BatchNormalization"]
+        before = {b.name: (b.moving_mean.numpy().copy(), b.moving_variance.numpy().copy()) for b in bns}
+        step = keras.Model(model.inputs, [b.input for b in bns] + [b.output for b in bns])
+        feats = step(x, training=True)
+        inv = {v: k for k, v in live.items()}
+        for b, inp in zip(bns, feats[: len(bns)]):
+            a = np.asarray(inp, np.float64)
+            axes = tuple(range(a.ndim - 1))
+            name = inv.get(b.name, b.name)
+            tensors[f"bn/{name}/batch_mean"] = a.mean(axis=axes).astype(np.float32)
+            tensors[f"bn/{name}/batch_var"] = a.var(axis=axes).astype(np.float32)  # biased: what Keras uses
+            tensors[f"bn/{name}/moving_mean_before"], tensors[f"bn/{name}/moving_var_before"] = before[b.name]
+            tensors[f"bn/{name}/moving_mean_after"] = b.moving_mean.numpy()
+            tensors[f"bn/{name}/moving_var_after"] = b.moving_variance.numpy()
+            bn_info[name] = {"n": int(np.prod([a.shape[i] for i in axes])), "momentum": float(b.momentum),
+                             "epsilon": float(b.epsilon)}
+    meta = {
+        "ckptport.reference": "1",
+        "taps": json.dumps(taps),
+        "source.file": raw.path.name,
+        "source.sha256": raw.sha256,
+        "source.arch": source.manifest_id or "",
+        "keras.version": keras.__version__,
+        "final_activation": str(final_act or "linear"),
+        "train_step": json.dumps(bn_info) if args.train_step else "",
+        "timing.source_run_s": f"{t_run:.6f}",
+        "device": "cpu" if args.device == "cpu" else "auto",
+    }
+    formats.write(args.out, tensors, meta, format="safetensors", force=True)
+    assert "torchvision" not in sys.modules, "torchvision must never be imported next to Keras"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m converter.keras_runner")
+    ap.add_argument("--src", required=True)
+    ap.add_argument("--format")
+    ap.add_argument("--mapping")
+    ap.add_argument("--source-model")
+    ap.add_argument("--inputs", required=True)
+    ap.add_argument("--taps", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--train-step", action="store_true")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args(argv)
+    from .errors import ConverterError
+
+    try:
+        run(args)
+    except ConverterError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
