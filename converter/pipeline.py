@@ -50,6 +50,7 @@ class ConversionResult:
     source_arch: str | None
     config_origin: str
     head_reset: dict[str, Any] | None = None
+    source_input_shape: list[int | None] | None = None  # (H, W, C) when the source declares it
 
     def save(self, path: str | os.PathLike, format: str | None = None, force: bool = False) -> Path:
         """Write atomically (safetensors unless the name ends in .pt/.pth); refuses to overwrite."""
@@ -343,7 +344,16 @@ def _apply(source: SourceModel, table: Table, variant: Variant, tman: dict[str, 
         progress(total, total, "")
     return ConversionResult(ordered, bn, pre, meta, mapped, dropped, variant.target, kwargs, surgeries,
                             table.id, source.manifest_id, source.config_origin,
-                            head.report() if head else None)
+                            head.report() if head else None, _input_shape(source))
+
+
+def _input_shape(source: SourceModel) -> list[int | None] | None:
+    for lay in source.layers:
+        if lay.class_name == "InputLayer":
+            shape = lay.config.get("batch_shape") or lay.config.get("batch_input_shape")
+            if shape:
+                return list(shape[1:])
+    return None
 
 
 def dry_run(table: Table, variant: Variant, seed: int = 0) -> ConversionResult:
