@@ -138,6 +138,10 @@ def target_manifest_from_model(model: Any, manifest_id: str, library: str, name:
 
 
 def importlib_version(dist: str) -> str:
-    from importlib.metadata import version
+    """Installed version of ``dist``; "" for a user's own model file or module."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    return version(dist)
+    try:
+        return version(dist)
+    except (PackageNotFoundError, ValueError):
+        return ""

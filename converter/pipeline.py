@@ -119,6 +119,8 @@ def _target_manifest(variant: Variant, kwargs: dict[str, Any]) -> dict[str, Any]
 
     model = build_target(variant.target, **kwargs)
     lib, _, name = variant.target.partition(":")
+    if lib not in ("timm", "torchvision"):
+        lib, name = "user", variant.target
     return target_manifest_from_model(model, variant.target, lib, name, kwargs)
 
 

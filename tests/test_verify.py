@@ -1,0 +1,228 @@
+"""Verification: clean conversions pass (inference and --train-step) for every table; planted bugs
+are caught and located at the right layer; recorded references; the TF/torch process hazard."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import converter
+from conftest import ROOT, keras_build_args, make_keras_fixture
+from converter import formats
+from converter.cli import main
+from converter.tables import builtin_tables
+from converter.verification import verify
+
+# one representative per table: parametrized over the registry, so a new table is verified too
+REPRESENTATIVE = [(t, t.variants[0]) for t in builtin_tables()]
+
+
+def converted(source_id: str, tmp_path: Path, to: str | None = None) -> tuple[dict, Path]:
+    fn, kw, inp = keras_build_args(source_id)
+    fx = make_keras_fixture(fn, kw, inp, ["keras"])
+    out = converter.convert(fx["files"]["keras"], to).save(tmp_path / "model.safetensors")
+    return fx, out
+
+
+def plant(path: Path, dst: Path, tensors=None, meta=None) -> Path:
+    """Copy a converted checkpoint with some tensors or metadata changed (a planted bug)."""
+    raw = formats.read(path)
+    t = {k: v.load() for k, v in raw.tensors.items()}
+    m = dict(raw.metadata)
+    if tensors:
+        tensors(t)
+    if meta:
+        meta(m)
+    return formats.write(dst, t, m)
+
+
+@pytest.mark.parametrize("table,variant", REPRESENTATIVE, ids=[v.source for _, v in REPRESENTATIVE])
+def test_clean_conversion_passes_inference_and_train_step(table, variant, tmp_path):
+    fx, out = converted(variant.source, tmp_path, variant.target)
+    report = verify(fx["files"]["keras"], out, train_step=True, device="cpu")
+    assert report.passed, report.first_divergent
+    assert report.layers and all(r.passed for r in report.layers)
+    assert report.train_step and report.train_step_passed
+    assert len(report.train_step) == json.loads(formats.read(out).metadata["bn_config"]).__len__()
+    # the naive variance comparison would have failed: the Bessel term is really accounted for
+    assert max(b.var_rel_uncorrected for b in report.train_step) > 10 * max(b.var_rel for b in report.train_step)
+
+
+def test_planted_conv_kernel_transposed(tmp_path):
+    fx, out = converted("keras:MobileNetV3Small", tmp_path)
+
+    def bug(t):
+        w = t["blocks.1.0.conv_dw.weight"]
+        t["blocks.1.0.conv_dw.weight"] = np.ascontiguousarray(w.transpose(0, 1, 3, 2))  # HW swapped
+
+    bad = plant(out, tmp_path / "bad.safetensors", tensors=bug)
+    report = verify(fx["files"]["keras"], bad, device="cpu")
+    assert not report.passed
+    assert report.first_divergent["target_module"] == "blocks.1.0.conv_dw"
+    assert report.first_divergent["source_layer"] == "expanded_conv_1_depthwise"
+
+
+def test_planted_unconverted_momentum_caught_by_train_step(tmp_path):
+    fx, out = converted("keras:MobileNetV3Small", tmp_path)
+    victim = "blocks.2.0.bn2"
+
+    def bug(m):
+        bn = json.loads(m["bn_config"])
+        bn[victim]["momentum"] = bn[victim]["keras_momentum"]  # 0.999 pasted into PyTorch
+        m["bn_config"] = json.dumps(bn)
+
+    bad = plant(out, tmp_path / "bad.safetensors", meta=bug)
+    assert verify(fx["files"]["keras"], bad, device="cpu").passed  # inference cannot see momentum
+    report = verify(fx["files"]["keras"], bad, train_step=True, device="cpu")
+    assert not report.passed and not report.train_step_passed
+    failing = [b.target_module for b in report.train_step if not b.passed]
+    assert failing == [victim]
+    assert report.first_divergent["target_module"] == victim
+
+
+def test_planted_wrong_eps(tmp_path):
+    fx, out = converted("keras:EfficientNetB0", tmp_path)
+    raw = formats.read(out)
+    # the BN whose variance is smallest: where eps matters most
+    var = {k[: -len(".running_var")]: raw.tensors[k].load().mean() for k in raw.tensors if k.endswith("running_var")}
+    victim = min(var, key=var.get)
+
+    def bug(m):
+        bn = json.loads(m["bn_config"])
+        bn[victim]["eps"] = 1e-5  # PyTorch's default instead of Keras' 1e-3
+        m["bn_config"] = json.dumps(bn)
+
+    report = verify(fx["files"]["keras"], plant(out, tmp_path / "bad.safetensors", meta=bug), device="cpu")
+    assert not report.passed
+    assert report.first_divergent["target_module"].startswith(victim)
+
+
+def test_planted_dense_after_flatten_without_reorder(tmp_path):
+    src = tmp_path / "tiny.keras"
+    subprocess.run([sys.executable, str(ROOT / "fixtures" / "keras_tiny.py"), str(src)], check=True, capture_output=True)
+    target = f"{ROOT / 'fixtures' / 'tiny_models.py'}:tiny_flatten"
+    table = f'''
+[table]
+id = "tiny-flatten"
+version = 1
+[input]
+size = 8
+range = [0.0, 255.0]
+[[variants]]
+target = "{target}"
+[[rules]]
+source = 'conv'
+target = 'conv'
+transform = 'conv2d'
+[[rules]]
+source = 'bn'
+target = 'bn'
+transform = 'batch_norm'
+[[rules]]
+source = 'fc'
+target = 'fc'
+transform = '{{fc}}'
+args = {{ hwc = [8, 8, 4] }}
+'''
+    good, bad = tmp_path / "good.toml", tmp_path / "bad.toml"
+    good.write_text(table.replace("{fc}", "dense_after_flatten"))
+    bad.write_text(table.replace("{fc}", "dense"))
+    for tbl, expect in ((good, True), (bad, False)):
+        out = converter.convert(src, mapping=tbl).save(tmp_path / f"{tbl.stem}.safetensors")
+        report = verify(src, out, mapping=tbl, device="cpu")
+        assert report.passed is expect
+        if not expect:
+            assert report.first_divergent["source_layer"] == "fc"
+            assert report.first_divergent["target_module"] == "fc"
+
+
+def test_planted_symmetric_padding_on_stride2_conv(tmp_path):
+    import torch
+
+    from converter.surgeries import SURGERIES
+
+    name = "test_symmetric_padding_blocks_1_0_conv_dw"
+    if name not in SURGERIES:
+        @SURGERIES.register(name)
+        def _symmetric(model):
+            old = model.blocks[1][0].conv_dw  # timm Conv2dSame, stride 2: TF pads 0 before, 1 after
+            new = torch.nn.Conv2d(old.in_channels, old.out_channels, old.kernel_size, old.stride,
+                                  padding=old.kernel_size[0] // 2, groups=old.groups, bias=old.bias is not None)
+            model.blocks[1][0].conv_dw = new
+
+    fx, out = converted("keras:MobileNetV3Small", tmp_path)
+
+    def bug(m):
+        m["surgeries"] = json.dumps(json.loads(m["surgeries"]) + [{"name": name}])
+
+    report = verify(fx["files"]["keras"], plant(out, tmp_path / "bad.safetensors", meta=bug), device="cpu")
+    assert not report.passed
+    assert report.first_divergent["target_module"] == "blocks.1.0.conv_dw"
+
+
+def test_record_then_against_without_tensorflow(tmp_path):
+    fx, out = converted("keras:MobileNetV3Small", tmp_path)
+    ref = tmp_path / "ref.safetensors"
+    first = verify(fx["files"]["keras"], out, record=ref, train_step=True, device="cpu")
+    assert first.passed and ref.exists()
+    # a process where TensorFlow cannot even be imported
+    code = f"""
+import sys
+sys.modules['tensorflow'] = None; sys.modules['keras'] = None
+from converter.verification import verify
+r = verify(None, {str(out)!r}, against={str(ref)!r}, train_step=True, device='cpu')
+assert r.passed, r.first_divergent
+print('OK', len(r.layers))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_cli_exit_codes_json_and_html(tmp_path, capsys):
+    fx, out = converted("keras:MobileNetV3Small", tmp_path)
+    html = tmp_path / "report.html"
+    rc = main(["verify", fx["files"]["keras"], str(out), "--json", "--html", str(html), "--device", "cpu"])
+    data = json.loads(capsys.readouterr().out)
+    assert rc == 0 and data["passed"] is True and data["first_divergent"] is None
+    assert {"source_layer", "target_module", "rel", "max_abs", "cosine"} <= set(data["layers"][0])
+    text = html.read_text()
+    assert "<svg" in text and "tolerance" in text and "PASS" in text and "http" not in text.replace("http://www.w3.org/2000/svg", "")
+
+    bad = plant(out, tmp_path / "bad.safetensors", tensors=lambda t: t.__setitem__(
+        "conv_stem.weight", np.ascontiguousarray(t["conv_stem.weight"].transpose(0, 1, 3, 2))))
+    rc = main(["verify", fx["files"]["keras"], str(bad), "--json", "--device", "cpu"])
+    data = json.loads(capsys.readouterr().out)
+    assert rc == 1 and data["passed"] is False
+    assert data["first_divergent"]["source_layer"] == "conv" and data["first_divergent"]["target_module"] == "conv_stem"
+    rc = main(["verify", fx["files"]["keras"], str(tmp_path / "missing.safetensors")])
+    assert rc == 2
+
+
+def test_tensorflow_imported_first_is_harmless(tmp_path):
+    """TensorFlow then torchvision in one process segfaults the next Keras build on this stack;
+    verify keeps Keras in its own process, so a user who imported TF first is safe."""
+    fx, out = converted("keras:MobileNetV3Small", tmp_path)
+    code = f"""
+import tensorflow, keras
+import converter
+r = converter.verify({fx['files']['keras']!r}, {str(out)!r}, device='cpu')
+assert r.passed
+print('OK')
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_assert_equivalent(tmp_path):
+    from converter.testing import assert_equivalent
+
+    fx, out = converted("keras:MobileNetV3Small", tmp_path)
+    assert assert_equivalent(fx["files"]["keras"], out, device="cpu").passed
+    bad = plant(out, tmp_path / "bad.safetensors", tensors=lambda t: t.__setitem__("classifier.bias", t["classifier.bias"] + 1))
+    with pytest.raises(AssertionError, match="classifier|model output"):
+        assert_equivalent(fx["files"]["keras"], bad, device="cpu")
