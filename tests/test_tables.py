@@ -1,0 +1,120 @@
+"""Tables, transforms and registries: static checks that need neither TensorFlow nor PyTorch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from converter.errors import MappingError, RegistryError
+from converter.manifest import load_manifest
+from converter.pipeline import dry_run
+from converter.registry import Registry
+from converter.surgeries import SURGERIES
+from converter.tables import builtin_tables, load_table
+from converter.transforms import (CONV_HWIO_TO_OIHW, DENSE_T, TRANSFORMS, Conv1x1ToLinear, DepthwiseToTorch,
+                                  FlattenNHWCToNCHW)
+
+VARIANTS = [(t, v) for t in builtin_tables() for v in t.variants]
+
+
+@pytest.mark.parametrize("table,variant", VARIANTS, ids=[f"{v.source}->{v.target}" for _, v in VARIANTS])
+def test_every_variant_maps_every_tensor(table, variant):
+    """Source manifest -> target manifest through the table: every source tensor mapped or dropped,
+    every target tensor filled, shapes right, every BN module configured."""
+    result = dry_run(table, variant)
+    target = load_manifest(variant.target)
+    assert list(result.state_dict) == [t["key"] for t in target["tensors"]]
+    assert set(result.bn_config) == set(target["bn_modules"])
+    source_bn = {lay["name"]: lay["config"] for lay in load_manifest(variant.source)["layers"]
+                 if lay["class_name"] == "BatchNormalization"}
+    for mod, cfg in result.bn_config.items():
+        assert cfg["momentum"] == pytest.approx(1 - source_bn[cfg["source_layer"]]["momentum"])
+        assert cfg["eps"] == source_bn[cfg["source_layer"]]["epsilon"]
+    assert result.taps, "verification needs taps"
+
+
+def test_bn_values_seen_in_keras():
+    """The facts the tables rely on, read from the shipped Keras manifests."""
+    def bn(mid):
+        return {(c["config"]["momentum"], c["config"]["epsilon"]) for c in load_manifest(mid)["layers"]
+                if c["class_name"] == "BatchNormalization"}
+
+    assert bn("keras:EfficientNetB0") == {(0.99, 0.001)}
+    assert bn("keras:MobileNetV3Small") == {(0.999, 0.001)}
+    assert bn("keras:ResNet50") == {(0.99, 1.001e-05)}
+
+
+@pytest.mark.parametrize("name", list(TRANSFORMS))
+def test_layer_transforms_invert(name):
+    rng = np.random.default_rng(0)
+    shapes = {"kernel": (3, 3, 4, 6)}
+    t = TRANSFORMS.get(name)
+    for var, (param, tt) in t.params.items():
+        shape = {"kernel": (1, 1, 4, 6) if "1x1" in name else ((12, 6) if "dense" in name else (3, 3, 4, 1 if "depthwise" in name else 6))}.get(var, (6,))
+        x = rng.normal(size=shape).astype(np.float32)
+        np.testing.assert_array_equal(tt.inverse(tt(x)), x)
+        assert repr(tt)
+
+
+def test_tensor_transform_semantics():
+    k = np.arange(3 * 3 * 4 * 6, dtype=np.float32).reshape(3, 3, 4, 6)
+    assert CONV_HWIO_TO_OIHW(k)[5, 2, 1, 0] == k[1, 0, 2, 5]
+    d = np.arange(3 * 3 * 4 * 2, dtype=np.float32).reshape(3, 3, 4, 2)
+    assert DepthwiseToTorch()(d).shape == (8, 1, 3, 3) and DepthwiseToTorch()(d)[2 * 2 + 1, 0, 0, 2] == d[0, 2, 2, 1]
+    assert DENSE_T(np.ones((4, 6))).shape == (6, 4)
+    assert Conv1x1ToLinear()(np.ones((1, 1, 4, 6))).shape == (6, 4)
+    # flatten: Keras row (h, w, c) -> torch column c*H*W + h*W + w
+    h, w, c = 2, 3, 4
+    kern = np.arange(h * w * c * 5, dtype=np.float32).reshape(h * w * c, 5)
+    out = FlattenNHWCToNCHW((h, w, c))(kern)
+    for (hh, ww, cc) in [(0, 0, 0), (1, 2, 3), (0, 1, 2)]:
+        np.testing.assert_array_equal(out[:, cc * h * w + hh * w + ww], kern[(hh * w + ww) * c + cc])
+
+
+def test_registry_duplicate_and_miss_list_valid_names():
+    reg: Registry[int] = Registry("thing")
+    reg.add("a", 1)
+    with pytest.raises(RegistryError, match="registered twice"):
+        reg.add("a", 2)
+    with pytest.raises(RegistryError, match="unknown thing 'b'; valid: a"):
+        reg.get("b")
+    with pytest.raises(RegistryError, match="valid: .*conv2d"):
+        TRANSFORMS.get("conv3d_magic")
+    with pytest.raises(RegistryError, match="resnet_v1_stride_on_1x1"):
+        SURGERIES.get("nope")
+
+
+BASE = """
+[table]
+id = "t"
+version = 1
+[[variants]]
+target = "timm:resnet50"
+"""
+
+
+@pytest.mark.parametrize("rules,needle", [
+    ("[[rules]]\nsource = 'conv(('\ntarget = 'x'\ntransform = 'conv2d'\n", "bad pattern"),
+    ("[[rules]]\nsource = 'conv'\ntarget = 'x'\ntransform = 'conv9d'\n", "unknown transform 'conv9d'; valid:"),
+    ("[[rules]]\nsource = 'a'\ntarget = 'x'\ntransform = 'conv2d'\n[[rules]]\nsource = 'b'\ntarget = 'x'\ntransform = 'dense'\n", "duplicate target 'x'"),
+    ("[[rules]]\nsource = 'a(?P<i>\\\\d)'\ntarget = 'x.{j}'\ntransform = 'conv2d'\n", "group 'j', not in the pattern"),
+    ("[[rules]]\nsource = 'a(?P<i>\\\\d)'\ntarget = 'x.{i@blocks}'\ntransform = 'conv2d'\n", "lookup 'blocks' is missing"),
+    ("[[drops]]\nsource = 'a'\nas = 'vanish'\n", "as='vanish'"),
+    ("[[rules]]\nsource = 'a'\ntarget = 'x'\ntransform = 'conv2d'\ntapp = false\n", "unknown keys"),
+])
+def test_bad_tables_fail_at_load(tmp_path, rules, needle):
+    p = tmp_path / "t.toml"
+    p.write_text(BASE + rules)
+    with pytest.raises(MappingError, match="mapping table .*t.toml") as exc:
+        load_table(p)
+    assert needle in str(exc.value)
+
+
+def test_bad_surgery_and_toml(tmp_path):
+    p = tmp_path / "t.toml"
+    p.write_text(BASE.replace('target = "timm:resnet50"', 'target = "timm:resnet50"\nsurgeries = [{ name = "nope" }]'))
+    with pytest.raises(MappingError, match="unknown surgery 'nope'"):
+        load_table(p)
+    p.write_text("[table\n")
+    with pytest.raises(MappingError, match="not valid TOML"):
+        load_table(p)
