@@ -663,8 +663,8 @@ def recalibrate(
     ``torch.distributed`` process group the stats are averaged across ranks (weighted by batches).
 
     ``batches``: an iterable of tensors/arrays, ``(inputs, targets)`` tuples (the first element is
-    fed) or dicts (fed as keyword arguments). ``device``: where batches are moved (the model is not
-    moved). BN modules the forward pass never reaches keep their old statistics (listed under
+    fed) or dicts (fed as keyword arguments). ``device``: where batches are moved (default: the
+    device of the model's first parameter or buffer); the model itself is not moved. BN modules the forward pass never reaches keep their old statistics (listed under
     ``"skipped"``). On any error the old statistics are put back and the model is left as it was.
 
     Returns ``{"num_batches", "num_samples", "world_size", "modules": [names], "skipped": {name:
@@ -690,6 +690,11 @@ def recalibrate(
         if have < num_batches:
             raise ConverterError(f"the data holds {have} batches but num_batches={num_batches} were asked for")
 
+    if device is None:
+        first = next(iter(model.parameters()), None)
+        if first is None:
+            first = next(iter(model.buffers()), None)
+        device = first.device if first is not None else None
     training = {m: m.training for m in model.modules()}
     momenta = {m: m.momentum for _, m in targets}
     saved = {m: (m.running_mean.detach().clone(), m.running_var.detach().clone(),

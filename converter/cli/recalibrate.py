@@ -164,13 +164,21 @@ def command(ckpt: str, data_path: str, num_batches: int, batch_size: int, output
             "lower --num-batches/--batch-size"
         )
 
+    import torch
+
     from .. import bn
     from ..formats import write_checkpoint
     from ..model import load_model
 
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConverterError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConverterError(f"--device {device}: no CUDA device is available here; use --device cpu")
     model = load_model(src, device=device)
     params = [p for p in model.parameters() if p.is_floating_point()]
-    dtype = params[0].dtype if params else __import__("torch").float32
+    dtype = params[0].dtype if params else torch.float32
     batches = iter_batches(data, num_batches, batch_size, shuffle, seed, dtype)
     result = bn.recalibrate(model, batches, num_batches, device=device)
     meta = dict(getattr(model, "ckptport_metadata", None) or {})
