@@ -13,13 +13,8 @@ Everything here is silent (no prints) and raises :class:`converter.errors.Conver
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import importlib.util
 import json
 import math
-import re
-import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -29,7 +24,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import is_lazy
 
-from .errors import ConverterError, FrameworkMissingError, InvalidTensorError, SourceFormatError
+from .errors import ConverterError, InvalidTensorError, SourceFormatError
 from .registry import Registry
 
 __all__ = [
@@ -495,109 +490,17 @@ def source_bn_from_metadata(meta: Mapping[str, str], path: Any = "checkpoint") -
 # Model specs
 # --------------------------------------------------------------------------------------------------
 
-SPEC_FORMS = "'torchvision:NAME', 'timm:NAME' or 'path/to/file.py:factory'"
-
-
-def _close(name: str, names: Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(names), n=5, cutoff=0.5)
-    return ", ".join(close) if close else "none close"
+from .model import SPEC_FORMS  # noqa: E402
 
 
 def resolve_model_spec(spec: str) -> nn.Module:
-    """Build a model from a spec, with random weights (nothing is downloaded), in eval mode.
+    """Build a model from a spec (``torchvision:NAME``, ``timm:NAME``, ``path/to/file.py:factory``,
+    ``package.module:factory``) with random weights (nothing is downloaded), in eval mode."""
+    from .model import build_target
 
-    - ``torchvision:NAME``: ``torchvision.models.get_model(NAME, weights=None)`` (and
-      ``weights_backbone=None`` for detection/segmentation builders that take it);
-    - ``timm:NAME``: ``timm.create_model(NAME, pretrained=False)``;
-    - ``path/to/file.py:factory``: imports that file (the user's own, trusted code) and calls
-      ``factory()``, which must return an ``nn.Module``.
-
-    Unknown names raise ConverterError listing close names.
-    """
     if not isinstance(spec, str) or not spec:
         raise ConverterError(f"model spec {spec!r} is not one of {SPEC_FORMS}")
-    lib, sep, name = spec.partition(":")
-    if sep and lib == "torchvision":
-        model = _build_torchvision(name, spec)
-    elif sep and lib == "timm":
-        model = _build_timm(name, spec)
-    else:
-        left, sep, fn = spec.rpartition(":")
-        if not (sep and left.endswith(".py") and fn):
-            raise ConverterError(f"model spec {spec!r} is not one of {SPEC_FORMS}")
-        model = _build_from_file(Path(left), fn, spec)
-    if not isinstance(model, nn.Module):
-        raise ConverterError(f"model spec {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
-    return model.eval()
-
-
-def _build_torchvision(name: str, spec: str) -> nn.Module:
-    try:
-        import torchvision
-    except ImportError as exc:  # pragma: no cover - torchvision is a test dependency
-        raise FrameworkMissingError(f"{spec}: torchvision is not installed ({exc}); pip install 'ckptport[torch]'") from None
-    import inspect
-
-    names = torchvision.models.list_models()
-    if name not in names:
-        raise ConverterError(f"torchvision has no model {name!r} (spec {spec!r}); close: {_close(name, names)}")
-    builder = torchvision.models.get_model_builder(name)
-    kwargs: dict[str, Any] = {"weights": None}
-    if "weights_backbone" in inspect.signature(builder).parameters:
-        kwargs["weights_backbone"] = None  # its default is a pretrained backbone: a download
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # googlenet/inception init-weights FutureWarnings
-        try:
-            return builder(**kwargs)
-        except Exception as exc:
-            raise ConverterError(f"building {spec!r} failed: {type(exc).__name__}: {exc}") from exc
-
-
-def _build_timm(name: str, spec: str) -> nn.Module:
-    try:
-        import timm
-    except ImportError as exc:  # pragma: no cover
-        raise FrameworkMissingError(f"{spec}: timm is not installed ({exc}); pip install 'ckptport[torch]'") from None
-    if not name or not timm.is_model(name):
-        raise ConverterError(f"timm has no model {name!r} (spec {spec!r}); close: {_close(name, timm.list_models())}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            return timm.create_model(name, pretrained=False)
-        except Exception as exc:
-            raise ConverterError(f"building {spec!r} failed: {type(exc).__name__}: {exc}") from exc
-
-
-def _build_from_file(path: Path, fn: str, spec: str) -> nn.Module:
-    if not path.is_file():
-        raise ConverterError(f"model spec {spec!r}: file {path} does not exist")
-    mod_name = "_ckptport_spec_" + re.sub(r"\W", "_", str(path.resolve()))
-    try:
-        mspec = importlib.util.spec_from_file_location(mod_name, path)
-        if mspec is None or mspec.loader is None:
-            raise ConverterError(f"model spec {spec!r}: cannot import {path} as Python")
-        module = importlib.util.module_from_spec(mspec)
-        sys.modules[mod_name] = module  # dataclasses/pickle inside the file look themselves up here
-        try:
-            mspec.loader.exec_module(module)  # the user's own code, named by them
-        except BaseException:
-            sys.modules.pop(mod_name, None)
-            raise
-    except ConverterError:
-        raise
-    except Exception as exc:
-        raise ConverterError(f"model spec {spec!r}: importing {path} failed: {type(exc).__name__}: {exc}") from exc
-    factory = getattr(module, fn, None)
-    if not callable(factory):
-        funcs = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_")
-                       and getattr(v, "__module__", None) == mod_name)
-        raise ConverterError(
-            f"model spec {spec!r}: {path} has no function {fn!r}; functions there: {', '.join(funcs) or 'none'}"
-        )
-    try:
-        return factory()
-    except Exception as exc:
-        raise ConverterError(f"model spec {spec!r}: {fn}() raised {type(exc).__name__}: {exc}") from exc
+    return build_target(spec).eval()
 
 
 # --------------------------------------------------------------------------------------------------

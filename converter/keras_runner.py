@@ -72,6 +72,8 @@ def _load_weights(model, source) -> dict[str, str]:
 
                 raise VerificationError(f"layer {lay.name}: the file has no variable {v.name}")
             v.assign(lay.load(v.name).astype(v.dtype))
+        if hasattr(klayer, "finalize_state"):
+            klayer.finalize_state()  # Normalization computes with a snapshot of its variables
     return mapping
 
 

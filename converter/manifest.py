@@ -8,8 +8,11 @@ Source manifest (``keras.<id>.json``)::
      "layers": [{"name": "stem_conv", "class_name": "Conv2D", "config": {...},
                  "vars": [{"name": "kernel", "shape": [3, 3, 3, 32], "dtype": "float32"}]}, ...]}
 
-``layers`` is ``model.layers`` in order (the input layer included: TF object checkpoints index
-``_operations/<i>`` by it), ``vars`` each layer's variables in Keras save order (trainable first).
+``layers`` is ``model.layers`` in order, ``vars`` each layer's variables in Keras save order
+(trainable first), ``op_index`` the layer's index in ``model._operations`` (what TF object
+checkpoints call ``_operations/<i>``: raw ops such as ``x + 3`` count too). ``flat_variables`` is
+``model.variables`` in order (SavedModel ``variables/<i>``) as ``[layer index, var name]``, with
+``[-1, path]`` for state that is no layer's weight (Dropout seed generators).
 
 Target manifest (``timm.tf_efficientnet_b0.json``)::
 
@@ -78,6 +81,7 @@ def source_manifest_from_model(model: Any, manifest_id: str, build: dict | None 
     import keras
 
     layers = []
+    op_index = {id(op): i for i, op in enumerate(getattr(model, "_operations", model.layers))}
     for layer in model.layers:
         if hasattr(layer, "layers") and getattr(layer, "layers", None) and layer.weights:
             from .errors import UnsupportedLayerError
@@ -90,16 +94,25 @@ def source_manifest_from_model(model: Any, manifest_id: str, build: dict | None 
             {
                 "name": layer.name,
                 "class_name": type(layer).__name__,
+                "op_index": op_index.get(id(layer)),
                 "config": clean_config(layer.get_config()),
                 "vars": [
                     {"name": v.name, "shape": list(v.shape), "dtype": str(v.dtype)} for v in variables
                 ],
             }
         )
+    # model.variables order (SavedModel `variables/<i>`): [layer index, var name], or [-1, path] for
+    # state that is not a layer weight (Dropout seed generators)
+    owner = {}
+    for li, layer in enumerate(model.layers):
+        for v in list(layer._trainable_variables) + list(layer._non_trainable_variables):
+            owner[id(v)] = (li, v.name)
+    flat = [list(owner.get(id(v), (-1, v.path))) for v in model.variables]
     return {
         "schema": SCHEMA,
         "id": manifest_id,
         "framework": "keras",
+        "flat_variables": flat,
         "keras_version": keras.__version__,
         "build": build or {},
         "layers": layers,

@@ -7,13 +7,14 @@ import importlib
 import importlib.util
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 from .errors import ConverterError, FrameworkMissingError, MappingError, SourceFormatError
 
-SPEC_FORMS = "'timm:NAME', 'torchvision:NAME' or 'path/to/file.py:factory' (or 'package.module:factory')"
+SPEC_FORMS = "'torchvision:NAME', 'timm:NAME', 'path/to/file.py:factory' or 'package.module:factory'"
 
 
 def _import_torch_side() -> None:
@@ -24,58 +25,101 @@ def _import_torch_side() -> None:
         raise FrameworkMissingError(f"PyTorch/torchvision is needed here: {exc}; pip install 'ckptport[torch]'") from None
 
 
-def call_factory(spec: str, what: str = "model spec") -> Any:
-    """Call a user's ``file.py:function`` or ``package.module:function`` (their own trusted code)."""
-    mod_name, sep, fn = spec.rpartition(":")
-    if not sep or not mod_name or not fn:
-        raise ConverterError(f"{what} {spec!r} must look like module:function or path/to/file.py:function")
+def _close(name: str, names: Any) -> str:
+    close = difflib.get_close_matches(name, list(names), n=5, cutoff=0.5)
+    return ", ".join(close) if close else "none close"
+
+
+def _load_user_module(path: Path, spec: str, what: str) -> Any:
+    if not path.is_file():
+        raise ConverterError(f"{what} {spec!r}: file {path} does not exist")
+    mod_name = "_ckptport_spec_" + re.sub(r"\W", "_", str(path.resolve()))
+    if mod_name in sys.modules:
+        return sys.modules[mod_name]
     try:
-        if mod_name.endswith(".py") or os.sep in mod_name:
-            path = Path(mod_name)
-            if not path.is_file():
-                raise ConverterError(f"{what} {spec!r}: file {path} does not exist")
-            mspec = importlib.util.spec_from_file_location(f"_ckptport_user_{path.stem}", path)
-            module = importlib.util.module_from_spec(mspec)
+        mspec = importlib.util.spec_from_file_location(mod_name, path)
+        if mspec is None or mspec.loader is None:
+            raise ConverterError(f"{what} {spec!r}: cannot import {path} as Python")
+        module = importlib.util.module_from_spec(mspec)
+        sys.modules[mod_name] = module  # dataclasses/pickle inside the file look themselves up here
+        try:
             mspec.loader.exec_module(module)  # the user's own code, named by them
-        else:
-            module = importlib.import_module(mod_name)
+        except BaseException:
+            sys.modules.pop(mod_name, None)
+            raise
     except ConverterError:
         raise
     except Exception as exc:
-        raise ConverterError(f"{what} {spec!r}: importing {mod_name} failed: {type(exc).__name__}: {exc}") from None
-    if not hasattr(module, fn):
-        raise ConverterError(f"{what} {spec!r}: {mod_name} has no function {fn!r}")
-    return getattr(module, fn)()
+        raise ConverterError(f"{what} {spec!r}: importing {path} failed: {type(exc).__name__}: {exc}") from None
+    return module
+
+
+def call_factory(spec: str, what: str = "model spec", **kwargs: Any) -> Any:
+    """Call a user's ``file.py:function`` or ``package.module:function`` (their own trusted code)."""
+    left, sep, fn = spec.rpartition(":")
+    if not sep or not left or not fn:
+        raise ConverterError(f"{what} {spec!r} must look like {SPEC_FORMS}")
+    if left.endswith(".py") or os.sep in left:
+        module = _load_user_module(Path(left), spec, what)
+    else:
+        try:
+            module = importlib.import_module(left)
+        except Exception as exc:
+            raise ConverterError(f"{what} {spec!r}: importing {left} failed: {type(exc).__name__}: {exc}") from None
+    factory = getattr(module, fn, None)
+    if not callable(factory):
+        funcs = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_")
+                       and getattr(v, "__module__", None) == module.__name__)
+        raise ConverterError(f"{what} {spec!r}: {left} has no function {fn!r}; functions there: {', '.join(funcs) or 'none'}")
+    try:
+        return factory(**kwargs)
+    except Exception as exc:
+        raise ConverterError(f"{what} {spec!r}: {fn}() raised {type(exc).__name__}: {exc}") from None
 
 
 def build_target(spec: str, **kwargs: Any) -> Any:
     """Build a randomly initialised target model from ``timm:NAME``, ``torchvision:NAME`` or
-    ``file.py:factory`` (no pretrained weights are ever downloaded)."""
+    ``file.py:factory`` / ``package.module:factory`` (no pretrained weights are ever downloaded:
+    torchvision detection builders get ``weights_backbone=None`` too)."""
     _import_torch_side()
+    import warnings
+
     lib, sep, name = spec.partition(":")
     if lib == "timm" and sep:
         import timm
 
-        if name not in timm.list_models():
-            close = difflib.get_close_matches(name, timm.list_models(), n=4)
-            raise ConverterError(f"timm has no model {name!r}; close: {', '.join(close) or 'none'}")
-        return timm.create_model(name, pretrained=False, **kwargs)
-    if lib == "torchvision" and sep:
+        if not name or not timm.is_model(name):
+            raise ConverterError(f"timm has no model {name!r} (spec {spec!r}); close: {_close(name, timm.list_models())}")
+        builder, args = timm.create_model, {"pretrained": False}
+        args_first = (name,)
+    elif lib == "torchvision" and sep:
+        import inspect
+
         import torchvision
 
         names = torchvision.models.list_models()
         if name not in names:
-            close = difflib.get_close_matches(name, names, n=4)
-            raise ConverterError(f"torchvision has no model {name!r}; close: {', '.join(close) or 'none'}")
-        return torchvision.models.get_model(name, weights=None, **kwargs)
-    if ":" in spec:
-        model = call_factory(spec)
+            raise ConverterError(f"torchvision has no model {name!r} (spec {spec!r}); close: {_close(name, names)}")
+        builder, args, args_first = torchvision.models.get_model_builder(name), {"weights": None}, ()
+        if "weights_backbone" in inspect.signature(builder).parameters:
+            args["weights_backbone"] = None  # its default is a pretrained backbone: a download
+    elif lib in ("keras", "tensorflow", "tf", "tf_keras", "jax", "flax"):
+        raise ConverterError(f"{spec!r} names a {lib} model; a PyTorch model spec is one of {SPEC_FORMS}")
+    elif ":" in spec:
+        model = call_factory(spec, "model spec", **kwargs)
         import torch
 
         if not isinstance(model, torch.nn.Module):
             raise ConverterError(f"model spec {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
         return model
-    raise ConverterError(f"model spec {spec!r} is not one of {SPEC_FORMS}")
+    else:
+        raise ConverterError(f"model spec {spec!r} is not one of {SPEC_FORMS}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # googlenet/inception init-weights FutureWarnings
+        try:
+            return builder(*args_first, **args, **kwargs)
+        except Exception as exc:
+            raise ConverterError(f"building {spec!r} failed: {type(exc).__name__}: {exc}") from None
 
 
 def read_converted(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, str]]:

@@ -64,6 +64,13 @@ class Skel:
     class_name: str
     config: dict[str, Any]
     shapes: list[tuple[str, tuple[int, ...]]] | None = None  # (var, shape) when known (manifests)
+    op_index: int | None = None  # index in model._operations (TF object checkpoints), when known
+
+
+class Skeleton(list):
+    """Layers in model order, plus the flat variable order when known (SavedModel)."""
+
+    flat: list[tuple[int, str]] | None = None
 
 
 def snake_case(name: str) -> str:
@@ -99,11 +106,14 @@ def skeleton_from_config(model_config: dict[str, Any], label: Path) -> list[Skel
 
 
 def skeleton_from_manifest(manifest: dict[str, Any]) -> list[Skel]:
-    return [
+    skel = Skeleton(
         Skel(lay["name"], lay["class_name"], lay["config"],
-             [(v["name"], tuple(v["shape"])) for v in lay["vars"]])
+             [(v["name"], tuple(v["shape"])) for v in lay["vars"]], lay.get("op_index"))
         for lay in manifest["layers"]
-    ]
+    )
+    if manifest.get("flat_variables") is not None:
+        skel.flat = [(int(i), str(n)) for i, n in manifest["flat_variables"]]
+    return skel
 
 
 # ------------------------------------------------------------------ per-format key resolution
@@ -215,13 +225,19 @@ def _resolve_tf(raw: RawCheckpoint, skel: list[Skel]) -> dict[str, tuple[int, st
     if all(_FLAT.match(k) for k in keys):
         return _resolve_flat(raw, skel)
     with_weights = [i for i, s in enumerate(skel) if _n_vars(s)]
+    by_op = {s.op_index: i for i, s in enumerate(skel) if s.op_index is not None}
     out: dict[str, tuple[int, str]] = {}
     named = []
     for k in keys:
         m = _OBJ.match(k)
         if m:
             i = int(m["i"])
-            idx = with_weights[i] if m["kind"] == "layer_with_weights-" and i < len(with_weights) else i
+            if m["kind"] == "layer_with_weights-":
+                idx = with_weights[i] if i < len(with_weights) else len(skel)
+            elif m["kind"] == "_operations" and by_op:
+                idx = by_op.get(i, len(skel))
+            else:
+                idx = i
             if idx >= len(skel):
                 raise NoFit(k)
             attr = m["attr"].split("/")[-1]
@@ -246,20 +262,31 @@ def _n_vars(s: Skel) -> int:
 
 def _resolve_flat(raw: RawCheckpoint, skel: list[Skel]) -> dict[str, tuple[int, str]]:
     flat: list[tuple[int, str]] = []
-    for i, s in enumerate(skel):
-        if s.shapes is not None:
-            flat += [(i, v) for v, _ in s.shapes]
-        elif s.class_name in KERAS_LAYERS:
-            flat += [(i, v) for v in KERAS_LAYERS.get(s.class_name).names(s.config)]
+    if getattr(skel, "flat", None) is not None:
+        flat = list(skel.flat)
+    else:
+        flat = _flat_from_layers(skel)
     out = {}
     for k in raw.tensors:
         n = int(_FLAT.match(k)["i"])
         if n >= len(flat):
             raise NoFit(k)
+        if flat[n][0] < 0:
+            continue  # not a layer weight (Dropout seed state): resolve() records it as ignored
         out[k] = flat[n]
-    if len(out) != len(flat):
-        raise NoFit(f"{len(out)} variables in the file, {len(flat)} in the model")
+    if len(raw.tensors) != len(flat):
+        raise NoFit(f"{len(raw.tensors)} variables in the file, {len(flat)} in the model")
     return out
+
+
+def _flat_from_layers(skel: list[Skel]) -> list[tuple[int, str]]:
+    flat: list[tuple[int, str]] = []
+    for i, s in enumerate(skel):
+        if s.shapes is not None:
+            flat += [(i, v) for v, _ in s.shapes]
+        elif s.class_name in KERAS_LAYERS:
+            flat += [(i, v) for v in KERAS_LAYERS.get(s.class_name).names(s.config)]
+    return flat
 
 
 # ------------------------------------------------------------------ assembling
@@ -270,6 +297,9 @@ def build_layers(raw: RawCheckpoint, skel: list[Skel], origin: str) -> list[Sour
     resolver = RESOLVERS.get(raw.format)
     assignment = resolver(raw, skel)
     layers = [SourceLayer(s.name, s.class_name, s.config, origin, index=i) for i, s in enumerate(skel)]
+    for key in raw.tensors:
+        if key not in assignment:
+            raw.ignored.setdefault(key, "not a layer weight (e.g. a Dropout seed generator state)")
     for key, (i, var) in assignment.items():
         lay = layers[i]
         if var in lay.weights:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from . import formats
-from .errors import ConverterError, VerificationError
+from .errors import VerificationError
 
 DEFAULT_RTOL = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 3e-2, "float64": 1e-9}
 

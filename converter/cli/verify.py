@@ -43,7 +43,6 @@ def command(src, converted, inputs, batch, seed, rtol, atol, train_step, device,
                     train_step=train_step, device=device, record=record, against=against, mapping=mapping,
                     source_model=source_model)
     if html_out is not None:
-        from .. import formats  # noqa: F401  (atomic write helper lives there)
         from ..report_html import render
 
         _atomic_text(html_out, render(report, f"{src or against} vs {converted}"))
