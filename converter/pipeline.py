@@ -350,6 +350,10 @@ def _apply(source: SourceModel, table: Table, variant: Variant, tman: dict[str, 
 
 
 def _input_shape(source: SourceModel) -> list[int | None] | None:
+    """The input size the user's own model declares (from the file's config or --source-model);
+    a shipped manifest's build size is ours, not the user's, so it does not count."""
+    if source.config_origin not in ("file", "model"):
+        return None
     for lay in source.layers:
         if lay.class_name == "InputLayer":
             shape = lay.config.get("batch_shape") or lay.config.get("batch_input_shape")
