@@ -17,8 +17,20 @@ from .errors import ConverterError, FrameworkMissingError, MappingError, SourceF
 SPEC_FORMS = "'torchvision:NAME', 'timm:NAME', 'path/to/file.py:factory' or 'package.module:factory'"
 
 
+def torch_side_hazard() -> bool:
+    """True when TensorFlow is loaded but torchvision is not: importing torchvision now segfaults
+    this stack (seen: TF 2.21 + torch 2.14 / torchvision 0.29, inside triton's native import)."""
+    return sys.modules.get("tensorflow") is not None and sys.modules.get("torchvision") is None
+
+
 def _import_torch_side() -> None:
-    """Import torchvision before anything imports Keras: the other order segfaults Keras builds."""
+    """Import torchvision before anything imports Keras: the other order segfaults."""
+    if torch_side_hazard():
+        raise ConverterError(
+            "tensorflow was imported before torchvision in this process, and importing torchvision now "
+            "would crash it (segfault on this stack); import converter.model or torchvision before "
+            "tensorflow, or run this step in its own process (`ckptport verify` isolates itself)"
+        )
     try:
         import torchvision  # noqa: F401
     except ImportError as exc:

@@ -301,6 +301,11 @@ def _apply(source: SourceModel, table: Table, variant: Variant, tman: dict[str, 
         out.update(head.fresh_tensors(tman, kwargs))
         for k in head.fresh_keys:
             filled_by[k] = "fresh head"
+    if problems["shape"]:  # the root cause: report it before the unfilled keys it leaves behind
+        raise ShapeMismatchError(
+            f"{source.raw.path} -> {variant.target}: shape mismatch: {_listing(problems['shape'])}; "
+            "is the source the same architecture/width as the target?"
+        )
     missing = [k for k in shapes if k not in out]
     msgs = []
     if problems["unmapped"]:
@@ -313,11 +318,6 @@ def _apply(source: SourceModel, table: Table, variant: Variant, tman: dict[str, 
         msgs.append(f"target keys filled twice: {_listing(problems['duplicate'])}")
     if msgs:
         raise MappingError(f"{source.raw.path} -> {variant.target} (table {table.id}): " + "; ".join(msgs))
-    if problems["shape"]:
-        raise ShapeMismatchError(
-            f"{source.raw.path} -> {variant.target}: shape mismatch: {_listing(problems['shape'])}; "
-            "is the source the same architecture/width as the target?"
-        )
     for key, arr in out.items():
         _check_finite(arr, f"target tensor {key!r} (from {filled_by.get(key)})")
     ordered = {k: out[k] for k in shapes}

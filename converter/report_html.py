@@ -23,7 +23,7 @@ def render(report: Any, title: str) -> str:
     n = max(len(rows), 1)
     xs = [ML + (i + 0.5) / n * (W - ML - MR) for i in range(len(rows))]
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" role="img" '
-             f'aria-label="per-layer relative error, log scale">',
+             f'aria-label="per-layer relative RMS error, log scale">',
              f'<rect x="{ML}" y="{MT}" width="{W - ML - MR}" height="{H - MT - MB}" fill="#fafafa" stroke="#999"/>']
     for e in range(lo, hi + 1):
         y = _y(10**e, lo, hi)
@@ -45,7 +45,7 @@ def render(report: Any, title: str) -> str:
                          f'first divergence: {html.escape(r.source_layer)}</text>')
     parts.append(f'<text x="{(W + ML) / 2:.0f}" y="{H - 20}" font-size="13" text-anchor="middle">layer (model order)</text>')
     parts.append(f'<text x="16" y="{(H - MB + MT) / 2:.0f}" font-size="13" text-anchor="middle" '
-                 f'transform="rotate(-90 16 {(H - MB + MT) / 2:.0f})">max |error| / RMS(reference)</text>')
+                 f'transform="rotate(-90 16 {(H - MB + MT) / 2:.0f})">RMS(error) / RMS(reference)</text>')
     parts.append("</svg>")
     verdict = "PASS" if report.passed else "MISMATCH"
     color = "#2ca02c" if report.passed else "#d62728"
@@ -82,6 +82,6 @@ rel {out['rel']:.3g}, cosine {out['cosine']:.8f}.</p>
 {''.join(parts)}
 <ul>{notes}</ul>
 <h2>Layers</h2><table><tr><th>#</th><th>Keras layer</th><th>PyTorch module</th><th>shape</th><th>max abs</th>
-<th>rel</th><th>cosine</th><th>verdict</th></tr>{table}</table>{bn}
+<th>rel (RMS)</th><th>cosine</th><th>verdict</th></tr>{table}</table>{bn}
 </body></html>
 """

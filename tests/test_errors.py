@@ -115,7 +115,8 @@ def test_shape_mismatch(tmp_path, capsys):
     out = tmp_path / "out.safetensors"
     rc, _, err = run_cli(["convert", fx["files"]["keras"], "--mapping", tmp_path / "bad.toml",
                           "--to", "timm:tf_mobilenetv3_small_075", "-o", out], capsys)
-    assert_clean_error(rc, err, "shape mismatch", "conv_stem.weight", out=out)
+    assert_clean_error(rc, err, "shape mismatch", "blocks.2.0.conv_pwl.weight", "(40, 96, 1, 1)", "(32, 96, 1, 1)",
+                       out=out)
 
 
 @pytest.mark.parametrize("value,needle", [(np.nan, "NaN"), (-1.0, "negative")])

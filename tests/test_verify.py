@@ -203,9 +203,10 @@ def test_cli_exit_codes_json_and_html(tmp_path, capsys):
     assert rc == 2
 
 
-def test_tensorflow_imported_first_is_harmless(tmp_path):
-    """TensorFlow then torchvision in one process segfaults the next Keras build on this stack;
-    verify keeps Keras in its own process, so a user who imported TF first is safe."""
+def test_tensorflow_imported_first_verify_isolates_itself(tmp_path):
+    """TensorFlow then torchvision in one process segfaults on this stack (at the torchvision import);
+    verify sees TF is loaded and runs itself in a clean process, so a user who imported TF first is safe.
+    This test FAILS (exit -11) if that isolation is removed."""
     fx, out = converted("keras:MobileNetV3Small", tmp_path)
     code = f"""
 import tensorflow, keras
@@ -226,3 +227,18 @@ def test_assert_equivalent(tmp_path):
     bad = plant(out, tmp_path / "bad.safetensors", tensors=lambda t: t.__setitem__("classifier.bias", t["classifier.bias"] + 1))
     with pytest.raises(AssertionError, match="classifier|model output"):
         assert_equivalent(fx["files"]["keras"], bad, device="cpu")
+
+
+def test_load_model_refuses_instead_of_crashing_after_tensorflow(tmp_path):
+    fx, out = converted("keras:MobileNetV3Small", tmp_path)
+    code = f"""
+import tensorflow
+from converter.model import load_model
+from converter.errors import ConverterError
+try:
+    load_model({str(out)!r})
+except ConverterError as e:
+    print('REFUSED', 'imported before torchvision' in str(e))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and "REFUSED True" in proc.stdout, proc.stderr[-2000:]

@@ -54,7 +54,7 @@ def command(src, to, output, src_format, mapping, source_model, num_classes, do_
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     with Progress(TextColumn("converting"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-                  console=console, transient=True, disable=as_json) as bar:
+                  console=console, transient=True, disable=as_json or not console.is_terminal) as bar:
         task = bar.add_task("", total=None)
 
         def progress(done: int, total: int, name: str) -> None:

@@ -11,8 +11,7 @@ from .common import emit_json, json_option, stderr_console
 
 
 @click.command("verify")
-@click.argument("src", required=False, type=click.Path(path_type=Path))
-@click.argument("converted", type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path), metavar="[SRC] CONVERTED")
 @click.option("--inputs", type=click.Path(path_type=Path), help="A .npy/.npz NHWC batch or a folder of images (default: seeded random batch in the table's input domain).")
 @click.option("--batch", default=4, show_default=True, help="Random batch size when --inputs is not given.")
 @click.option("--seed", default=0, show_default=True)
@@ -27,13 +26,19 @@ from .common import emit_json, json_option, stderr_console
 @click.option("--html", "html_out", type=click.Path(path_type=Path), help="Write a self-contained HTML report.")
 @click.option("--force", is_flag=True, help="Overwrite --record/--html outputs.")
 @json_option
-def command(src, converted, inputs, batch, seed, rtol, atol, train_step, device, record, against, mapping,
+def command(paths, inputs, batch, seed, rtol, atol, train_step, device, record, against, mapping,
             source_model, html_out, force, as_json) -> int:
-    """Run SRC (Keras) and CONVERTED (PyTorch) and compare layer by layer. Exit 0 pass, 1 mismatch, 2 error."""
+    """Run SRC (Keras) and CONVERTED (PyTorch) and compare layer by layer. Exit 0 pass, 1 mismatch, 2 error.
+    With --against REF, SRC may be left out."""
+    from ..errors import ConverterError
     from ..verification import verify
 
-    if src is not None and against is not None and converted is None:
-        src, converted = None, src
+    if len(paths) == 2:
+        src, converted = paths
+    elif len(paths) == 1 and against is not None:
+        src, converted = None, paths[0]
+    else:
+        raise ConverterError("give SRC and CONVERTED (or CONVERTED with --against REF)")
     for p in (record, html_out):
         if p is not None and p.exists() and not force:
             raise OutputExistsError(f"{p} exists; pass --force to overwrite it")
