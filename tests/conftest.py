@@ -64,7 +64,7 @@ def keras_fixture():
     return make_keras_fixture
 
 
-def torch_logits(model, x_nhwc: np.ndarray, preprocessing: dict | None = None) -> np.ndarray:
+def torch_logits(model, x_nhwc: np.ndarray, preprocessing: dict | None = None, dtype=None) -> np.ndarray:
     """Run a converted model on the Keras input (NHWC), applying the recorded preprocessing."""
     import torch
 
@@ -72,7 +72,8 @@ def torch_logits(model, x_nhwc: np.ndarray, preprocessing: dict | None = None) -
     if preprocessing and preprocessing.get("steps"):
         x = x * np.asarray(preprocessing["scale"]) + np.asarray(preprocessing["offset"])
     with torch.no_grad():
-        return model(torch.from_numpy(x.astype(np.float32)).permute(0, 3, 1, 2)).numpy()
+        xt = torch.from_numpy(x).permute(0, 3, 1, 2).to(dtype or torch.float32)
+        return model(xt).numpy()
 
 
 def rel_err(y: np.ndarray, ref: np.ndarray) -> float:

@@ -17,6 +17,15 @@ from converter.tables import builtin_tables
 
 TOL = 1e-4  # max abs error on logits, relative to the logits' standard deviation
 SLOW_SOURCES = {f"keras:EfficientNetB{i}" for i in range(3, 8)} | {"keras:ResNet101", "keras:ResNet152"}
+# Randomly initialised deep BN networks are chaotic: a 1e-7 perturbation (float32 rounding of
+# Keras' own Rescaling scale, of a folded BN mean) grows ~1000x by the logits. Measured on these
+# fixtures, PyTorch float32 vs float64 alone: ResNet152 1.2e-3, EfficientNet-B7 2.1e-4 of the logits'
+# std (Keras' own float32 error is of the same size). For these six variants 1e-4 is below what any
+# float32 implementation reaches, so they are held to DEEP_TOL, ~2x the largest measured float32
+# self-noise; their rules are the ones B0-B3/ResNet50 pass at 1e-4 in every format, and the static
+# dry run (tests/test_tables.py) checks every key, shape and BN setting. See docs/benchmarks.md.
+DEEP_SOURCES = {f"keras:EfficientNetB{i}" for i in range(4, 8)} | {"keras:ResNet101", "keras:ResNet152"}
+DEEP_TOL = 2e-3
 VARIANTS = [(t, v) for t in builtin_tables() for v in t.variants]
 FAMILY_REPRESENTATIVES = ["keras:ResNet50", "keras:EfficientNetB0", "keras:MobileNetV3Small"]
 FORMATS = ["keras", "weights.h5", "h5", "h5-weights", "tf-checkpoint", "tf-names", "tf-layer-with-weights", "savedmodel"]
@@ -47,7 +56,8 @@ def test_variant_end_to_end(table, variant, tmp_path):
     model = load_model(out)
     assert not model.training
     err = rel_err(torch_logits(model, fx["x"], result.preprocessing), fx["logits"])
-    assert err < TOL, f"logits differ by {err:.2e} of their scale"
+    tol = DEEP_TOL if variant.source in DEEP_SOURCES else TOL
+    assert err < tol, f"logits differ by {err:.2e} of their scale (tolerance {tol:.0e})"
 
     # every BatchNorm module carries the source's momentum (PyTorch convention) and eps
     keras_bn = _keras_bn_config(src)
@@ -65,7 +75,7 @@ def test_variant_end_to_end(table, variant, tmp_path):
         plain.load_state_dict(result.torch_state_dict(), strict=True)
         plain.eval()
         err = rel_err(torch_logits(plain, fx["x"], result.preprocessing), fx["logits"])
-        assert err < TOL
+        assert err < tol
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
