@@ -762,3 +762,54 @@ def unfreeze(model: nn.Module) -> nn.Module:
         m.training = model.training
     return model
 
+
+def recalibrate_checkpoint(src: str | Path, data_path: str | Path, out: str | Path, *, num_batches: int,
+                           batch_size: int, key: str | None = None, shuffle: bool = True, seed: int = 0,
+                           device: str = "cpu", force: bool = False) -> dict[str, Any]:
+    """Recalibrate the BN statistics of a checkpoint ckptport wrote and write ``out`` (atomically;
+    the input is never modified). Returns ``recalibrate``'s result plus ``input``/``output``."""
+    from .data import ArrayData, iter_batches
+    from .errors import OutputExistsError
+    from .formats import write_checkpoint
+    from .model import load_model
+
+    src, out = Path(src), Path(out)
+    if not src.is_file():
+        raise SourceFormatError(f"{src}: no such checkpoint file")
+    if out.exists() and out.resolve() == src.resolve():
+        raise ConverterError(f"-o {out} is the input checkpoint; write to a new file (the input is never modified)")
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out} exists; pass --force to overwrite it")
+    data = ArrayData(data_path, key)
+    need = num_batches * batch_size
+    if data.size < need:
+        raise ConverterError(
+            f"--data {data.path} holds {data.size} samples = {data.size // batch_size} full batches of "
+            f"{batch_size}, but --num-batches {num_batches} needs {need} samples; give more data or "
+            "lower --num-batches/--batch-size"
+        )
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConverterError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConverterError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    model = load_model(src, device=device)
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    dtype = params[0].dtype if params else torch.float32
+    result = recalibrate(model, iter_batches(data, num_batches, batch_size, shuffle, seed, dtype), num_batches,
+                         device=device)
+    meta = dict(getattr(model, "ckptport_metadata", None) or {})
+    meta["recalibrated"] = json.dumps({
+        "method": "precise BN: mean of per-batch means and unbiased variances",
+        "data": data.path.name,
+        "num_batches": num_batches,
+        "batch_size": batch_size,
+        "num_samples": result["num_samples"],
+        "shuffle": shuffle,
+        "seed": seed,
+        "modules": len(result["modules"]),
+        "skipped": result["skipped"],
+    }, sort_keys=True)
+    written = write_checkpoint(out, model.state_dict(), meta, force=force)
+    return {"input": str(src), "output": str(written), **result}
