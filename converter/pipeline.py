@@ -170,7 +170,7 @@ def preprocessing_spec(layers: list[SourceLayer]) -> dict[str, Any]:
     }
 
 
-def _bn_source_check(em_bn: dict[str, dict[str, Any]], layer: SourceLayer) -> None:
+def _check_moving_variance(layer: SourceLayer) -> None:
     if "moving_variance" in layer.weights:
         var = layer.load("moving_variance")
         if (var < 0).any():
@@ -266,7 +266,7 @@ def _apply(source: SourceModel, table: Table, variant: Variant, tman: dict[str, 
         for var in layer.weights:
             _check_finite(layer.load(var), f"tensor {layer.keys[var]!r} (layer {layer.name}/{var})")
         if layer.class_name == "BatchNormalization":
-            _bn_source_check(bn, layer)
+            _check_moving_variance(layer)
         em = rule.transform.apply(LayerContext(layer, module, shapes, rule.args, fold))
         problems["unmapped"] += [f"{layer.name}/{v}" for v in layer.weights if v not in em.consumed]
         rows = []

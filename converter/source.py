@@ -142,13 +142,6 @@ def _auto_names(skel: list[Skel]) -> dict[str, int]:
     return out
 
 
-def _name_index(name: str, skel: list[Skel], names: dict[str, int]) -> int:
-    if name in names:
-        return names[name]
-    # auto-named layers (rescaling_3) differ between Keras sessions: match by class and order
-    raise NoFit(name)
-
-
 def _match_auto(raw_names: list[str], skel: list[Skel]) -> dict[str, int]:
     """Names from a file -> skeleton indices; auto names match by class in order."""
     by_name = _by_name(skel)

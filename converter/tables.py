@@ -67,7 +67,6 @@ class Table:
     rules: list[Rule]
     drops: list[Drop]
     path: Path
-    preprocessing_domain: dict[str, Any] = field(default_factory=dict)
     head: dict[str, str] = field(default_factory=dict)  # {"source": regex, "module": target module}
     input: dict[str, Any] = field(default_factory=lambda: {"size": 224, "range": [0.0, 255.0]})
 
@@ -210,7 +209,7 @@ def load_table(path: str | Path) -> Table:
         _regex(p, head["source"], "[head]")
     return Table(data["table"]["id"], int(data["table"]["version"]), data["table"].get("family", data["table"]["id"]),
                  data["table"].get("description", ""),
-                 variants, rules, drops, p, data.get("preprocessing_domain", {}), head, _input(p, data))
+                 variants, rules, drops, p, head, _input(p, data))
 
 
 TABLES: Registry[Table] = Registry("mapping table")
