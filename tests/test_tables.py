@@ -47,7 +47,6 @@ def test_bn_values_seen_in_keras():
 @pytest.mark.parametrize("name", list(TRANSFORMS))
 def test_layer_transforms_invert(name):
     rng = np.random.default_rng(0)
-    shapes = {"kernel": (3, 3, 4, 6)}
     t = TRANSFORMS.get(name)
     for var, (param, tt) in t.params.items():
         shape = {"kernel": (1, 1, 4, 6) if "1x1" in name else ((12, 6) if "dense" in name else (3, 3, 4, 1 if "depthwise" in name else 6))}.get(var, (6,))
