@@ -27,7 +27,7 @@ class HeadPlan:
     def target_kwargs(self) -> dict[str, Any]:
         return {"num_classes": self.num_classes}
 
-    def drops(self, rule: Any, layer: Any) -> bool:
+    def drops(self, layer: Any) -> bool:
         if self.source.fullmatch(layer.name):
             self.dropped_layers.append(layer.name)
             return True

@@ -32,7 +32,7 @@ def _import_torch_side() -> None:
             "tensorflow, or run this step in its own process (`ckptport verify` isolates itself)"
         )
     try:
-        import torchvision  # noqa: F401
+        import torchvision  # noqa: F401  (imported for its import order, see torch_side_hazard)
     except ImportError as exc:
         raise FrameworkMissingError(f"PyTorch/torchvision is needed here: {exc}; pip install 'ckptport[torch]'") from None
 

@@ -245,7 +245,7 @@ def _apply(source: SourceModel, table: Table, variant: Variant, tman: dict[str, 
         if progress:
             progress(n, total, layer.name)
         hit = table.match(layer.name)
-        if head and hit and isinstance(hit[0], Rule) and head.drops(hit[0], layer):
+        if head and hit and isinstance(hit[0], Rule) and head.drops(layer):
             dropped += [{"key": k, "why": f"source classifier dropped for num_classes={head.num_classes}"}
                         for k in layer.keys.values()]
             continue

@@ -208,7 +208,7 @@ def _resolve_legacy_h5(raw: RawCheckpoint, skel: list[Skel]) -> dict[str, tuple[
 
 
 _OBJ = re.compile(r"^(?:.*/)?(?P<kind>_operations|layer_with_weights-|layer-)/?(?P<i>\d+)/(?P<attr>.+?)/\.ATTRIBUTES/VARIABLE_VALUE$")
-_FLAT = re.compile(r"^(?:_all_)?variables/(?P<i>\d+)/\.ATTRIBUTES/VARIABLE_VALUE$")
+_FLAT = re.compile(r"^variables/(?P<i>\d+)/\.ATTRIBUTES/VARIABLE_VALUE$")  # model.variables order
 
 
 @RESOLVERS.register("tf-checkpoint")
@@ -314,13 +314,11 @@ def structure_key(layers: list[Any]) -> list[tuple[str, str, tuple]]:
     for lay in layers:
         if isinstance(lay, Skel):
             shapes = tuple(sorted(lay.shapes or []))
-            name, cls = lay.name, lay.class_name
         else:
             shapes = tuple(sorted((v, tuple(t.shape)) for v, t in lay.weights.items()))
+        if shapes:
             name, cls = lay.name, lay.class_name
-        if not shapes:
-            continue
-        out.append((snake_case(cls) if is_auto_name(name, cls) else name, cls, shapes))
+            out.append((snake_case(cls) if is_auto_name(name, cls) else name, cls, shapes))
     return out
 
 

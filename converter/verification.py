@@ -180,6 +180,7 @@ def verify(
     mapping: str | os.PathLike | None = None,
     source_model: str | None = None,
     format: str | None = None,
+    force: bool = False,
 ) -> VerificationReport:
     """Compare the converted model with its Keras source, layer by layer.
 
@@ -194,7 +195,7 @@ def verify(
     if torch_side_hazard():  # TF is loaded here: torchvision would crash this process, so isolate
         return _verify_in_subprocess(src, converted, inputs=inputs, batch=batch, seed=seed, rtol=rtol, atol=atol,
                                      train_step=train_step, device=device, record=record, against=against,
-                                     mapping=mapping, source_model=source_model, format=format)
+                                     mapping=mapping, source_model=source_model, format=format, force=force)
     _import_torch_side()
     import torch
 
@@ -242,7 +243,7 @@ def verify(
         rmeta = dict(ref_raw.metadata)
         timings["source_run_s"] = float(rmeta.get("timing.source_run_s", "nan"))
         if record is not None:
-            formats.write(record, ref, rmeta, format="safetensors", force=False)
+            formats.write(record, ref, rmeta, format="safetensors", force=force)
     taps = [tuple(t) for t in json.loads(rmeta["taps"])]
     x = ref["input"]
     rtol = DEFAULT_RTOL["float32"] if rtol is None else rtol
@@ -317,7 +318,7 @@ def verify(
 
 
 def _verify_in_subprocess(src, converted, *, inputs, batch, seed, rtol, atol, train_step, device, record, against,
-                          mapping, source_model, format) -> VerificationReport:
+                          mapping, source_model, format, force) -> VerificationReport:
     """The same verification in a clean process (used when this one already loaded TensorFlow)."""
     with tempfile.TemporaryDirectory(prefix="ckptport-verify-") as tmp:
         if isinstance(inputs, np.ndarray):
@@ -328,8 +329,8 @@ def _verify_in_subprocess(src, converted, *, inputs, batch, seed, rtol, atol, tr
                 "--device": device, "--record": record, "--against": against, "--mapping": mapping,
                 "--source-model": source_model}
         args += [x for k, v in opts.items() if v is not None for x in (k, str(v))]
-        if train_step:
-            args.append("--train-step")
+        args += ["--train-step"] if train_step else []
+        args += ["--force"] if force else []
         if format:
             raise VerificationError("format= is not supported when TensorFlow is already imported here")
         proc = subprocess.run(args + ["--json"], capture_output=True, text=True)

@@ -204,3 +204,30 @@ def test_process_level_exit_code_and_no_traceback(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1 and "x.keras" in proc.stderr
+
+
+def test_savedmodel_with_only_all_variables_is_refused(tmp_path, monkeypatch, capsys):
+    """`_all_variables/<i>` is not in model.variables order: guessing would put same-shaped tensors
+    (gamma/beta) on the wrong variables, so such a SavedModel is refused by name."""
+    from converter.formats import tf_bundle
+
+    sm = tmp_path / "sm"
+    (sm / "variables").mkdir(parents=True)
+    (sm / "saved_model.pb").write_bytes(b"x")
+    (sm / "variables" / "variables.index").write_bytes(b"x")
+    entries = {f"_all_variables/{i}/.ATTRIBUTES/VARIABLE_VALUE": tf_bundle.BundleEntry(
+        f"_all_variables/{i}/.ATTRIBUTES/VARIABLE_VALUE", "float32", (4,), 0, 16 * i, 16, None) for i in range(3)}
+    monkeypatch.setattr(tf_bundle, "read_index", lambda prefix: entries)
+    out = tmp_path / "out.safetensors"
+    rc, _, err = run_cli(["convert", sm, "-o", out], capsys)
+    assert_clean_error(rc, err, "_all_variables", "re-export", out=out)
+
+
+def test_failed_verify_keeps_existing_record_even_with_force(r50, tmp_path, capsys):
+    record = tmp_path / "ref.safetensors"
+    record.write_bytes(b"an earlier reference")
+    rc, _, err = run_cli(["verify", r50["files"]["keras"], tmp_path / "missing.safetensors",
+                          "--record", record, "--force"], capsys)
+    assert rc == 2 and record.read_bytes() == b"an earlier reference"
+    rc, _, err = run_cli(["verify", r50["files"]["keras"], tmp_path / "missing.safetensors", "--record", record], capsys)
+    assert_clean_error(rc, err, str(record), "--force")

@@ -42,31 +42,22 @@ def command(paths, inputs, batch, seed, rtol, atol, train_step, device, record, 
     for p in (record, html_out):
         if p is not None and p.exists() and not force:
             raise OutputExistsError(f"{p} exists; pass --force to overwrite it")
-    if record is not None and force and record.exists():
-        record.unlink()
     report = verify(src, converted, inputs=inputs, batch=batch, seed=seed, rtol=rtol, atol=atol,
                     train_step=train_step, device=device, record=record, against=against, mapping=mapping,
-                    source_model=source_model)
+                    source_model=source_model, force=force)
     if html_out is not None:
         from ..report_html import render
 
-        _atomic_text(html_out, render(report, f"{src or against} vs {converted}"))
+        from ..formats import write_atomic
+
+        text = render(report, f"{src or against} vs {converted}")
+        write_atomic(html_out, lambda tmp: tmp.write_text(text), force=force)
     rc = 0 if report.passed else 1
     if as_json:
         emit_json(report.to_dict())
         return rc
     show(report)
     return rc
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    import os
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def show(report) -> None:

@@ -160,10 +160,19 @@ def write(
     if not p.parent.exists():
         raise SourceFormatError(f"output directory {p.parent} does not exist; create it first")
     arrays = {k: _to_numpy(v) for k, v in tensors.items()}
+    return write_atomic(p, lambda tmp: fmt.write(tmp, arrays, dict(metadata or {})), force=True)
+
+
+def write_atomic(path: str | os.PathLike, writer: Callable[[Path], None], force: bool = False) -> Path:
+    """Run ``writer(tmp)`` on a temporary file beside ``path`` and rename it into place; the
+    temporary file never survives a failure, and an existing ``path`` needs ``force``."""
+    p = Path(path)
+    if p.exists() and not force:
+        raise OutputExistsError(f"{p} exists; pass --force (force=True) to overwrite it")
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".partial", dir=p.parent)
     os.close(fd)
     try:
-        fmt.write(Path(tmp), arrays, dict(metadata or {}))
+        writer(Path(tmp))
         os.chmod(tmp, 0o644)
         os.replace(tmp, p)
     except BaseException:

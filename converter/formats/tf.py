@@ -23,12 +23,15 @@ def _bundle_tensors(prefix: Path, label: Path) -> tuple[dict[str, RawTensor], di
     ignored: dict[str, str] = {}
     has_flat = any(k.startswith("variables/") for k in entries)
     for name, entry in entries.items():
+        if name.startswith("_all_variables/") and not has_flat:
+            raise SourceFormatError(
+                f"{label} numbers its variables only as _all_variables/<i>, an order that is not the "
+                "model's (measured: Keras 3 export); re-export it with model.export(), or convert the "
+                "Keras model's .keras/.weights.h5 instead"
+            )
         if entry.dtype == "string" or _NOT_STATE.search(name):
-            if name.startswith("_all_variables/") and not has_flat:
-                pass  # the only copy: keep it
-            else:
-                ignored[name] = "checkpoint bookkeeping or optimizer state"
-                continue
+            ignored[name] = "checkpoint bookkeeping, optimizer state, or a duplicate (_all_variables)"
+            continue
         tensors[name] = RawTensor(
             name, tuple(entry.shape), entry.dtype, lambda e=entry: tf_bundle.load_tensor(prefix, e)
         )
