@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """The CLI's exit codes, for CI gating and scripts."""
+
+    OK = 0
+    FINDINGS = 1  # verify: a real mismatch; audit: findings at or above --fail-on
+    ERROR = 2  # bad input or a step that could not run: one line on stderr naming file/tensor/layer
+    INTERNAL = 70  # a bug in ckptport (EX_SOFTWARE): one line, the traceback with -v
+    INTERRUPTED = 130  # Ctrl-C (SIGTERM/SIGHUP exit 128 + signal number)
+
 
 class ConverterError(Exception):
     """Base of every error ckptport raises on purpose. The CLI prints ``str(err)`` on one line, exit 2."""
 
-    exit_code = 2
+    exit_code = ExitCode.ERROR
 
 
 class SourceFormatError(ConverterError):

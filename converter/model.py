@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConverterError, FrameworkMissingError, MappingError, SourceFormatError
-
-SPEC_FORMS = "'torchvision:NAME', 'timm:NAME', 'path/to/file.py:factory' or 'package.module:factory'"
+from .specs import SPEC_FORMS, Spec, parse_spec
 
 
 def torch_side_hazard() -> bool:
@@ -23,7 +22,7 @@ def torch_side_hazard() -> bool:
     return sys.modules.get("tensorflow") is not None and sys.modules.get("torchvision") is None
 
 
-def _import_torch_side() -> None:
+def import_torch_side() -> None:
     """Import torchvision before anything imports Keras: the other order segfaults."""
     if torch_side_hazard():
         raise ConverterError(
@@ -35,6 +34,16 @@ def _import_torch_side() -> None:
         import torchvision  # noqa: F401  (imported for its import order, see torch_side_hazard)
     except ImportError as exc:
         raise FrameworkMissingError(f"PyTorch/torchvision is needed here: {exc}; pip install 'ckptport[torch]'") from None
+
+
+def prefer_torch_first() -> None:
+    """Before running code that may import TensorFlow (a user's Keras factory), import torchvision if it
+    is installed, so that a PyTorch target can still be built in this process afterwards."""
+    if sys.modules.get("tensorflow") is None and sys.modules.get("torchvision") is None:
+        try:
+            import torchvision  # noqa: F401  (import order, see torch_side_hazard)
+        except ImportError:
+            pass  # a TensorFlow-only install: nothing to protect
 
 
 def _close(name: str, names: Any) -> str:
@@ -66,72 +75,83 @@ def _load_user_module(path: Path, spec: str, what: str) -> Any:
     return module
 
 
-def call_factory(spec: str, what: str = "model spec", **kwargs: Any) -> Any:
+def call_factory(spec: str | Spec, what: str = "model spec", **kwargs: Any) -> Any:
     """Call a user's ``file.py:function`` or ``package.module:function`` (their own trusted code)."""
-    left, sep, fn = spec.rpartition(":")
-    if not sep or not left or not fn:
-        raise ConverterError(f"{what} {spec!r} must look like {SPEC_FORMS}")
-    if left.endswith(".py") or os.sep in left:
-        module = _load_user_module(Path(left), spec, what)
-    else:
-        try:
-            module = importlib.import_module(left)
-        except Exception as exc:
-            raise ConverterError(f"{what} {spec!r}: importing {left} failed: {type(exc).__name__}: {exc}") from None
-    factory = getattr(module, fn, None)
+    parsed = spec if isinstance(spec, Spec) else parse_spec(spec, what)
+    if parsed.is_library:
+        raise ConverterError(f"{what} {parsed.text!r} names a {parsed.kind} model, not a factory function")
+    module = _import_spec_module(parsed, what)
+    factory = getattr(module, parsed.name, None)
     if not callable(factory):
         funcs = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_")
                        and getattr(v, "__module__", None) == module.__name__)
-        raise ConverterError(f"{what} {spec!r}: {left} has no function {fn!r}; functions there: {', '.join(funcs) or 'none'}")
+        raise ConverterError(f"{what} {parsed.text!r}: {parsed.location} has no function {parsed.name!r}; "
+                             f"functions there: {', '.join(funcs) or 'none'}")
     try:
         return factory(**kwargs)
     except Exception as exc:
-        raise ConverterError(f"{what} {spec!r}: {fn}() raised {type(exc).__name__}: {exc}") from None
+        raise ConverterError(f"{what} {parsed.text!r}: {parsed.name}() raised {type(exc).__name__}: {exc}") from None
 
 
-def build_target(spec: str, **kwargs: Any) -> Any:
+def _import_spec_module(spec: Spec, what: str) -> Any:
+    if spec.kind == "file":
+        return _load_user_module(spec.path, spec.text, what)
+    try:
+        return importlib.import_module(spec.location)
+    except Exception as exc:
+        raise ConverterError(f"{what} {spec.text!r}: importing {spec.location} failed: {type(exc).__name__}: {exc}") from None
+
+
+def build_target(spec: str | Spec, **kwargs: Any) -> Any:
     """Build a randomly initialised target model from ``timm:NAME``, ``torchvision:NAME`` or
     ``file.py:factory`` / ``package.module:factory`` (no pretrained weights are ever downloaded:
     torchvision detection builders get ``weights_backbone=None`` too)."""
-    _import_torch_side()
+    parsed = spec if isinstance(spec, Spec) else parse_spec(spec)
+    import_torch_side()
+    if not parsed.is_library:
+        return _build_user_model(parsed, kwargs)
+    builder, args = _library_builder(parsed)
     import warnings
 
-    lib, sep, name = spec.partition(":")
-    if lib == "timm" and sep:
-        import timm
-
-        if not name or not timm.is_model(name):
-            raise ConverterError(f"timm has no model {name!r} (spec {spec!r}); close: {_close(name, timm.list_models())}")
-        builder, args = timm.create_model, {"pretrained": False}
-        args_first = (name,)
-    elif lib == "torchvision" and sep:
-        import inspect
-
-        import torchvision
-
-        names = torchvision.models.list_models()
-        if name not in names:
-            raise ConverterError(f"torchvision has no model {name!r} (spec {spec!r}); close: {_close(name, names)}")
-        builder, args, args_first = torchvision.models.get_model_builder(name), {"weights": None}, ()
-        if "weights_backbone" in inspect.signature(builder).parameters:
-            args["weights_backbone"] = None  # its default is a pretrained backbone: a download
-    elif lib in ("keras", "tensorflow", "tf", "tf_keras", "jax", "flax"):
-        raise ConverterError(f"{spec!r} names a {lib} model; a PyTorch model spec is one of {SPEC_FORMS}")
-    elif ":" in spec:
-        model = call_factory(spec, "model spec", **kwargs)
-        import torch
-
-        if not isinstance(model, torch.nn.Module):
-            raise ConverterError(f"model spec {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
-        return model
-    else:
-        raise ConverterError(f"model spec {spec!r} is not one of {SPEC_FORMS}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # googlenet/inception init-weights FutureWarnings
         try:
-            return builder(*args_first, **args, **kwargs)
+            return builder(**args, **kwargs)
         except Exception as exc:
-            raise ConverterError(f"building {spec!r} failed: {type(exc).__name__}: {exc}") from None
+            raise ConverterError(f"building {parsed.text!r} failed: {type(exc).__name__}: {exc}") from None
+
+
+def _library_builder(spec: Spec) -> tuple[Any, dict[str, Any]]:
+    """The constructor of a timm/torchvision model and the arguments that keep it offline."""
+    if spec.kind == "timm":
+        import functools
+
+        import timm
+
+        if not timm.is_model(spec.name):
+            raise ConverterError(f"timm has no model {spec.name!r} (spec {spec.text!r}); "
+                                 f"close: {_close(spec.name, timm.list_models())}")
+        return functools.partial(timm.create_model, spec.name), {"pretrained": False}
+    import inspect
+
+    import torchvision
+
+    names = torchvision.models.list_models()
+    if spec.name not in names:
+        raise ConverterError(f"torchvision has no model {spec.name!r} (spec {spec.text!r}); close: {_close(spec.name, names)}")
+    builder, args = torchvision.models.get_model_builder(spec.name), {"weights": None}
+    if "weights_backbone" in inspect.signature(builder).parameters:
+        args["weights_backbone"] = None  # its default is a pretrained backbone: a download
+    return builder, args
+
+
+def _build_user_model(spec: Spec, kwargs: dict[str, Any]) -> Any:
+    model = call_factory(spec, "model spec", **kwargs)
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise ConverterError(f"model spec {spec.text!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
 
 
 def read_converted(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, str]]:
@@ -159,10 +179,10 @@ def apply_bn_config(model: Any, bn_config: dict[str, dict[str, Any]]) -> None:
         mod.eps = float(cfg["eps"])
 
 
-def load_model(path: str | os.PathLike, device: str = "cpu", strict: bool = True) -> Any:
+def load_model(path: str | os.PathLike, device: str = "cpu") -> Any:
     """Build the recorded target, apply the recorded surgeries and per-module BN momentum/eps, load
-    the state dict strictly and return the model in eval mode."""
-    _import_torch_side()
+    the state dict strictly (every key, every shape) and return the model in eval mode."""
+    import_torch_side()
     import numpy as np
     import torch
 
@@ -173,10 +193,22 @@ def load_model(path: str | os.PathLike, device: str = "cpu", strict: bool = True
     model = build_target(meta["target"], **kwargs)
     apply_surgeries(model, json.loads(meta.get("surgeries", "[]")))
     apply_bn_config(model, json.loads(meta.get("bn_config", "{}")))
-    sd = {k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}
-    result = model.load_state_dict(sd, strict=strict)
-    if not strict and (result.missing_keys or result.unexpected_keys):
-        raise MappingError(f"{path}: missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+    check_fits(path, meta["target"], model.state_dict(), {k: tuple(v.shape) for k, v in tensors.items()})
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}, strict=True)
     model.eval()
     model.ckptport_metadata = meta
     return model.to(device)
+
+
+def check_fits(path: Any, target: str, expected: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> None:
+    """Raise one MappingError listing missing keys, unexpected keys and shape mismatches, if any."""
+    missing = [k for k in expected if k not in shapes]
+    unexpected = [k for k in shapes if k not in expected]
+    wrong = [f"{k} {shapes[k]} (model: {tuple(v.shape)})" for k, v in expected.items()
+             if k in shapes and tuple(v.shape) != shapes[k]]
+    problems = [f"{len(items)} {what}: {', '.join(items[:5])}{', ...' if len(items) > 5 else ''}"
+                for what, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                                    ("shape mismatches", wrong)) if items]
+    if problems:
+        raise MappingError(f"{path} does not fit {target}: {'; '.join(problems)}; "
+                           "was the file edited, or written for another model? convert it again")

@@ -222,8 +222,9 @@ def convert(
 
 def _source_model_manifest(spec: str) -> dict[str, Any]:
     from .manifest import source_manifest_from_model
-    from .model import call_factory
+    from .model import call_factory, prefer_torch_first
 
+    prefer_torch_first()  # the factory imports Keras; a PyTorch target is built after it
     model = call_factory(spec, "--source-model")
     return source_manifest_from_model(model, f"model:{spec}")
 

@@ -190,13 +190,13 @@ def verify(
     clean one. Tolerance: a layer passes when ``rms(error) / rms(reference) <= rtol`` (float32
     default 1e-4) or ``max_abs <= atol``; max abs error, max abs / RMS and cosine are reported too.
     """
-    from .model import _import_torch_side, torch_side_hazard
+    from .model import import_torch_side, torch_side_hazard
 
     if torch_side_hazard():  # TF is loaded here: torchvision would crash this process, so isolate
         return _verify_in_subprocess(src, converted, inputs=inputs, batch=batch, seed=seed, rtol=rtol, atol=atol,
                                      train_step=train_step, device=device, record=record, against=against,
                                      mapping=mapping, source_model=source_model, format=format, force=force)
-    _import_torch_side()
+    import_torch_side()
     import torch
 
     from .model import load_model, read_converted

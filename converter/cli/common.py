@@ -8,9 +8,9 @@ from typing import Any, Callable
 
 import click
 
-from ..errors import ConverterError
+from ..errors import ConverterError, ExitCode
 
-EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
+EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = ExitCode.OK, ExitCode.FINDINGS, ExitCode.ERROR
 
 
 def stderr_console():
@@ -48,25 +48,35 @@ def _json_default(o: Any) -> Any:
 
 
 def run_main(cli: click.Group, argv: list[str] | None) -> int:
-    """Run the click group; ConverterError -> one line on stderr, exit 2 (traceback with -v)."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    verbose = "-v" in args or "--verbose" in args
-    try:
-        rv = cli.main(args=args, prog_name="ckptport", standalone_mode=False)
-    except ConverterError as err:
-        if verbose:
-            import traceback
+    """Run the click group: the one place errors are caught. ConverterError -> one line on stderr,
+    exit 2; a bug -> one line, exit 70; SIGINT/SIGTERM/SIGHUP -> cleanup, exit 128+n. ``-v`` (parsed by
+    the group into ``state``) adds the traceback."""
+    from ..interrupts import Terminated, signals_raise
 
-            traceback.print_exc()
-        click.echo(f"error: {err}", err=True)
-        return err.exit_code
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        return EXIT_ERROR
+    args = list(sys.argv[1:] if argv is None else argv)
+    state: dict[str, Any] = {"verbose": False}
+    try:
+        with signals_raise():
+            rv = cli.main(args=args, prog_name="ckptport", standalone_mode=False, obj=state)
+    except ConverterError as err:
+        return _fail(state, f"error: {err}", err.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+        return _fail(state, "interrupted; temporary files removed", ExitCode.INTERRUPTED)
     except click.ClickException as err:
         err.show()
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        return 130
-    return rv if isinstance(rv, int) else EXIT_OK
+        return ExitCode.ERROR
+    except Terminated as sig:
+        return _fail(state, f"terminated (signal {sig.signum}); temporary files removed", sig.exit_code)
+    except Exception as exc:  # a bug: still one line, never the "mismatch"/"findings" code
+        return _fail(state, f"internal error: {type(exc).__name__}: {exc}; this is a bug in ckptport, "
+                            "rerun with -v and report the traceback", ExitCode.INTERNAL)
+    return int(rv) if isinstance(rv, int) else ExitCode.OK
+
+
+def _fail(state: dict[str, Any], line: str, code: int) -> int:
+    if state.get("verbose"):
+        import traceback
+
+        traceback.print_exc()
+    click.echo(line, err=True)
+    return int(code)

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import click
 
-from ..errors import ConverterError, OutputExistsError
 from .common import emit_json, force_option, json_option, stderr_console
 
 
@@ -45,11 +44,9 @@ def command(src, to, output, src_format, mapping, source_model, num_classes, do_
     """Convert a Keras/TF checkpoint SRC to a PyTorch state dict."""
     from ..pipeline import convert
 
-    out = output or Path.cwd() / (src.name.split(".")[0] + ".safetensors")
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out} exists; pass --force to overwrite it")
-    if src.exists() and out.resolve() == src.resolve():
-        raise ConverterError(f"output {out} is the input file; choose another -o")
+    from ..formats import check_output
+
+    out = check_output(output or Path.cwd() / (src.name.split(".")[0] + ".safetensors"), force, (src,))
     console = stderr_console()
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 

@@ -147,37 +147,53 @@ def write(
     metadata: dict[str, str] | None = None,
     format: str | None = None,
     force: bool = False,
+    inputs: tuple[str | os.PathLike, ...] = (),
 ) -> Path:
     """Write tensors atomically (temp file + rename); refuse to overwrite unless ``force``."""
     p = Path(path)
     fmt = FORMATS.get(output_format_for(p, format))
     if not fmt.can_write:
         raise SourceFormatError(f"cannot write {fmt.name}; output formats: safetensors, pt")
-    if p.exists() and not force:
-        raise OutputExistsError(f"{p} exists; pass --force (force=True) to overwrite it")
+    check_output(p, force, inputs)
+    arrays = {k: _to_numpy(v) for k, v in tensors.items()}
+    return write_atomic(p, lambda tmp: fmt.write(tmp, arrays, dict(metadata or {})), force=force, inputs=inputs)
+
+
+def check_output(path: str | os.PathLike, force: bool, inputs: tuple[str | os.PathLike, ...] = ()) -> Path:
+    """The one output policy: refuse a path that is one of the inputs, a directory, in a missing
+    directory, or an existing file without ``force``. Called early (before long work) and at write."""
+    p = Path(path)
+    for src in inputs:
+        s = Path(src)
+        if s.exists() and p.exists() and os.path.samefile(s, p) or p.resolve() == s.resolve():
+            raise OutputExistsError(f"output {p} is the input file {s}; choose another output name")
     if p.is_dir():
         raise OutputExistsError(f"{p} is a directory; give an output file name")
     if not p.parent.exists():
         raise SourceFormatError(f"output directory {p.parent} does not exist; create it first")
-    arrays = {k: _to_numpy(v) for k, v in tensors.items()}
-    return write_atomic(p, lambda tmp: fmt.write(tmp, arrays, dict(metadata or {})), force=True)
-
-
-def write_atomic(path: str | os.PathLike, writer: Callable[[Path], None], force: bool = False) -> Path:
-    """Run ``writer(tmp)`` on a temporary file beside ``path`` and rename it into place; the
-    temporary file never survives a failure, and an existing ``path`` needs ``force``."""
-    p = Path(path)
     if p.exists() and not force:
         raise OutputExistsError(f"{p} exists; pass --force (force=True) to overwrite it")
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".partial", dir=p.parent)
-    os.close(fd)
-    try:
-        writer(Path(tmp))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    return p
+
+
+def write_atomic(path: str | os.PathLike, writer: Callable[[Path], None], force: bool = False,
+                 inputs: tuple[str | os.PathLike, ...] = ()) -> Path:
+    """Run ``writer(tmp)`` on a temporary file beside ``path`` and rename it into place. The output
+    policy is :func:`check_output`; the temporary file never survives a failure or a catchable
+    termination signal (SIGINT, SIGTERM, SIGHUP)."""
+    from ..interrupts import signals_raise
+
+    p = check_output(path, force, inputs)
+    with signals_raise():
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".partial", dir=p.parent)
+        os.close(fd)
+        try:
+            writer(Path(tmp))
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, p)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     return p
 
 
