@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-fast bench manifests clean
+.PHONY: venv demo test test-fast bench manifests readme clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,6 +27,9 @@ bench: $(STAMP)
 
 manifests: $(STAMP)
 	$(BIN)/python fixtures/gen_manifests.py
+
+readme: $(STAMP)
+	$(BIN)/python fixtures/gen_support_matrix.py
 
 clean:
 	rm -rf build *.egg-info .pytest_cache
