@@ -7,7 +7,8 @@ Momentum conventions (see ``docs/batchnorm.md``)::
     PyTorch:   running = (1 - p) * running + p * batch      (default p = 0.1)
     p = 1 - m
 
-Everything here is silent (no prints) and raises :class:`converter.errors.ConverterError` subclasses.
+Everything here is silent (no prints) and raises :class:`converter.errors.ConverterError`
+subclasses.
 
 Modules: ``momentum`` (the conventions), ``auditing`` (rules, :func:`audit`, :func:`audit_target`),
 ``precise`` (:func:`recalibrate`, :func:`recalibrate_checkpoint`), ``freezing`` (:func:`freeze`,

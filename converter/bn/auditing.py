@@ -58,7 +58,8 @@ class _Ctx:
 
 @dataclass(frozen=True)
 class Rule:
-    """An audit rule: ``check(ctx)`` returns ``(message, fix)`` when the module breaks it, else None."""
+    """An audit rule: ``check(ctx)`` returns ``(message, fix)`` when the module breaks it, else
+    None."""
 
     id: str
     severity: str
@@ -78,6 +79,7 @@ def _rule(rule_id: str, severity: str, summary: str) -> Callable[[Callable], Cal
         return fn
 
     return deco
+
 
 def _stats(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
     """running_mean/var as float64 on CPU, or None when absent, lazy or on the meta device."""
@@ -105,15 +107,19 @@ def _fmt(x: float) -> str:
     return f"{x:.6g}"
 
 
-@_rule("momentum-keras-convention", "error", "momentum > 0.5: a Keras/TF momentum pasted into PyTorch")
+@_rule(
+    "momentum-keras-convention", "error", "momentum > 0.5: a Keras/TF momentum pasted into PyTorch"
+)
 def _r_momentum_keras(ctx: _Ctx) -> tuple[str, str] | None:
     m = getattr(ctx.module, "momentum", None) if is_bn(ctx.module) else None
     if isinstance(m, (int, float)) and 0.5 < m <= 1.0:
         return (
-            f"momentum={_fmt(m)} looks like the Keras/TF convention (weight of the old value); PyTorch's "
-            f"momentum weighs the new batch, so every train-mode batch moves the running stats "
-            f"{m:.0%} of the way to that batch's statistics (torchvision MaxViT shipped 0.99 until vision #8250)",
-            f"set momentum={_fmt(1.0 - m)} (= 1 - {_fmt(m)}); converter.bn.momentum_from_keras({_fmt(m)})",
+            f"momentum={_fmt(m)} looks like the Keras/TF convention (weight of the old value); "
+            "PyTorch's momentum weighs the new batch, so every train-mode batch moves the "
+            f"running stats {m:.0%} of the way to that batch's statistics (torchvision MaxViT "
+            "shipped 0.99 until vision #8250)",
+            f"set momentum={_fmt(1.0 - m)} (= 1 - {_fmt(m)}); "
+            f"converter.bn.momentum_from_keras({_fmt(m)})",
         )
     return None
 
@@ -137,9 +143,10 @@ def _r_momentum_range(ctx: _Ctx) -> tuple[str, str] | None:
 def _r_momentum_none(ctx: _Ctx) -> tuple[str, str] | None:
     if is_bn(ctx.module) and ctx.module.track_running_stats and ctx.module.momentum is None:
         return (
-            "momentum=None: running stats are the cumulative average over every train-mode batch since "
-            "num_batches_tracked was 0; fine for precise BN, surprising for fine-tuning",
-            "set a momentum (e.g. 0.1, or 1 - Keras momentum) unless a cumulative average is intended",
+            "momentum=None: running stats are the cumulative average over every train-mode batch "
+            "since num_batches_tracked was 0; fine for precise BN, surprising for fine-tuning",
+            "set a momentum (e.g. 0.1, or 1 - Keras momentum) unless a cumulative average is "
+            "intended",
         )
     return None
 
@@ -155,9 +162,10 @@ def _r_eps(ctx: _Ctx) -> tuple[str, str] | None:
         return None
     if not math.isclose(float(eps), float(src_eps), rel_tol=1e-6, abs_tol=0.0):
         return (
-            f"eps={_fmt(eps)} but the source layer used eps={_fmt(src_eps)}; outputs differ most on "
-            "low-variance channels",
-            f"set eps={_fmt(src_eps)} on this module (load with converter.load_model, which applies it)",
+            f"eps={_fmt(eps)} but the source layer used eps={_fmt(src_eps)}; outputs differ most "
+            "on low-variance channels",
+            f"set eps={_fmt(src_eps)} on this module (load with converter.load_model, which "
+            "applies it)",
         )
     return None
 
@@ -168,13 +176,13 @@ def _r_no_stats(ctx: _Ctx) -> tuple[str, str] | None:
         return None
     if ctx.module.running_mean is None:
         why = (
-            "track_running_stats=False: eval normalizes each batch with its own statistics, so a sample's "
-            "output depends on the other samples in its batch (and batch size 1 breaks)"
+            "track_running_stats=False: eval normalizes each batch with its own statistics, so a "
+            "sample's output depends on the other samples in its batch (and batch size 1 breaks)"
         )
     else:
         why = (
-            "track_running_stats=False set after construction: the buffers still exist and eval uses "
-            "them, but train-mode passes never update them"
+            "track_running_stats=False set after construction: the buffers still exist and eval "
+            "uses them, but train-mode passes never update them"
         )
     return why, "build the module with track_running_stats=True and load running_mean/running_var"
 
@@ -204,8 +212,9 @@ def _r_var(ctx: _Ctx) -> tuple[str, str] | None:
     if bad.any():
         n = int(bad.sum())
         return (
-            f"running_var has {n} of {var.numel()} channels <= 0 (min {_fmt(float(var[bad].min()))}); a variance "
-            "cannot be negative, and 0 divides by sqrt(eps) alone: the checkpoint is damaged or mis-mapped",
+            f"running_var has {n} of {var.numel()} channels <= 0 (min "
+            f"{_fmt(float(var[bad].min()))}); a variance cannot be negative, and 0 divides by "
+            "sqrt(eps) alone: the checkpoint is damaged or mis-mapped",
             "re-convert from the source, or recompute the stats: ckptport recalibrate",
         )
     return None
@@ -216,8 +225,11 @@ def _r_finite(ctx: _Ctx) -> tuple[str, str] | None:
     st = _stats(ctx.module)
     if st is None:
         return None
-    parts = [f"{name} has {int((~torch.isfinite(t)).sum())} NaN/inf" for name, t in
-             zip(("running_mean", "running_var"), st) if not torch.isfinite(t).all()]
+    parts = [
+        f"{name} has {int((~torch.isfinite(t)).sum())} NaN/inf"
+        for name, t in zip(("running_mean", "running_var"), st)
+        if not torch.isfinite(t).all()
+    ]
     if parts:
         return (
             "; ".join(parts) + ": every output through this module is NaN/inf in eval",
@@ -228,10 +240,16 @@ def _r_finite(ctx: _Ctx) -> tuple[str, str] | None:
 
 @_rule("train-mode", "warning", "BN in train mode in a model meant for inference")
 def _r_train(ctx: _Ctx) -> tuple[str, str] | None:
-    if not ctx.expect_eval or not is_bn(ctx.module) or not ctx.module.training or is_frozen(ctx.module):
+    if (
+        not ctx.expect_eval
+        or not is_bn(ctx.module)
+        or not ctx.module.training
+        or is_frozen(ctx.module)
+    ):
         return None
     return (
-        "in train mode: inference would normalize with batch statistics and overwrite the running stats",
+        "in train mode: inference would normalize with batch statistics and overwrite the "
+        "running stats",
         "call model.eval() before inference (or converter.bn.freeze(model) for fine-tuning)",
     )
 
@@ -244,25 +262,33 @@ def _r_nbt_init(ctx: _Ctx) -> tuple[str, str] | None:
     if n is None or st is None or n <= 0 or not _at_init(st):
         return None
     return (
-        f"num_batches_tracked={n} but running_mean is all 0 and running_var all 1 (their initial values): "
-        "batches were counted but the statistics never loaded or updated",
-        "load the real running_mean/running_var (check the key mapping), or recompute: ckptport recalibrate",
+        f"num_batches_tracked={n} but running_mean is all 0 and running_var all 1 (their initial "
+        "values): batches were counted but the statistics never loaded or updated",
+        "load the real running_mean/running_var (check the key mapping), or recompute: ckptport "
+        "recalibrate",
     )
 
 
-@_rule("nbt-zero-cumulative", "warning", "num_batches_tracked == 0 with momentum None, stats loaded")
+@_rule(
+    "nbt-zero-cumulative", "warning", "num_batches_tracked == 0 with momentum None, stats loaded"
+)
 def _r_nbt_zero(ctx: _Ctx) -> tuple[str, str] | None:
-    if not is_bn(ctx.module) or ctx.module.momentum is not None or not ctx.module.track_running_stats:
+    if (
+        not is_bn(ctx.module)
+        or ctx.module.momentum is not None
+        or not ctx.module.track_running_stats
+    ):
         return None
     n, st = _nbt(ctx.module), _stats(ctx.module)
     if n != 0 or st is None or _at_init(st):
         return None
     return (
-        "momentum=None with num_batches_tracked=0 while the running stats hold real values: the first "
-        "train-mode batch gets weight 1/1 and overwrites them",
-        "set a momentum (e.g. 1 - Keras momentum), or set num_batches_tracked to the number of batches "
-        "the stats average",
+        "momentum=None with num_batches_tracked=0 while the running stats hold real values: the "
+        "first train-mode batch gets weight 1/1 and overwrites them",
+        "set a momentum (e.g. 1 - Keras momentum), or set num_batches_tracked to the number of "
+        "batches the stats average",
     )
+
 
 def audit(
     model: nn.Module,
@@ -293,7 +319,8 @@ def audit(
 
 @dataclass
 class AuditReport:
-    """Result of :func:`audit_target`: the findings, the target string and how many modules were checked."""
+    """Result of :func:`audit_target`: the findings, the target string and how many modules were
+    checked."""
 
     target: str
     findings: list[Finding]
@@ -324,12 +351,15 @@ class AuditReport:
 
 
 def _load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, dict[str, Any]]]:
-    """Our checkpoint as a model (via converter.model.load_model) plus its recorded source BN config."""
+    """Our checkpoint as a model (via converter.model.load_model) plus its recorded source BN
+    config."""
     from .. import model as model_mod  # lazy: written by the lead, imports the torch side
 
     load_model = getattr(model_mod, "load_model", None)
     if load_model is None:  # pragma: no cover - only before converter.model grows load_model
-        raise ConverterError(f"{path}: this build cannot load checkpoints (converter.model.load_model missing)")
+        raise ConverterError(
+            f"{path}: this build cannot load checkpoints (converter.model.load_model missing)"
+        )
     model = load_model(path)
     meta = getattr(model, "ckptport_metadata", None)
     if meta is None:  # pragma: no cover - load_model attaches it
@@ -339,7 +369,9 @@ def _load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, dict[str, Any]]]:
     return model, source_bn_from_metadata(meta, path)
 
 
-def source_bn_from_metadata(meta: Mapping[str, str], path: Any = "checkpoint") -> dict[str, dict[str, Any]]:
+def source_bn_from_metadata(
+    meta: Mapping[str, str], path: Any = "checkpoint"
+) -> dict[str, dict[str, Any]]:
     """The per-module source BN config recorded in our checkpoint metadata (``bn_config`` JSON:
     ``{module: {"eps", "momentum", "keras_momentum", "center", "scale", ...}}``); {} when absent."""
     raw = meta.get("bn_config")
@@ -348,10 +380,15 @@ def source_bn_from_metadata(meta: Mapping[str, str], path: Any = "checkpoint") -
     try:
         data = json.loads(raw)
     except (TypeError, json.JSONDecodeError) as exc:
-        raise SourceFormatError(f"{path}: metadata bn_config is not valid JSON ({exc}); re-convert the file") from exc
+        raise SourceFormatError(
+            f"{path}: metadata bn_config is not valid JSON ({exc}); re-convert the file"
+        ) from exc
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
-        raise SourceFormatError(f"{path}: metadata bn_config is not a {{module: {{...}}}} mapping; re-convert the file")
+        raise SourceFormatError(
+            f"{path}: metadata bn_config is not a {{module: {{...}}}} mapping; re-convert the file"
+        )
     return data
+
 
 # --------------------------------------------------------------------------------------------------
 # Audit targets: model specs and checkpoints
@@ -387,7 +424,9 @@ def audit_target(target: str, *, expect_eval: bool = True) -> AuditReport:
     """
     if _is_spec(target):
         model = resolve_model_spec(target)
-        return AuditReport(target, audit(model, expect_eval=expect_eval), len(bn_modules(model)), "spec")
+        return AuditReport(
+            target, audit(model, expect_eval=expect_eval), len(bn_modules(model)), "spec"
+        )
     if target.endswith(_CKPT_SUFFIXES):
         path = Path(target)
         if not path.is_file():
@@ -399,5 +438,3 @@ def audit_target(target: str, *, expect_eval: bool = True) -> AuditReport:
         f"cannot audit {target!r}: give a model spec ({SPEC_FORMS}) or a checkpoint ckptport wrote "
         f"({'/'.join(_CKPT_SUFFIXES)})"
     )
-
-

@@ -17,7 +17,8 @@ def is_bn(module: nn.Module) -> bool:
 
 
 def is_frozen_bn_like(module: nn.Module) -> bool:
-    """torchvision.ops.FrozenBatchNorm2d and look-alikes: running stats as buffers, no _BatchNorm."""
+    """torchvision.ops.FrozenBatchNorm2d and look-alikes: running stats as buffers, no
+    _BatchNorm."""
     return (
         not isinstance(module, nn.modules.batchnorm._NormBase)
         and "FrozenBatchNorm" in type(module).__name__

@@ -12,7 +12,8 @@ _FROZEN_ATTR = "_ckptport_bn_frozen"
 
 
 def _frozen_pre_hook(module: nn.Module, args: Any) -> None:
-    """Forward pre-hook of a frozen BN: always run in eval mode (use, never update, running stats)."""
+    """Forward pre-hook of a frozen BN: always run in eval mode (use, never update, running
+    stats)."""
     if module.training and not module.__dict__.get(RECALIBRATING_ATTR, False):
         module.training = False
 

@@ -1,8 +1,8 @@
 """BN momentum conventions (see ``docs/batchnorm.md``)::
 
-    Keras/TF:  moving  = m * moving  + (1 - m) * batch      (default m = 0.99)
-    PyTorch:   running = (1 - p) * running + p * batch      (default p = 0.1)
-    p = 1 - m
+Keras/TF:  moving  = m * moving  + (1 - m) * batch      (default m = 0.99)
+PyTorch:   running = (1 - p) * running + p * batch      (default p = 0.1)
+p = 1 - m
 """
 
 from __future__ import annotations
@@ -22,9 +22,7 @@ def _check_momentum(value: Any, convention: str) -> float:
         raise ConverterError(f"{convention} momentum must be a number in (0, 1), got {value!r}")
     value = float(value)
     if not 0.0 < value < 1.0:
-        raise ConverterError(
-            f"{convention} momentum must be in (0, 1) (exclusive), got {value!r}"
-        )
+        raise ConverterError(f"{convention} momentum must be in (0, 1) (exclusive), got {value!r}")
     return value
 
 
@@ -50,8 +48,8 @@ def momentum_to_keras(p: float) -> float:
     """
     if p is None:
         raise ConverterError(
-            "PyTorch momentum=None (cumulative average) has no Keras equivalent; "
-            "pick a momentum in (0, 1)"
+            "PyTorch momentum=None (cumulative average) has no Keras equivalent; pick a momentum "
+            "in (0, 1)"
         )
     return _complement(_check_momentum(p, "PyTorch"))
 
