@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConverterError, FrameworkMissingError, MappingError, SourceFormatError
-from .specs import SPEC_FORMS, Spec, parse_spec
+from .specs import Spec, parse_spec
 
 
 def torch_side_hazard() -> bool:

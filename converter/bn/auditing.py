@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.parameter import is_lazy
 
 from ..errors import ConverterError, SourceFormatError
-from ..model import SPEC_FORMS
+from ..specs import SPEC_FORMS, SpecError, parse_spec
 from ..registry import Registry
 from .common import bn_modules, is_bn
 from .freezing import is_frozen
@@ -397,22 +397,13 @@ def source_bn_from_metadata(
 _CKPT_SUFFIXES = (".safetensors", ".pt", ".pth")
 
 
-def _is_spec(target: str) -> bool:
-    lib, sep, _ = target.partition(":")
-    if sep and lib in ("torchvision", "timm"):
-        return True
-    left, sep, right = target.rpartition(":")
-    return bool(sep) and left.endswith(".py") and bool(right)
-
-
 def resolve_model_spec(spec: str) -> nn.Module:
     """Build a model from a spec (``torchvision:NAME``, ``timm:NAME``, ``path/to/file.py:factory``,
-    ``package.module:factory``) with random weights (nothing is downloaded), in eval mode."""
+    ``package.module:factory``; parsed by :func:`converter.specs.parse_spec`) with random weights
+    (nothing is downloaded), in eval mode."""
     from ..model import build_target
 
-    if not isinstance(spec, str) or not spec:
-        raise ConverterError(f"model spec {spec!r} is not one of {SPEC_FORMS}")
-    return build_target(spec).eval()
+    return build_target(parse_spec(spec)).eval()
 
 
 def audit_target(target: str, *, expect_eval: bool = True) -> AuditReport:
@@ -422,11 +413,6 @@ def audit_target(target: str, *, expect_eval: bool = True) -> AuditReport:
     ``converter.model.load_model`` (eval mode, recorded BN momentum/eps applied) and its recorded
     source BN config (``bn_config`` metadata) feeds the eps/affine rules.
     """
-    if _is_spec(target):
-        model = resolve_model_spec(target)
-        return AuditReport(
-            target, audit(model, expect_eval=expect_eval), len(bn_modules(model)), "spec"
-        )
     if target.endswith(_CKPT_SUFFIXES):
         path = Path(target)
         if not path.is_file():
@@ -434,7 +420,14 @@ def audit_target(target: str, *, expect_eval: bool = True) -> AuditReport:
         model, source_bn = _load_checkpoint(path)
         findings = audit(model, source_bn, expect_eval=expect_eval)
         return AuditReport(target, findings, len(bn_modules(model)), "checkpoint")
-    raise ConverterError(
-        f"cannot audit {target!r}: give a model spec ({SPEC_FORMS}) or a checkpoint ckptport wrote "
-        f"({'/'.join(_CKPT_SUFFIXES)})"
-    )
+    try:
+        spec = parse_spec(target)
+    except SpecError:
+        if ":" in target:
+            raise  # it meant to be a spec: the parser's message says what is wrong with it
+        raise ConverterError(
+            f"cannot audit {target!r}: give a model spec ({SPEC_FORMS}) or a checkpoint ckptport "
+            f"wrote ({'/'.join(_CKPT_SUFFIXES)})"
+        ) from None
+    model = resolve_model_spec(spec.text)
+    return AuditReport(target, audit(model, expect_eval=expect_eval), len(bn_modules(model)), "spec")
