@@ -348,12 +348,7 @@ def test_cli_recalibrate_errors(ckpt: Path, tmp_path: Path, capsys: pytest.Captu
     assert "holds 30 samples = 3 full batches of 8, but --num-batches 5 needs 40 samples" in err
     assert not out.exists()
 
-    out.write_bytes(b"keep")
-    assert main([*base, str(out), "--num-batches", "2"]) == 2
-    assert "exists; pass --force" in capsys.readouterr().err and out.read_bytes() == b"keep"
-    assert main([*base, str(out), "--num-batches", "2", "--force"]) == 0
-    capsys.readouterr()
-
+    # an existing -o without --force: tests/test_overwrite.py
     assert main([*base, str(ckpt), "--num-batches", "2", "--force"]) == 2
     assert "is the input checkpoint" in capsys.readouterr().err
 

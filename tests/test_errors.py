@@ -125,17 +125,6 @@ def test_renorm_refused(r50, tmp_path, capsys):
     assert_clean_error(rc, err, "conv1_bn", "renorm", out=out)
 
 
-def test_refuses_overwrite_then_force(r50, tmp_path, capsys):
-    out = tmp_path / "out.safetensors"
-    out.write_bytes(b"precious")
-    rc, _, err = run_cli(["convert", r50["files"]["keras"], "-o", out], capsys)
-    assert_clean_error(rc, err, str(out), "--force")
-    assert out.read_bytes() == b"precious"
-    rc, _, err = run_cli(["convert", r50["files"]["keras"], "-o", out, "--force"], capsys)
-    assert rc == 0, err
-    assert out.read_bytes() != b"precious"
-
-
 def test_input_untouched_and_no_partial_on_write_failure(r50, tmp_path, monkeypatch):
     import converter
     from converter.formats import FORMATS
