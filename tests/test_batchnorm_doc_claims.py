@@ -24,8 +24,7 @@ from torch import nn
 
 from converter import bn
 
-KERAS_SPEC = importlib.util.find_spec("keras")  # finds the package without importing it
-needs_keras = pytest.mark.skipif(KERAS_SPEC is None, reason="keras not installed")
+KERAS_SPEC = importlib.util.find_spec("keras")  # a test dependency, located without importing it
 
 
 def keras_root() -> Path:
@@ -58,8 +57,6 @@ KERAS_PROBE = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def keras_probe(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    if KERAS_SPEC is None:
-        pytest.skip("keras not installed")
     script = tmp_path_factory.mktemp("keras") / "probe.py"
     script.write_text(KERAS_PROBE)
     env = {**os.environ, "KERAS_BACKEND": "torch"}
@@ -95,7 +92,6 @@ def test_pytorch_momentum_update_rule() -> None:
     assert torch.allclose(m.running_var, 0.9 * 1.7 + 0.1 * x.var(0, unbiased=True), atol=1e-5)
 
 
-@needs_keras
 def test_keras_momentum_update_rule(keras_probe: dict[str, Any]) -> None:
     """Keras: moving = m * moving + (1 - m) * batch, m = 0.99 by default, eps 1e-3."""
     assert keras_probe["defaults"] == {"momentum": 0.99, "epsilon": 0.001}
@@ -141,7 +137,6 @@ def test_pytorch_defaults() -> None:
     assert (m.eps, m.momentum, m.affine, m.track_running_stats) == (1e-5, 0.1, True, True)
 
 
-@needs_keras
 def test_keras_application_eps(keras_probe: dict[str, Any]) -> None:
     """Keras ResNet/DenseNet use eps 1.001e-5; EfficientNet/MobileNetV2 keep 1e-3; MobileNetV2 momentum 0.999."""
     apps = keras_probe["apps"]
@@ -189,7 +184,6 @@ def test_pytorch_normalizes_with_biased_variance() -> None:
     assert torch.allclose(m(x), (x - x.mean(0)) / torch.sqrt(biased + 1e-5), atol=1e-5)
 
 
-@needs_keras
 def test_keras_moving_variance_uses_biased_variance(keras_probe: dict[str, Any]) -> None:
     """Keras updates moving_variance with the biased batch variance and normalizes with it too."""
     x = torch.tensor(keras_probe["x"], dtype=torch.float64)
@@ -201,7 +195,6 @@ def test_keras_moving_variance_uses_biased_variance(keras_probe: dict[str, Any])
     assert torch.allclose(y, (x - x.mean(0)) / torch.sqrt(biased + 1e-3), atol=1e-4)
 
 
-@needs_keras
 def test_keras_tf_backend_moments_are_tf_nn_moments() -> None:
     """The TF backend (what TF checkpoints were trained with) computes moments with tf.nn.moments,
     the biased (population) variance, like the torch backend checked above."""

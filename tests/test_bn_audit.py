@@ -10,12 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-import converter.model
 from converter import bn
 from converter.cli import main
 from converter.errors import ConverterError, SourceFormatError
-
-HAS_LOAD_MODEL = hasattr(converter.model, "load_model")
 
 
 def rules_of(findings: list[bn.Finding]) -> set[str]:
@@ -377,7 +374,6 @@ FACTORY = """
 """
 
 
-@pytest.mark.skipif(not HAS_LOAD_MODEL, reason="converter.model.load_model not written yet")
 def test_cli_audits_our_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, affine=False))
     loaded(model)
@@ -392,7 +388,6 @@ def test_cli_audits_our_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture
     assert {f["rule"] for f in out["findings"]} == {"running-var-nonpositive", "affine-missing"}
 
 
-@pytest.mark.skipif(not HAS_LOAD_MODEL, reason="converter.model.load_model not written yet")
 def test_cli_audits_clean_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     body = """
         def make():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-import converter.formats
+from helpers import sha
 import converter.model
 from converter import bn
 from converter.cli import main
@@ -22,7 +21,6 @@ from converter.errors import ConverterError, InvalidTensorError
 
 MU = torch.tensor([2.0, -1.0, 0.5, 10.0])
 SIGMA = torch.tensor([3.0, 0.5, 1.0, 2.0])
-HAS_CKPT_IO = hasattr(converter.model, "load_model") and hasattr(converter.formats, "write_checkpoint")
 
 
 def population_batches(n: int, batch: int, seed: int = 0, spatial: bool = False) -> list[torch.Tensor]:
@@ -300,14 +298,6 @@ def data_array(n: int = 64) -> np.ndarray:
     return np.random.default_rng(0).normal(1.0, 2.0, size=(n, 3, 6, 6)).astype(np.float32)
 
 
-def sha(p: Path) -> str:
-    return hashlib.sha256(p.read_bytes()).hexdigest()
-
-
-needs_io = pytest.mark.skipif(not HAS_CKPT_IO, reason="converter.model.load_model / formats.write_checkpoint not written yet")
-
-
-@needs_io
 def test_cli_recalibrate_npy_matches_library(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     x = data_array()
     np.save(tmp_path / "x.npy", x)
@@ -331,7 +321,6 @@ def test_cli_recalibrate_npy_matches_library(ckpt: Path, tmp_path: Path, capsys:
     assert rec["num_batches"] == 4 and rec["batch_size"] == 16 and meta["target"].endswith("net.py:make")
 
 
-@needs_io
 def test_cli_recalibrate_npz_and_folder(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     x = data_array(40)
     np.savez(tmp_path / "d.npz", images=x, labels=np.zeros(40))
@@ -350,7 +339,6 @@ def test_cli_recalibrate_npz_and_folder(ckpt: Path, tmp_path: Path, capsys: pyte
     assert torch.allclose(outs[0]["2.running_var"], outs[1]["2.running_var"])  # same samples, same seed
 
 
-@needs_io
 def test_cli_recalibrate_errors(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     np.save(tmp_path / "x.npy", data_array(30))
     out = tmp_path / "out.safetensors"
@@ -360,12 +348,7 @@ def test_cli_recalibrate_errors(ckpt: Path, tmp_path: Path, capsys: pytest.Captu
     assert "holds 30 samples = 3 full batches of 8, but --num-batches 5 needs 40 samples" in err
     assert not out.exists()
 
-    out.write_bytes(b"keep")
-    assert main([*base, str(out), "--num-batches", "2"]) == 2
-    assert "exists; pass --force" in capsys.readouterr().err and out.read_bytes() == b"keep"
-    assert main([*base, str(out), "--num-batches", "2", "--force"]) == 0
-    capsys.readouterr()
-
+    # an existing -o without --force: tests/test_overwrite.py
     assert main([*base, str(ckpt), "--num-batches", "2", "--force"]) == 2
     assert "is the input checkpoint" in capsys.readouterr().err
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import keras_build_args, make_keras_fixture
+from helpers import keras_build_args, make_keras_fixture
 from converter.cli import main
 
 

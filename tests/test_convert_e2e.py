@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import converter
-from conftest import keras_build_args, make_keras_fixture, rel_err, torch_logits
+from helpers import keras_build_args, make_keras_fixture, rel_err, torch_logits
 from converter.model import build_target, load_model
 from converter.tables import builtin_tables
 

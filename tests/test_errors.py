@@ -3,7 +3,6 @@ the input untouched."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import subprocess
@@ -14,8 +13,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import ROOT, keras_build_args, make_keras_fixture
-from converter.cli import main
+from helpers import ROOT, assert_clean_error, keras_build_args, make_keras_fixture, run_cli, sha
 
 ALL = ["keras", "weights.h5", "h5", "tf-checkpoint", "savedmodel"]
 
@@ -25,28 +23,6 @@ def r50():
     fn, kw, inp = keras_build_args("keras:ResNet50")
     return make_keras_fixture(fn, kw, inp, ["keras", "weights.h5", "h5", "h5-weights", "tf-checkpoint", "tf-names",
                                        "tf-layer-with-weights", "savedmodel"])
-
-
-def run_cli(args, capsys):
-    rc = main([str(a) for a in args])
-    cap = capsys.readouterr()
-    return rc, cap.out, cap.err
-
-
-def assert_clean_error(rc, err, *needles, out: Path | None = None):
-    assert rc == 2, err
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, f"expected one line, got:\n{err}"
-    assert lines[0].startswith("error: ") and "Traceback" not in err
-    for n in needles:
-        assert n in lines[0], f"{n!r} not in {lines[0]!r}"
-    if out is not None:
-        assert not out.exists()
-        assert not list(out.parent.glob(f".{out.name}.*")), "a partial file was left behind"
-
-
-def sha(p: Path) -> str:
-    return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
 def test_empty_file(tmp_path, capsys):
@@ -147,17 +123,6 @@ def test_renorm_refused(r50, tmp_path, capsys):
     out = tmp_path / "out.safetensors"
     rc, _, err = run_cli(["convert", src, "-o", out], capsys)
     assert_clean_error(rc, err, "conv1_bn", "renorm", out=out)
-
-
-def test_refuses_overwrite_then_force(r50, tmp_path, capsys):
-    out = tmp_path / "out.safetensors"
-    out.write_bytes(b"precious")
-    rc, _, err = run_cli(["convert", r50["files"]["keras"], "-o", out], capsys)
-    assert_clean_error(rc, err, str(out), "--force")
-    assert out.read_bytes() == b"precious"
-    rc, _, err = run_cli(["convert", r50["files"]["keras"], "-o", out, "--force"], capsys)
-    assert rc == 0, err
-    assert out.read_bytes() != b"precious"
 
 
 def test_input_untouched_and_no_partial_on_write_failure(r50, tmp_path, monkeypatch):

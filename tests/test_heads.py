@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import converter
-from conftest import keras_build_args, make_keras_fixture
+from helpers import keras_build_args, make_keras_fixture
 from converter.cli import main
 from converter.model import build_target, load_model
 

@@ -5,7 +5,7 @@ checked against real Keras builds in test_manifests_keras.py."""
 
 from __future__ import annotations
 
-import torchvision  # noqa: F401  (torch side before anything can import Keras; see DEVELOPERS.md)
+import torchvision  # noqa: F401  (torch side before anything can import Keras; see CONTRIBUTING.md)
 import timm  # noqa: F401
 
 import importlib.util

@@ -8,7 +8,6 @@ tensorflow, see tests/conftest.py), which also dumps what ``tf.train.list_variab
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import shutil
@@ -24,12 +23,6 @@ from converter.errors import SourceFormatError
 from converter.formats import tf_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
-
-if importlib.util.find_spec("tensorflow") is None or importlib.util.find_spec("keras") is None:
-    pytest.skip(
-        "tensorflow/keras not installed: cannot write reference checkpoints",
-        allow_module_level=True,
-    )
 
 GENERATOR = textwrap.dedent(r"""
     import json, os, sys

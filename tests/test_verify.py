@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import converter
-from conftest import ROOT, keras_build_args, make_keras_fixture
+from helpers import ROOT, keras_build_args, make_keras_fixture
 from converter import formats
 from converter.cli import main
 from converter.tables import builtin_tables

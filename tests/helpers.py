@@ -1,0 +1,114 @@
+"""Helpers shared by the tests, imported as ``from helpers import ...`` (pytest puts tests/ on the
+path: ``pythonpath`` in pyproject.toml). Fixtures live in conftest.py, which imports torchvision
+before any test module can import Keras.
+
+Keras models are built in subprocesses (fixtures/keras_models.py) and cached per generator version
+in $CKPTPORT_TEST_CACHE (FileLock-protected, shared between checkouts), so test processes never
+import TensorFlow to get a fixture."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from filelock import FileLock
+
+ROOT = Path(__file__).resolve().parents[1]
+GENERATOR = ROOT / "fixtures" / "keras_models.py"
+CACHE = Path(os.environ.get("CKPTPORT_TEST_CACHE", ROOT / ".pytest_cache" / "keras-fixtures"))
+
+
+def _gen_version() -> str:
+    return hashlib.sha256(GENERATOR.read_bytes()).hexdigest()[:12]
+
+
+def keras_build_args(manifest_id: str) -> tuple[str, dict, dict]:
+    """``keras:MobileNetV3Small(alpha=0.75)`` -> ("MobileNetV3Small", {"alpha": 0.75}, the
+    table's [input])."""
+    from converter.manifest import load_manifest
+    from converter.tables import builtin_tables
+
+    build = load_manifest(manifest_id)["build"]
+    dropped = ("weights", "input_shape", "classifier_activation", "include_top", "classes")
+    kwargs = {k: v for k, v in build.get("kwargs", {}).items() if k not in dropped}
+    table = next(t for t in builtin_tables() if any(v.source == manifest_id for v in t.variants))
+    return build["fn"], kwargs, table.input
+
+
+def make_keras_fixture(
+    fn: str, kwargs: dict, input_spec: dict, formats: list[str], seed: int = 0
+) -> dict:
+    """Build (or reuse) a randomized Keras model saved in ``formats``; returns files.json plus the
+    reference input and logits. ``input_spec`` is the table's [input] (size, value range)."""
+    size, (lo, hi) = input_spec["size"], input_spec["range"]
+    spec = [fn, kwargs, sorted(formats), size, lo, hi, seed, _gen_version()]
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    out = CACHE / f"{fn}-{key}"
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if not (out / "files.json").exists():
+            cmd = [sys.executable, str(GENERATOR), "--build", fn, "--out", str(out)]
+            cmd += ["--size", str(size), "--seed", str(seed), "--formats", ",".join(formats)]
+            cmd += [f"--range={lo},{hi}", *(f"--kw={k}={json.dumps(v)}" for k, v in kwargs.items())]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(
+                    f"fixture generation failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+                )
+    info = json.loads((out / "files.json").read_text())
+    ref = np.load(out / "reference.npz")
+    info["x"], info["logits"], info["dir"] = ref["x"], ref["logits"], out
+    return info
+
+
+def torch_logits(
+    model, x_nhwc: np.ndarray, preprocessing: dict | None = None, dtype=None
+) -> np.ndarray:
+    """Run a converted model on the Keras input (NHWC), applying the recorded preprocessing."""
+    import torch
+
+    x = x_nhwc.astype(np.float64)
+    if preprocessing and preprocessing.get("steps"):
+        x = x * np.asarray(preprocessing["scale"]) + np.asarray(preprocessing["offset"])
+    with torch.no_grad():
+        xt = torch.from_numpy(x).permute(0, 3, 1, 2).to(dtype or torch.float32)
+        return model(xt).numpy()
+
+
+def rel_err(y: np.ndarray, ref: np.ndarray) -> float:
+    """Max abs error relative to the logits' scale (their standard deviation)."""
+    return float(np.abs(y - ref).max() / ref.std())
+
+
+def run_cli(args: Sequence[object], capsys) -> tuple[int, str, str]:
+    """``ckptport ARGS`` in-process: (exit code, stdout, stderr)."""
+    from converter.cli import main
+
+    rc = main([str(a) for a in args])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def assert_clean_error(rc: int, err: str, *needles: str, out: Path | None = None) -> None:
+    """Exit 2 with exactly one ``error: ...`` line holding every needle, no traceback; with
+    ``out``: that output does not exist and no partial file was left beside it."""
+    assert rc == 2, err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line, got:\n{err}"
+    assert lines[0].startswith("error: ") and "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], f"{n!r} not in {lines[0]!r}"
+    if out is not None:
+        assert not out.exists()
+        assert not list(out.parent.glob(f".{out.name}.*")), "a partial file was left behind"
+
+
+def sha(p: Path) -> str:
+    """SHA-256 of a file's bytes."""
+    return hashlib.sha256(Path(p).read_bytes()).hexdigest()
