@@ -350,7 +350,7 @@ def test_cli_recalibrate_errors(ckpt: Path, tmp_path: Path, capsys: pytest.Captu
 
     # an existing -o without --force: tests/test_overwrite.py
     assert main([*base, str(ckpt), "--num-batches", "2", "--force"]) == 2
-    assert "is the input checkpoint" in capsys.readouterr().err
+    assert "is the input file" in capsys.readouterr().err
 
     np.save(tmp_path / "u8.npy", np.zeros((32, 3, 6, 6), np.uint8))
     assert main(["recalibrate", str(ckpt), "--data", str(tmp_path / "u8.npy"), "--batch-size", "8",

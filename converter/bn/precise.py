@@ -343,22 +343,17 @@ def recalibrate_checkpoint(
         },
         sort_keys=True,
     )
-    written = write_checkpoint(out, model.state_dict(), meta, force=force)
+    written = write_checkpoint(out, model.state_dict(), meta, force=force, inputs=(src,))
     return {"input": str(src), "output": str(written), **result}
 
 
 def _check_paths(src: Path, out: Path, force: bool) -> None:
-    """The input exists; the output is not the input and, without ``force``, does not exist."""
-    from ..errors import OutputExistsError
+    """The input exists; the output passes the one output policy (checked before the long work)."""
+    from ..formats import check_output
 
     if not src.is_file():
         raise SourceFormatError(f"{src}: no such checkpoint file")
-    if out.exists() and out.resolve() == src.resolve():
-        raise ConverterError(
-            f"-o {out} is the input checkpoint; write to a new file (the input is never modified)"
-        )
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out} exists; pass --force to overwrite it")
+    check_output(out, force, (src,))
 
 
 def _enough_data(data_path: str | Path, key: str | None, num_batches: int, batch_size: int) -> Any:
