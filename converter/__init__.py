@@ -26,6 +26,7 @@ _LAZY = {
     "inspect": "converter.inspection",
     "verify": "converter.verification",
     "VerificationReport": "converter.verification",
+    "VerifyOptions": "converter.verification",
     "bn": "converter.bn",
     "testing": "converter.testing",
 }

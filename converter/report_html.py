@@ -66,8 +66,10 @@ def render(report: Any, title: str) -> str:
               "corrected column accounts for it exactly.</p><table><tr><th>Keras layer</th><th>module</th>"
               "<th>Keras momentum</th><th>torch momentum</th><th>mean err</th><th>var err (corrected)</th>"
               f"<th>var err (naive)</th></tr>{bn_rows}</table>")
-    notes = "".join(f"<li>{html.escape(n)}</li>" for n in report.notes)
-    out = report.output
+    excluded = [f"excluded: {e['module']} (Keras {', '.join(e['source_layers'])}): {e['reason']}"
+                for e in report.excluded]
+    notes = "".join(f"<li>{html.escape(n)}</li>" for n in [*report.notes, *excluded])
+    out = _output_sentence(report)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>ckptport verification: {html.escape(title)}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:24px;color:#222}}table{{border-collapse:collapse;font-size:13px}}
@@ -76,8 +78,7 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left}}tr.bad td{{backgro
 <h1>ckptport verification</h1><p>{html.escape(title)}</p>
 <p class="verdict">{verdict}</p>
 <p>{len(rows)} layer pairs, batch input {'x'.join(map(str, report.input_shape))}, tolerance rtol {report.rtol:g}
-atol {report.atol:g}, device {html.escape(report.device)}. Output ({report.compared}): max abs {out['max_abs']:.3g},
-rel {out['rel']:.3g}, cosine {out['cosine']:.8f}.</p>
+atol {report.atol:g}, device {html.escape(report.device)}. {out}</p>
 {'<p><b>First divergent layer:</b> ' + html.escape(str(report.first_divergent.get('source_layer'))) + ' &rarr; ' + html.escape(str(report.first_divergent.get('target_module'))) + '</p>' if report.first_divergent else ''}
 {''.join(parts)}
 <ul>{notes}</ul>
@@ -85,3 +86,11 @@ rel {out['rel']:.3g}, cosine {out['cosine']:.8f}.</p>
 <th>rel (RMS)</th><th>cosine</th><th>verdict</th></tr>{table}</table>{bn}
 </body></html>
 """
+
+
+def _output_sentence(report: Any) -> str:
+    out = report.output
+    if out.get("comparable", True):
+        return (f"Output ({report.compared}): max abs {out['max_abs']:.3g}, rel {out['rel']:.3g}, "
+                f"cosine {out['cosine']:.8f}.")
+    return f"Output not comparable: {html.escape(out.get('reason', ''))}."

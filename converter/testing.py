@@ -18,9 +18,11 @@ def assert_equivalent(src: str | os.PathLike | None, converted: str | os.PathLik
     report = verify(src, converted, **kwargs)
     if not report.passed:
         f = report.first_divergent or {}
+        out = report.output
+        out_err = f"{out['rel']:.3g}" if out.get("rel") is not None else out.get("reason", "n/a")
         raise AssertionError(
             f"{converted} differs from {src or kwargs.get('against')}: first divergent layer "
-            f"{f.get('source_layer')} -> {f.get('target_module')} (rel error {f.get('rel', float('nan')):.3g}, "
-            f"tolerance {report.rtol:g}); output rel error {report.output['rel']:.3g}"
+            f"{f.get('source_layer')} -> {f.get('target_module')} (rel error "
+            f"{f.get('rel', float('nan')):.3g}, tolerance {report.rtol:g}); output rel error {out_err}"
         )
     return report

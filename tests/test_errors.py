@@ -195,4 +195,6 @@ def test_failed_verify_keeps_existing_record_even_with_force(r50, tmp_path, caps
                           "--record", record, "--force"], capsys)
     assert rc == 2 and record.read_bytes() == b"an earlier reference"
     rc, _, err = run_cli(["verify", r50["files"]["keras"], tmp_path / "missing.safetensors", "--record", record], capsys)
+    # an existing --record is refused before any work (formats.check_output, the one output policy)
     assert_clean_error(rc, err, str(record), "--force")
+    assert record.read_bytes() == b"an earlier reference"

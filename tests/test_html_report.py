@@ -23,11 +23,10 @@ def synthetic_report() -> VerificationReport:
         rel = 3e-7 * (1.2**i) if i < 25 else 5e-2 * (1 + i / 10)  # diverges at layer 25
         layers.append(LayerResult(i, f"block{i}_bn", f"blocks.{i}.bn1", [4, 16, 8, 8], rel * 3, rel, 1 - rel,
                                   rel <= 1e-4, rel * 4))
-    first = layers[25]
-    return VerificationReport(False, {"index": 25, "source_layer": first.source_layer, "target_module": first.target_module,
-                                      "rel": first.rel, "max_abs": first.max_abs},
-                              layers, {"max_abs": 0.3, "rel": 0.05, "max_rel": 0.2, "cosine": 0.99, "passed": False},
-                              1e-4, 0.0, 4, [4, 64, 64, 3], "logits", notes=["synthetic"])
+    output = {"comparable": True, "max_abs": 0.3, "rel": 0.05, "max_rel": 0.2, "cosine": 0.99, "passed": False}
+    report = VerificationReport(layers, output, 1e-4, 0.0, 4, [4, 64, 64, 3], "logits", notes=["synthetic"])
+    assert not report.passed and report.first_divergent["index"] == 25  # derived from the layers
+    return report
 
 
 def test_report_is_self_contained_and_marks_everything(tmp_path):
@@ -113,3 +112,15 @@ def test_report_renders_in_headless_chromium(tmp_path, chromium):
     assert near((253, 226, 226), tol=4) > 100_000, "the 15 failing table rows are not shaded"
     if os.environ.get("CKPTPORT_SCREENSHOT"):
         shutil.copy(shot, os.environ["CKPTPORT_SCREENSHOT"])
+
+
+def test_report_of_a_head_reset_says_what_was_not_compared():
+    report = synthetic_report()
+    report.layers = report.layers[:25]  # all passing
+    report.output = {"comparable": False, "reason": "head reset to 7 classes", "excluded_module": "fc",
+                     **dict.fromkeys(("max_abs", "rel", "max_rel", "cosine", "passed"))}
+    report.excluded = [{"module": "fc", "source_layers": ["predictions"], "reason": "head reset to 7 classes"}]
+    assert report.passed and report.first_divergent is None
+    html = render(report, "a.keras vs a.safetensors")
+    assert "PASS" in html and "Output not comparable: head reset to 7 classes" in html
+    assert "excluded: fc (Keras predictions): head reset to 7 classes" in html

@@ -165,7 +165,7 @@ def test_planted_symmetric_padding_on_stride2_conv(tmp_path):
     assert report.first_divergent["target_module"] == "blocks.1.0.conv_dw"
 
 
-def test_record_then_against_without_tensorflow(tmp_path):
+def test_record_then_against_without_tensorflow(tmp_path, capsys):
     fx, out = converted("keras:MobileNetV3Small", tmp_path)
     ref = tmp_path / "ref.safetensors"
     first = verify(fx["files"]["keras"], out, record=ref, train_step=True, device="cpu")
@@ -181,6 +181,17 @@ print('OK', len(r.layers))
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-2000:]
+    # existing --record/--html outputs are refused by the atomic writer: exit 2, one line, untouched
+    for flag, name in (("--record", "old.safetensors"), ("--html", "old.html")):
+        existing = tmp_path / name
+        existing.write_text("old")
+        argv = ["verify", str(out), "--against", str(ref), flag, str(existing), "--device", "cpu"]
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert "exists" in err and "--force" in err and len(err.splitlines()) == 1, err
+        assert existing.read_text() == "old"
+        assert main([*argv, "--force", "--json"]) == 0 and existing.read_bytes() != b"old"
+        capsys.readouterr()
 
 
 def test_cli_exit_codes_json_and_html(tmp_path, capsys):
@@ -206,13 +217,16 @@ def test_cli_exit_codes_json_and_html(tmp_path, capsys):
 def test_tensorflow_imported_first_verify_isolates_itself(tmp_path):
     """TensorFlow then torchvision in one process segfaults on this stack (at the torchvision import);
     verify sees TF is loaded and runs itself in a clean process, so a user who imported TF first is safe.
-    This test FAILS (exit -11) if that isolation is removed."""
+    This test FAILS (exit -11) if that isolation is removed. Options (format included) and an inputs
+    array reach the clean process."""
     fx, out = converted("keras:MobileNetV3Small", tmp_path)
     code = f"""
+import numpy as np
 import tensorflow, keras
 import converter
-r = converter.verify({fx['files']['keras']!r}, {str(out)!r}, device='cpu')
-assert r.passed
+x = np.random.default_rng(3).uniform(0, 255, (2, 128, 128, 3)).astype('float32')
+r = converter.verify({fx['files']['keras']!r}, {str(out)!r}, device='cpu', format='keras', inputs=x)
+assert r.passed and r.batch == 2, r.first_divergent
 print('OK')
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -63,11 +63,13 @@ def command(src, to, output, src_format, mapping, source_model, num_classes, do_
     info = summary(result, written)
     rc = 0
     if do_verify:
-        from ..verification import verify
+        from ..verification import VerifyOptions, verify
 
-        report = verify(src, written)
+        # the source options the conversion used; a head reset is read from the written metadata
+        opts = VerifyOptions(mapping=mapping, source_model=source_model, format=src_format)
+        report = verify(src, written, opts)
         info["verification"] = report.to_dict()
-        rc = 0 if report.passed else 1
+        rc = report.return_code
     if as_json:
         emit_json(info)
         return rc
@@ -87,6 +89,8 @@ def command(src, to, output, src_format, mapping, source_model, num_classes, do_
         console.print(f"  head reset: {result.head_reset['num_classes']} classes, dropped {', '.join(result.head_reset['dropped_source_layers'])}")
     if do_verify:
         console.print(f"  verification: {'PASS' if rc == 0 else 'MISMATCH'}")
+        for e in report.excluded:
+            console.print(f"    not compared: {e['module']} ({e['reason']})")
     return rc
 
 
