@@ -106,7 +106,7 @@ def test_convert_head_reset_verify_compares_up_to_the_head(mnv3, tmp_path, capsy
 def test_convert_verify_passes_mapping_through(tmp_path, capsys):
     """`convert --mapping T --verify` verifies with T: the good table passes (exit 0), the table with
     the planted Flatten bug fails at fc (exit 1); without T verification could not even run (exit 2)."""
-    from conftest import ROOT
+    from helpers import ROOT
 
     src = tmp_path / "tiny.keras"
     subprocess.run([sys.executable, str(ROOT / "fixtures" / "keras_tiny.py"), str(src)], check=True,
