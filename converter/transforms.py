@@ -34,6 +34,8 @@ class TensorTransform:
 
 
 class Identity(TensorTransform):
+    """Leaves the array as it is (biases, BN vectors)."""
+
     name = "identity"
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -46,6 +48,8 @@ class Identity(TensorTransform):
 
 @dataclass(frozen=True, repr=False)
 class Permute(TensorTransform):
+    """Transpose by ``axes`` (``np.transpose``); ``label`` is the readable repr."""
+
     axes: tuple[int, ...]
     label: str = ""
 
@@ -77,6 +81,10 @@ class DepthwiseToTorch(TensorTransform):
 
 
 class DepthwiseFromTorch(TensorTransform):
+    """PyTorch grouped conv weight (C, 1, h, w) -> Keras depthwise kernel (h, w, C, 1).
+
+    Only depth multiplier 1 can be inverted: (C*mult, 1, h, w) does not say what mult was."""
+
     name = "depthwise (C*mult,1,h,w)->(h,w,C,mult), mult=1"
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -104,6 +112,8 @@ class Conv1x1ToLinear(TensorTransform):
 
 
 class LinearTo1x1Conv(TensorTransform):
+    """Linear weight (out, in) -> Keras 1x1 conv kernel (1, 1, in, out)."""
+
     name = "linear (out,in)->1x1-conv (1,1,in,out)"
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -136,6 +146,8 @@ class FlattenNHWCToNCHW(TensorTransform):
 
 @dataclass(frozen=True, repr=False)
 class FlattenNCHWToNHWC(TensorTransform):
+    """Linear weight (out, C*H*W) -> Dense kernel after Flatten, rows in (H, W, C) order."""
+
     hwc: tuple[int, int, int]
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -152,7 +164,7 @@ class FlattenNCHWToNHWC(TensorTransform):
 
 IDENTITY = Identity()
 CONV_HWIO_TO_OIHW = Permute((3, 2, 0, 1), "conv HWIO->OIHW")
-DENSE_T = Permute((1, 0), "dense (in,out)->(out,in)")
+DENSE_IN_OUT_TO_OUT_IN = Permute((1, 0), "dense (in,out)->(out,in)")
 
 # ---------------------------------------------------------------- layer transforms
 
@@ -185,19 +197,28 @@ class LayerContext:
 
 
 class LayerTransform:
+    """Which source variables of one Keras layer become which target tensors.
+
+    ``params`` maps each source variable to (target parameter name, tensor transform); subclasses
+    override ``apply`` when a layer needs more than that (fills, BN settings, reshapes)."""
+
     name = "layer"
     #: transform applied to each source variable -> (target param name, tensor transform)
     params: dict[str, tuple[str, TensorTransform]] = {}
 
     def apply(self, ctx: LayerContext) -> Emitted:
         out = Emitted()
-        for var, (param, tt) in self.params.items():
+        for var, (param, tensor_transform) in self.params.items():
             if var not in ctx.layer.weights:
                 continue
-            self.emit(ctx, out, var, param, tt)
+            self.emit(ctx, out, var, param, tensor_transform)
         return out
 
-    def emit(self, ctx: LayerContext, out: Emitted, var: str, param: str, tt: TensorTransform) -> None:
+    def emit(
+        self, ctx: LayerContext, out: Emitted, var: str, param: str, tensor_transform: TensorTransform
+    ) -> None:
+        """Put source variable ``var`` at ``<target>.<param>``; a bias the target has no place for is
+        folded into ``fold_bias``'s running mean when the rule says so, else left unconsumed."""
         key = f"{ctx.target}.{param}" if ctx.target else param
         arr = ctx.var(var)
         if var == "bias" and not ctx.has(key):
@@ -207,12 +228,12 @@ class LayerTransform:
                                f"bias of {ctx.layer.name} folded into {ctx.fold_bias}.running_mean"))
             out.consumed.add(var)
             return
-        out.tensors[key] = (tt(arr), ctx.layer.keys.get(var, var), repr(tt))
+        out.tensors[key] = (tensor_transform(arr), ctx.layer.keys.get(var, var), repr(tensor_transform))
         out.consumed.add(var)
 
     def inverse_params(self) -> dict[str, tuple[str, TensorTransform]]:
         """Target param -> (source var, inverse tensor transform): the PyTorch -> Keras direction."""
-        return {param: (var, tt.inverse) for var, (param, tt) in self.params.items()}
+        return {param: (var, tensor.inverse) for var, (param, tensor) in self.params.items()}
 
     def __repr__(self) -> str:
         inner = ", ".join(f"{v}->{p} [{t!r}]" for v, (p, t) in self.params.items())
@@ -223,6 +244,8 @@ TRANSFORMS: Registry[LayerTransform] = Registry("transform")
 
 
 def register(name: str) -> Callable[[type], type]:
+    """Class decorator: name the layer transform and add one instance of it to ``TRANSFORMS``."""
+
     def deco(cls: type) -> type:
         cls.name = name
         TRANSFORMS.add(name, cls())
@@ -232,30 +255,38 @@ def register(name: str) -> Callable[[type], type]:
 
 
 @register("conv2d")
-class Conv2dT(LayerTransform):
+class Conv2dTransform(LayerTransform):
+    """Keras Conv2D -> torch Conv2d: kernel HWIO -> OIHW, bias as is."""
+
     params = {"kernel": ("weight", CONV_HWIO_TO_OIHW), "bias": ("bias", IDENTITY)}
 
 
 @register("depthwise_conv2d")
-class DepthwiseT(LayerTransform):
+class DepthwiseConv2dTransform(LayerTransform):
+    """Keras DepthwiseConv2D -> torch grouped Conv2d: kernel (h,w,C,mult) -> (C*mult,1,h,w)."""
+
     params = {"kernel": ("weight", DepthwiseToTorch()), "bias": ("bias", IDENTITY)}
 
 
 @register("dense")
-class DenseT(LayerTransform):
-    params = {"kernel": ("weight", DENSE_T), "bias": ("bias", IDENTITY)}
+class DenseTransform(LayerTransform):
+    """Keras Dense -> torch Linear: kernel (in, out) -> weight (out, in)."""
+
+    params = {"kernel": ("weight", DENSE_IN_OUT_TO_OUT_IN), "bias": ("bias", IDENTITY)}
 
 
 @register("conv1x1_to_linear")
-class Conv1x1LinearT(LayerTransform):
+class Conv1x1ToLinearTransform(LayerTransform):
+    """Keras 1x1 Conv2D -> torch Linear: kernel (1, 1, in, out) -> weight (out, in)."""
+
     params = {"kernel": ("weight", Conv1x1ToLinear()), "bias": ("bias", IDENTITY)}
 
 
 @register("dense_after_flatten")
-class DenseFlattenT(LayerTransform):
+class DenseAfterFlattenTransform(LayerTransform):
     """Dense fed by Flatten of an (H, W, C) map: table args ``hwc = [H, W, C]``."""
 
-    params = {"kernel": ("weight", DENSE_T), "bias": ("bias", IDENTITY)}
+    params = {"kernel": ("weight", DENSE_IN_OUT_TO_OUT_IN), "bias": ("bias", IDENTITY)}
 
     def apply(self, ctx: LayerContext) -> Emitted:
         hwc = ctx.args.get("hwc")
@@ -269,12 +300,14 @@ class DenseFlattenT(LayerTransform):
 
 
 @register("layer_norm")
-class LayerNormT(LayerTransform):
+class LayerNormTransform(LayerTransform):
+    """Keras LayerNormalization -> torch LayerNorm: gamma -> weight, beta -> bias."""
+
     params = {"gamma": ("weight", IDENTITY), "beta": ("bias", IDENTITY)}
 
 
 @register("batch_norm")
-class BatchNormT(LayerTransform):
+class BatchNormTransform(LayerTransform):
     """Keras BatchNormalization -> torch BatchNorm: gamma/beta (1/0 when scale/center=False),
     moving stats, num_batches_tracked = 0, and momentum p = 1 - m, eps carried per module."""
 
@@ -320,7 +353,7 @@ class BatchNormT(LayerTransform):
 
 
 @register("layer_scale")
-class LayerScaleT(LayerTransform):
+class LayerScaleTransform(LayerTransform):
     """Keras LayerScale gamma (C,) -> target param shaped like the target (C,) or (C,1,1)."""
 
     params = {"gamma": ("gamma", IDENTITY)}
