@@ -8,8 +8,7 @@ from typing import Any
 
 from . import formats
 from .errors import ConverterError
-from .source import resolve
-from .tables import builtin_tables
+from .source import resolve_source
 
 BN_KEYS = ("momentum", "epsilon", "center", "scale", "axis", "renorm")
 
@@ -32,10 +31,8 @@ def inspect(path: str | os.PathLike, format: str | None = None) -> dict[str, Any
             if k in meta:
                 info[k] = json.loads(meta[k])
         return info
-    from .pipeline import _source_manifests
-
     try:
-        source = resolve(raw, _source_manifests(builtin_tables()))
+        source = resolve_source(raw)
     except ConverterError as exc:
         info["layers"] = None
         info["resolution_error"] = str(exc)

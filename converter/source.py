@@ -8,6 +8,7 @@ manifest: a shipped one found by structural match, or one made from a model the 
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,10 +16,14 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import ConverterError, SourceFormatError, UnknownArchitectureError, UnsupportedLayerError
+from . import formats
+from .errors import (ConverterError, MappingError, SourceFormatError, UnknownArchitectureError,
+                     UnsupportedLayerError)
 from .formats import RawCheckpoint, RawTensor
 from .keras_layers import KERAS_LAYERS, canonical_attr, var_names
+from .manifest import load_manifest
 from .registry import Registry
+from .tables import Table, builtin_tables
 
 
 @dataclass
@@ -39,6 +44,9 @@ class SourceLayer:
 
 @dataclass
 class SourceModel:
+    """A resolved source: the raw checkpoint, its layers in model order, the shipped manifest it
+    matches (if any) and where the layer configs came from (``file``, ``manifest``, ``model``)."""
+
     raw: RawCheckpoint
     layers: list[SourceLayer]
     manifest_id: str | None  # the shipped manifest this source matches, if any
@@ -59,7 +67,10 @@ class SourceModel:
 
 
 @dataclass
-class Skel:
+class LayerSkeleton:
+    """A layer before the file's tensors are attached: name, class, config, and, from a manifest,
+    its variables' shapes and its index in ``model._operations``."""
+
     name: str
     class_name: str
     config: dict[str, Any]
@@ -85,7 +96,7 @@ def is_auto_name(name: str, class_name: str) -> bool:
     return re.fullmatch(re.escape(snake_case(class_name)) + r"(_\d+)?", name) is not None
 
 
-def skeleton_from_config(model_config: dict[str, Any], label: Path) -> list[Skel]:
+def skeleton_from_config(model_config: dict[str, Any], label: Path) -> list[LayerSkeleton]:
     cfg = model_config.get("config", model_config)
     if not isinstance(cfg, dict) or "layers" not in cfg:
         raise SourceFormatError(f"{label}: the stored model config has no layer list; is it a Functional/Sequential model?")
@@ -101,13 +112,13 @@ def skeleton_from_config(model_config: dict[str, Any], label: Path) -> list[Skel
             raise UnsupportedLayerError(
                 f"{label}: layer {name!r} is a nested {cls}; nested models are not supported yet, flatten it first"
             )
-        out.append(Skel(name, cls, lcfg))
+        out.append(LayerSkeleton(name, cls, lcfg))
     return out
 
 
-def skeleton_from_manifest(manifest: dict[str, Any]) -> list[Skel]:
+def skeleton_from_manifest(manifest: dict[str, Any]) -> list[LayerSkeleton]:
     skel = Skeleton(
-        Skel(lay["name"], lay["class_name"], lay["config"],
+        LayerSkeleton(lay["name"], lay["class_name"], lay["config"],
              [(v["name"], tuple(v["shape"])) for v in lay["vars"]], lay.get("op_index"))
         for lay in manifest["layers"]
     )
@@ -119,7 +130,7 @@ def skeleton_from_manifest(manifest: dict[str, Any]) -> list[Skel]:
 # ------------------------------------------------------------------ per-format key resolution
 # A resolver maps each tensor key to (layer index in the skeleton, variable name), or raises.
 
-Resolver = Callable[[RawCheckpoint, list[Skel]], dict[str, tuple[int, str]]]
+Resolver = Callable[[RawCheckpoint, list[LayerSkeleton]], dict[str, tuple[int, str]]]
 RESOLVERS: Registry[Resolver] = Registry("key resolver")
 
 
@@ -127,11 +138,11 @@ class NoFit(Exception):
     """The skeleton does not fit the file (detection tries the next candidate)."""
 
 
-def _by_name(skel: list[Skel]) -> dict[str, int]:
+def _by_name(skel: list[LayerSkeleton]) -> dict[str, int]:
     return {s.name: i for i, s in enumerate(skel)}
 
 
-def _auto_names(skel: list[Skel]) -> dict[str, int]:
+def _auto_names(skel: list[LayerSkeleton]) -> dict[str, int]:
     counts: dict[str, int] = {}
     out = {}
     for i, s in enumerate(skel):
@@ -142,8 +153,10 @@ def _auto_names(skel: list[Skel]) -> dict[str, int]:
     return out
 
 
-def _match_auto(raw_names: list[str], skel: list[Skel]) -> dict[str, int]:
-    """Names from a file -> skeleton indices; auto names match by class in order."""
+def match_layer_names(raw_names: list[str], skel: list[LayerSkeleton]) -> dict[str, int]:
+    """Layer names from a file -> skeleton indices. Given names match by name; Keras auto names
+    (``conv2d_3``) match by class, in order, so a file saved in another session still fits.
+    Raises NoFit for a name that fits no layer."""
     by_name = _by_name(skel)
     out: dict[str, int] = {}
     used: set[int] = set()
@@ -165,7 +178,7 @@ def _match_auto(raw_names: list[str], skel: list[Skel]) -> dict[str, int]:
     return out
 
 
-def _numbered_vars(raw: RawCheckpoint, skel: list[Skel], group_index: dict[str, int]) -> dict[str, tuple[int, str]]:
+def _numbered_vars(raw: RawCheckpoint, skel: list[LayerSkeleton], group_index: dict[str, int]) -> dict[str, tuple[int, str]]:
     groups: dict[str, list[str]] = {}
     for key in raw.tensors:
         g = key.split("/")[1]
@@ -188,10 +201,10 @@ def _numbered_vars(raw: RawCheckpoint, skel: list[Skel], group_index: dict[str, 
 
 @RESOLVERS.register("keras")
 @RESOLVERS.register("weights.h5")
-def _resolve_weights_h5(raw: RawCheckpoint, skel: list[Skel]) -> dict[str, tuple[int, str]]:
+def _resolve_weights_h5(raw: RawCheckpoint, skel: list[LayerSkeleton]) -> dict[str, tuple[int, str]]:
     groups = sorted({k.split("/")[1] for k in raw.tensors})
     if raw.group_names:
-        real = _match_auto([raw.group_names.get(g, g) for g in groups], skel)
+        real = match_layer_names([raw.group_names.get(g, g) for g in groups], skel)
         index = {g: real[raw.group_names.get(g, g)] for g in groups}
     else:
         auto = _auto_names(skel)
@@ -200,10 +213,10 @@ def _resolve_weights_h5(raw: RawCheckpoint, skel: list[Skel]) -> dict[str, tuple
 
 
 @RESOLVERS.register("h5")
-def _resolve_legacy_h5(raw: RawCheckpoint, skel: list[Skel]) -> dict[str, tuple[int, str]]:
+def _resolve_legacy_h5(raw: RawCheckpoint, skel: list[LayerSkeleton]) -> dict[str, tuple[int, str]]:
     parts = {k: k.split("/") for k in raw.tensors}
     layer_of = {k: (p[1] if p[0] == "model_weights" else p[0]) for k, p in parts.items()}
-    index = _match_auto(sorted(set(layer_of.values())), skel)
+    index = match_layer_names(sorted(set(layer_of.values())), skel)
     return {k: (index[layer_of[k]], p[-1].split(":")[0]) for k, p in parts.items()}
 
 
@@ -213,7 +226,7 @@ _FLAT = re.compile(r"^variables/(?P<i>\d+)/\.ATTRIBUTES/VARIABLE_VALUE$")  # mod
 
 @RESOLVERS.register("tf-checkpoint")
 @RESOLVERS.register("savedmodel")
-def _resolve_tf(raw: RawCheckpoint, skel: list[Skel]) -> dict[str, tuple[int, str]]:
+def _resolve_tf(raw: RawCheckpoint, skel: list[LayerSkeleton]) -> dict[str, tuple[int, str]]:
     keys = list(raw.tensors)
     if all(_FLAT.match(k) for k in keys):
         return _resolve_flat(raw, skel)
@@ -241,19 +254,19 @@ def _resolve_tf(raw: RawCheckpoint, skel: list[Skel]) -> dict[str, tuple[int, st
             raise NoFit(k)
     if named:
         layer_of = {k: k.rsplit("/", 1)[0] for k in named}
-        index = _match_auto(sorted(set(layer_of.values())), skel)
+        index = match_layer_names(sorted(set(layer_of.values())), skel)
         for k in named:
             out[k] = (index[layer_of[k]], k.rsplit("/", 1)[1].split(":")[0])
     return out
 
 
-def _n_vars(s: Skel) -> int:
+def _n_vars(s: LayerSkeleton) -> int:
     if s.shapes is not None:
         return len(s.shapes)
     return len(KERAS_LAYERS.get(s.class_name).names(s.config)) if s.class_name in KERAS_LAYERS else 0
 
 
-def _resolve_flat(raw: RawCheckpoint, skel: list[Skel]) -> dict[str, tuple[int, str]]:
+def _resolve_flat(raw: RawCheckpoint, skel: list[LayerSkeleton]) -> dict[str, tuple[int, str]]:
     flat: list[tuple[int, str]] = []
     if getattr(skel, "flat", None) is not None:
         flat = list(skel.flat)
@@ -272,7 +285,7 @@ def _resolve_flat(raw: RawCheckpoint, skel: list[Skel]) -> dict[str, tuple[int, 
     return out
 
 
-def _flat_from_layers(skel: list[Skel]) -> list[tuple[int, str]]:
+def _flat_from_layers(skel: list[LayerSkeleton]) -> list[tuple[int, str]]:
     flat: list[tuple[int, str]] = []
     for i, s in enumerate(skel):
         if s.shapes is not None:
@@ -285,7 +298,7 @@ def _flat_from_layers(skel: list[Skel]) -> list[tuple[int, str]]:
 # ------------------------------------------------------------------ assembling
 
 
-def build_layers(raw: RawCheckpoint, skel: list[Skel], origin: str) -> list[SourceLayer]:
+def build_layers(raw: RawCheckpoint, skel: list[LayerSkeleton], origin: str) -> list[SourceLayer]:
     """Attach the file's tensors to the skeleton; raises NoFit when they do not belong to it."""
     resolver = RESOLVERS.get(raw.format)
     assignment = resolver(raw, skel)
@@ -312,7 +325,7 @@ def structure_key(layers: list[Any]) -> list[tuple[str, str, tuple]]:
     """What must agree between a file and a manifest: classes, names (auto names by class) and shapes."""
     out = []
     for lay in layers:
-        if isinstance(lay, Skel):
+        if isinstance(lay, LayerSkeleton):
             shapes = tuple(sorted(lay.shapes or []))
         else:
             shapes = tuple(sorted((v, tuple(t.shape)) for v, t in lay.weights.items()))
@@ -361,3 +374,50 @@ def _matching_manifest(layers: list[SourceLayer], manifests: list[dict[str, Any]
         if structure_key(skeleton_from_manifest(man)) == key:
             return man["id"]
     return None
+
+
+# ------------------------------------------------------------------ one entry point
+
+
+def source_manifests(tables: list[Table]) -> list[dict[str, Any]]:
+    """The shipped source manifests the tables' variants name, each once, in table order
+    (a table whose manifest is not shipped contributes none)."""
+    seen, out = set(), []
+    for table in tables:
+        for variant in table.variants:
+            if variant.source and variant.source not in seen:
+                seen.add(variant.source)
+                try:
+                    out.append(load_manifest(variant.source))
+                except MappingError:
+                    continue  # a table for an architecture whose manifest is not shipped
+    return out
+
+
+def resolve_source(
+    src: RawCheckpoint | str | os.PathLike,
+    tables: list[Table] | None = None,
+    *,
+    source_model: str | None = None,
+    format: str | None = None,
+) -> SourceModel:
+    """Read (unless ``src`` is already read) and resolve a Keras/TF source into layers: tried
+    against the source manifests of ``tables`` (default: the built-in tables), or against the model
+    that ``source_model`` (``module:function``, the user's own code) builds. What ``convert``,
+    ``inspect`` and verification's Keras runner all use, so they agree on what a file is."""
+    raw = src if isinstance(src, RawCheckpoint) else formats.read(src, format)
+    if raw.format in ("safetensors", "pt"):
+        raise SourceFormatError(
+            f"{raw.path} is already a PyTorch-side file ({raw.format}); give the Keras/TF source"
+        )
+    manifests = source_manifests(builtin_tables() if tables is None else tables)
+    model_manifest = _source_model_manifest(source_model) if source_model else None
+    return resolve(raw, manifests, model_manifest)
+
+
+def _source_model_manifest(spec: str) -> dict[str, Any]:
+    from .manifest import source_manifest_from_model
+    from .model import call_factory
+
+    model = call_factory(spec, "--source-model")
+    return source_manifest_from_model(model, f"model:{spec}")
