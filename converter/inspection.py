@@ -21,12 +21,16 @@ def inspect(path: str | os.PathLike, format: str | None = None) -> dict[str, Any
     info: dict[str, Any] = {
         "path": str(raw.path),
         "format": raw.format,
-        "tensors": [{"key": k, "shape": list(t.shape), "dtype": t.dtype} for k, t in raw.tensors.items()],
+        "tensors": [
+            {"key": k, "shape": list(t.shape), "dtype": t.dtype} for k, t in raw.tensors.items()
+        ],
         "ignored": [{"key": k, "why": w} for k, w in raw.ignored.items()],
     }
     if raw.format in ("safetensors", "pt"):
         meta = dict(raw.metadata)
-        info["metadata"] = {k: v for k, v in meta.items() if k not in ("bn_config", "preprocessing", "dropped")}
+        info["metadata"] = {
+            k: v for k, v in meta.items() if k not in ("bn_config", "preprocessing", "dropped")
+        }
         for k in ("bn_config", "preprocessing", "surgeries"):
             if k in meta:
                 info[k] = json.loads(meta[k])
@@ -43,8 +47,15 @@ def inspect(path: str | os.PathLike, format: str | None = None) -> dict[str, Any
         {
             "name": lay.name,
             "class": lay.class_name,
-            "vars": {v: {"key": lay.keys[v], "shape": list(t.shape), "dtype": t.dtype} for v, t in lay.weights.items()},
-            **({"bn": {k: lay.config[k] for k in BN_KEYS if k in lay.config}} if lay.class_name == "BatchNormalization" else {}),
+            "vars": {
+                v: {"key": lay.keys[v], "shape": list(t.shape), "dtype": t.dtype}
+                for v, t in lay.weights.items()
+            },
+            **(
+                {"bn": {k: lay.config[k] for k in BN_KEYS if k in lay.config}}
+                if lay.class_name == "BatchNormalization"
+                else {}
+            ),
         }
         for lay in source.layers
         if lay.weights or lay.class_name in ("Rescaling", "Normalization")

@@ -38,7 +38,8 @@ class MappedLayer:
 
 @dataclass
 class ConversionResult:
-    """A finished conversion: the state dict (numpy, keys exactly the target's) and its provenance."""
+    """A finished conversion: the state dict (numpy, keys exactly the target's) and its
+    provenance."""
 
     state_dict: dict[str, np.ndarray]
     bn_config: dict[str, dict[str, Any]]
@@ -371,9 +372,9 @@ def _input_shape(source: SourceModel) -> list[int | None] | None:
 
 
 def dry_run(table: Table, variant: Variant, seed: int = 0) -> ConversionResult:
-    """Run ``variant`` of ``table`` on synthetic tensors shaped like its source manifest, against its
-    target manifest: proves the table covers every source tensor and fills every target tensor with
-    the right shapes, without TensorFlow or PyTorch."""
+    """Run ``variant`` of ``table`` on synthetic tensors shaped like its source manifest, against
+    its target manifest: proves the table covers every source tensor and fills every target tensor
+    with the right shapes, without TensorFlow or PyTorch."""
     from .source import build_layers, skeleton_from_manifest
 
     if variant.source is None:
@@ -389,7 +390,7 @@ def dry_run(table: Table, variant: Variant, seed: int = 0) -> ConversionResult:
 
 
 def _synthetic_checkpoint(source_manifest: dict[str, Any], name: str, seed: int) -> RawCheckpoint:
-    """A TF-checkpoint-like RawCheckpoint of uniform(0.5, 1.5) tensors, one per manifest variable."""
+    """A TF-checkpoint-like RawCheckpoint: one uniform(0.5, 1.5) tensor per manifest variable."""
     rng = np.random.default_rng(seed)
     tensors: dict[str, RawTensor] = {}
     for layer in source_manifest["layers"]:

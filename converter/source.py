@@ -17,8 +17,13 @@ from typing import Any, Callable
 import numpy as np
 
 from . import formats
-from .errors import (ConverterError, MappingError, SourceFormatError, UnknownArchitectureError,
-                     UnsupportedLayerError)
+from .errors import (
+    ConverterError,
+    MappingError,
+    SourceFormatError,
+    UnknownArchitectureError,
+    UnsupportedLayerError,
+)
 from .formats import RawCheckpoint, RawTensor
 from .keras_layers import KERAS_LAYERS, canonical_attr, var_names
 from .manifest import load_manifest
@@ -28,7 +33,8 @@ from .tables import Table, builtin_tables
 
 @dataclass
 class SourceLayer:
-    """One Keras layer: its given name, class, config (and where the config came from), variables."""
+    """One Keras layer: its given name, class, config (and where the config came from) and
+    variables."""
 
     name: str
     class_name: str
@@ -99,7 +105,10 @@ def is_auto_name(name: str, class_name: str) -> bool:
 def skeleton_from_config(model_config: dict[str, Any], label: Path) -> list[LayerSkeleton]:
     cfg = model_config.get("config", model_config)
     if not isinstance(cfg, dict) or "layers" not in cfg:
-        raise SourceFormatError(f"{label}: the stored model config has no layer list; is it a Functional/Sequential model?")
+        raise SourceFormatError(
+            f"{label}: the stored model config has no layer list; "
+            "is it a Functional/Sequential model?"
+        )
     is_sequential = model_config.get("class_name") == "Sequential"
     out = []
     for entry in cfg["layers"]:
@@ -110,7 +119,8 @@ def skeleton_from_config(model_config: dict[str, Any], label: Path) -> list[Laye
             continue
         if isinstance(lcfg, dict) and "layers" in lcfg:
             raise UnsupportedLayerError(
-                f"{label}: layer {name!r} is a nested {cls}; nested models are not supported yet, flatten it first"
+                f"{label}: layer {name!r} is a nested {cls}; nested models are not supported yet, "
+                "flatten it first"
             )
         out.append(LayerSkeleton(name, cls, lcfg))
     return out
@@ -118,8 +128,13 @@ def skeleton_from_config(model_config: dict[str, Any], label: Path) -> list[Laye
 
 def skeleton_from_manifest(manifest: dict[str, Any]) -> list[LayerSkeleton]:
     skel = Skeleton(
-        LayerSkeleton(lay["name"], lay["class_name"], lay["config"],
-             [(v["name"], tuple(v["shape"])) for v in lay["vars"]], lay.get("op_index"))
+        LayerSkeleton(
+            lay["name"],
+            lay["class_name"],
+            lay["config"],
+            [(v["name"], tuple(v["shape"])) for v in lay["vars"]],
+            lay.get("op_index"),
+        )
         for lay in manifest["layers"]
     )
     if manifest.get("flat_variables") is not None:
@@ -162,15 +177,22 @@ def match_layer_names(raw_names: list[str], skel: list[LayerSkeleton]) -> dict[s
     used: set[int] = set()
     pending = []
     for n in raw_names:
-        if n in by_name and not (is_auto_name(n, skel[by_name[n]].class_name) and by_name[n] in used):
+        if n in by_name and not (
+            is_auto_name(n, skel[by_name[n]].class_name) and by_name[n] in used
+        ):
             out[n] = by_name[n]
             used.add(by_name[n])
         else:
             pending.append(n)
     for n in pending:
         base = re.sub(r"_\d+$", "", n)
-        cands = [i for i, s in enumerate(skel) if i not in used and snake_case(s.class_name) == base
-                 and is_auto_name(s.name, s.class_name)]
+        cands = [
+            i
+            for i, s in enumerate(skel)
+            if i not in used
+            and snake_case(s.class_name) == base
+            and is_auto_name(s.name, s.class_name)
+        ]
         if not cands:
             raise NoFit(n)
         out[n] = cands[0]
@@ -178,7 +200,9 @@ def match_layer_names(raw_names: list[str], skel: list[LayerSkeleton]) -> dict[s
     return out
 
 
-def _numbered_vars(raw: RawCheckpoint, skel: list[LayerSkeleton], group_index: dict[str, int]) -> dict[str, tuple[int, str]]:
+def _numbered_vars(
+    raw: RawCheckpoint, skel: list[LayerSkeleton], group_index: dict[str, int]
+) -> dict[str, tuple[int, str]]:
     groups: dict[str, list[str]] = {}
     for key in raw.tensors:
         g = key.split("/")[1]
@@ -201,7 +225,9 @@ def _numbered_vars(raw: RawCheckpoint, skel: list[LayerSkeleton], group_index: d
 
 @RESOLVERS.register("keras")
 @RESOLVERS.register("weights.h5")
-def _resolve_weights_h5(raw: RawCheckpoint, skel: list[LayerSkeleton]) -> dict[str, tuple[int, str]]:
+def _resolve_weights_h5(
+    raw: RawCheckpoint, skel: list[LayerSkeleton]
+) -> dict[str, tuple[int, str]]:
     groups = sorted({k.split("/")[1] for k in raw.tensors})
     if raw.group_names:
         real = match_layer_names([raw.group_names.get(g, g) for g in groups], skel)
@@ -220,7 +246,10 @@ def _resolve_legacy_h5(raw: RawCheckpoint, skel: list[LayerSkeleton]) -> dict[st
     return {k: (index[layer_of[k]], p[-1].split(":")[0]) for k, p in parts.items()}
 
 
-_OBJ = re.compile(r"^(?:.*/)?(?P<kind>_operations|layer_with_weights-|layer-)/?(?P<i>\d+)/(?P<attr>.+?)/\.ATTRIBUTES/VARIABLE_VALUE$")
+_OBJ = re.compile(
+    r"^(?:.*/)?(?P<kind>_operations|layer_with_weights-|layer-)/?(?P<i>\d+)/"
+    r"(?P<attr>.+?)/\.ATTRIBUTES/VARIABLE_VALUE$"
+)
 _FLAT = re.compile(r"^variables/(?P<i>\d+)/\.ATTRIBUTES/VARIABLE_VALUE$")  # model.variables order
 
 
@@ -263,7 +292,9 @@ def _resolve_tf(raw: RawCheckpoint, skel: list[LayerSkeleton]) -> dict[str, tupl
 def _n_vars(s: LayerSkeleton) -> int:
     if s.shapes is not None:
         return len(s.shapes)
-    return len(KERAS_LAYERS.get(s.class_name).names(s.config)) if s.class_name in KERAS_LAYERS else 0
+    return (
+        len(KERAS_LAYERS.get(s.class_name).names(s.config)) if s.class_name in KERAS_LAYERS else 0
+    )
 
 
 def _resolve_flat(raw: RawCheckpoint, skel: list[LayerSkeleton]) -> dict[str, tuple[int, str]]:
@@ -302,7 +333,9 @@ def build_layers(raw: RawCheckpoint, skel: list[LayerSkeleton], origin: str) -> 
     """Attach the file's tensors to the skeleton; raises NoFit when they do not belong to it."""
     resolver = RESOLVERS.get(raw.format)
     assignment = resolver(raw, skel)
-    layers = [SourceLayer(s.name, s.class_name, s.config, origin, index=i) for i, s in enumerate(skel)]
+    layers = [
+        SourceLayer(s.name, s.class_name, s.config, origin, index=i) for i, s in enumerate(skel)
+    ]
     for key in raw.tensors:
         if key not in assignment:
             raw.ignored.setdefault(key, "not a layer weight (e.g. a Dropout seed generator state)")
@@ -322,7 +355,8 @@ def build_layers(raw: RawCheckpoint, skel: list[LayerSkeleton], origin: str) -> 
 
 
 def structure_key(layers: list[Any]) -> list[tuple[str, str, tuple]]:
-    """What must agree between a file and a manifest: classes, names (auto names by class) and shapes."""
+    """What must agree between a file and a manifest: classes, names (auto names by class) and
+    shapes."""
     out = []
     for lay in layers:
         if isinstance(lay, LayerSkeleton):
@@ -335,15 +369,19 @@ def structure_key(layers: list[Any]) -> list[tuple[str, str, tuple]]:
     return out
 
 
-def resolve(raw: RawCheckpoint, manifests: list[dict[str, Any]], source_model: dict[str, Any] | None = None) -> SourceModel:
-    """Resolve ``raw`` into layers. ``manifests``: candidate shipped source manifests, tried in order."""
+def resolve(
+    raw: RawCheckpoint, manifests: list[dict[str, Any]], source_model: dict[str, Any] | None = None
+) -> SourceModel:
+    """Resolve ``raw`` into layers. ``manifests``: candidate shipped source manifests, tried in
+    order. Most callers want ``resolve_source``."""
     if source_model is not None:
         skel = skeleton_from_manifest(source_model)
         try:
             layers = build_layers(raw, skel, "model")
         except NoFit as exc:
             raise UnknownArchitectureError(
-                f"{raw.path} does not fit the model from --source-model ({exc}); is it the same architecture?"
+                f"{raw.path} does not fit the model from --source-model ({exc}); "
+                "is it the same architecture?"
             ) from None
         return SourceModel(raw, layers, _matching_manifest(layers, manifests), "model")
     if raw.model_config is not None:
@@ -351,7 +389,9 @@ def resolve(raw: RawCheckpoint, manifests: list[dict[str, Any]], source_model: d
         try:
             layers = build_layers(raw, skel, "file")
         except NoFit as exc:
-            raise SourceFormatError(f"{raw.path}: weights do not match the file's own model config ({exc})") from None
+            raise SourceFormatError(
+                f"{raw.path}: weights do not match the file's own model config ({exc})"
+            ) from None
         return SourceModel(raw, layers, _matching_manifest(layers, manifests), "file")
     misses = []
     for man in manifests:
@@ -362,9 +402,9 @@ def resolve(raw: RawCheckpoint, manifests: list[dict[str, Any]], source_model: d
             continue
         return SourceModel(raw, layers, man["id"], "manifest")
     raise UnknownArchitectureError(
-        f"{raw.path} ({raw.format}, {len(raw.tensors)} tensors) stores no model config and matches no known "
-        f"architecture ({len(manifests)} tried); pass --source-model module:function that builds the Keras model, "
-        "or --mapping with a table for it"
+        f"{raw.path} ({raw.format}, {len(raw.tensors)} tensors) stores no model config and matches "
+        f"no known architecture ({len(manifests)} tried); pass --source-model module:function that "
+        "builds the Keras model, or --mapping with a table for it"
     )
 
 

@@ -4,7 +4,8 @@ A table has variants (source manifest -> target spec, surgeries, lookups), rules
 layer name -> target module template, named transform) and drops (layers that are not weights of the
 target: preprocessing becomes a recorded spec). First matching rule wins. Placeholders in templates:
 ``{g}`` a regex group, ``{g-1}``/``{g+1}`` integer arithmetic, ``{g:alpha}`` a letter as index
-(a -> 0), ``{g@name}`` the variant's lookup list ``name`` at index g, ``{$name}`` a variant constant.
+(a -> 0), ``{g@name}`` the variant's lookup list ``name`` at index g, ``{$name}`` a variant
+constant.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from .registry import Registry
 from .surgeries import SURGERIES
 from .transforms import TRANSFORMS, LayerTransform
 
-_PLACEHOLDER = re.compile(r"\{(?P<ref>\$?\w+)(?::(?P<conv>alpha|int))?(?P<off>[+-]\d+)?(?:@(?P<lookup>\w+))?\}")
+_PLACEHOLDER = re.compile(
+    r"\{(?P<ref>\$?\w+)(?::(?P<conv>alpha|int))?(?P<off>[+-]\d+)?(?:@(?P<lookup>\w+))?\}"
+)
 DROP_KINDS = ("preprocessing", "ignore")
 
 
@@ -38,7 +41,9 @@ class Rule:
     transform: LayerTransform
     fold_bias: str | None = None
     tap: bool | str = True  # False: not comparable; a template: compare that source layer instead
-    tap_module: str | None = None  # template: hook this target module instead ({target} = rendered target)
+    tap_module: str | None = (
+        None  # template: hook this target module instead ({target} = rendered target)
+    )
     args: dict[str, Any] = field(default_factory=dict)
 
     def __repr__(self) -> str:
@@ -101,7 +106,9 @@ class Table:
         return [v for v in self.variants if v.source is None or v.source == source_id]
 
 
-def render(template: str, m: re.Match[str] | None, variant: Variant, where: str, **extra: str) -> str:
+def render(
+    template: str, m: re.Match[str] | None, variant: Variant, where: str, **extra: str
+) -> str:
     """Fill a template's placeholders (see the module docstring) from the match ``m``, the
     variant's constants and lookups, and ``extra``; ``where`` names the rule in errors."""
     groups = {**(m.groupdict() if m else {}), **extra}
@@ -123,7 +130,9 @@ def render(template: str, m: re.Match[str] | None, variant: Variant, where: str,
         if ph["lookup"]:
             table = variant.lookups.get(ph["lookup"])
             if table is None or not (0 <= int(val) < len(table)):
-                raise MappingError(f"{where}: lookup {ph['lookup']}[{val}] is not defined for {variant.target}")
+                raise MappingError(
+                    f"{where}: lookup {ph['lookup']}[{val}] is not defined for {variant.target}"
+                )
             val = table[int(val)]
         return str(val)
 
@@ -166,8 +175,18 @@ def load_table(path: str | Path) -> Table:
     drops = _drops(p, data)
     head = _head(p, data)
     info = data["table"]
-    return Table(info["id"], int(info["version"]), info.get("family", info["id"]),
-                 info.get("description", ""), variants, rules, drops, p, head, _input(p, data))
+    return Table(
+        info["id"],
+        int(info["version"]),
+        info.get("family", info["id"]),
+        info.get("description", ""),
+        variants,
+        rules,
+        drops,
+        p,
+        head,
+        _input(p, data),
+    )
 
 
 def _read_toml(p: Path) -> dict[str, Any]:
@@ -189,8 +208,16 @@ def _variants(p: Path, data: dict[str, Any]) -> list[Variant]:
                 SURGERIES.get(s["name"])
             except RegistryError as exc:
                 raise _fail(p, f"variants[{i}]: {exc}") from None
-        variants.append(Variant(v.get("source"), v["target"], v.get("surgeries", []), v.get("lookups", {}),
-                                v.get("consts", {}), v.get("target_kwargs", {})))
+        variants.append(
+            Variant(
+                v.get("source"),
+                v["target"],
+                v.get("surgeries", []),
+                v.get("lookups", {}),
+                v.get("consts", {}),
+                v.get("target_kwargs", {}),
+            )
+        )
     if not variants:
         raise _fail(p, "no [[variants]]: say which source maps to which target")
     return variants
@@ -215,19 +242,32 @@ def _rules(p: Path, data: dict[str, Any], variants: list[Variant]) -> list[Rule]
         for template in filter(None, [r["target"], r.get("fold_bias"), tap, r.get("tap_module")]):
             _check_template(p, where, template, pattern, variants)
         if r["target"] in seen_targets:
-            raise _fail(p, f"{where}: duplicate target {r['target']!r} (also {seen_targets[r['target']]})")
+            raise _fail(
+                p, f"{where}: duplicate target {r['target']!r} (also {seen_targets[r['target']]})"
+            )
         seen_targets[r["target"]] = where
         unknown = set(r) - RULE_KEYS
         if unknown:
             raise _fail(p, f"{where}: unknown keys {sorted(unknown)}")
-        rules.append(Rule(pattern, r["target"], transform, r.get("fold_bias"), r.get("tap", True),
-                          r.get("tap_module"), r.get("args", {})))
+        rules.append(
+            Rule(
+                pattern,
+                r["target"],
+                transform,
+                r.get("fold_bias"),
+                r.get("tap", True),
+                r.get("tap_module"),
+                r.get("args", {}),
+            )
+        )
     return rules
 
 
-def _check_template(p: Path, where: str, template: str, pattern: re.Pattern[str],
-                    variants: list[Variant]) -> None:
-    """Every placeholder refers to a group of the pattern, or to a constant/lookup every variant has."""
+def _check_template(
+    p: Path, where: str, template: str, pattern: re.Pattern[str], variants: list[Variant]
+) -> None:
+    """Every placeholder refers to a group of the pattern, or to a constant or lookup that every
+    variant has."""
     for ph in _PLACEHOLDER.finditer(template):
         ref = ph["ref"]
         if ref == "target":
@@ -258,7 +298,11 @@ def _head(p: Path, data: dict[str, Any]) -> dict[str, str]:
     head = data.get("head", {})
     if head:
         if set(head) != {"source", "module"}:
-            raise _fail(p, "[head] needs exactly source (regex of the classifier layer) and module (target module)")
+            raise _fail(
+                p,
+                "[head] needs exactly source (regex of the classifier layer) "
+                "and module (target module)",
+            )
         _regex(p, head["source"], "[head]")
     return head
 
@@ -284,7 +328,8 @@ def builtin_tables() -> list[Table]:
 
 
 def load_tables(mapping: str | Path | None = None) -> list[Table]:
-    """The tables a conversion chooses from: the user's ``mapping`` file alone, or the built-in ones."""
+    """The tables a conversion chooses from: the user's ``mapping`` file alone, or the built-in
+    ones."""
     return [load_table(mapping)] if mapping else builtin_tables()
 
 

@@ -55,12 +55,16 @@ class Permute(TensorTransform):
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if x.ndim != len(self.axes):
-            raise MappingError(f"{self!r} expects a {len(self.axes)}-d tensor, got shape {tuple(x.shape)}")
+            raise MappingError(
+                f"{self!r} expects a {len(self.axes)}-d tensor, got shape {tuple(x.shape)}"
+            )
         return np.ascontiguousarray(np.transpose(x, self.axes))
 
     @property
     def inverse(self) -> TensorTransform:
-        return Permute(tuple(int(i) for i in np.argsort(self.axes)), f"inverse of {self.label or self.axes}")
+        return Permute(
+            tuple(int(i) for i in np.argsort(self.axes)), f"inverse of {self.label or self.axes}"
+        )
 
     def __repr__(self) -> str:
         return self.label or f"permute{self.axes}"
@@ -133,8 +137,12 @@ class FlattenNHWCToNCHW(TensorTransform):
     def __call__(self, x: np.ndarray) -> np.ndarray:
         h, w, c = self.hwc
         if x.shape[0] != h * w * c:
-            raise MappingError(f"{self!r}: kernel has {x.shape[0]} rows, expected {h}*{w}*{c}={h * w * c}")
-        return np.ascontiguousarray(x.reshape(h, w, c, -1).transpose(3, 2, 0, 1).reshape(x.shape[1], -1))
+            raise MappingError(
+                f"{self!r}: kernel has {x.shape[0]} rows, expected {h}*{w}*{c}={h * w * c}"
+            )
+        return np.ascontiguousarray(
+            x.reshape(h, w, c, -1).transpose(3, 2, 0, 1).reshape(x.shape[1], -1)
+        )
 
     @property
     def inverse(self) -> TensorTransform:
@@ -152,7 +160,9 @@ class FlattenNCHWToNHWC(TensorTransform):
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         h, w, c = self.hwc
-        return np.ascontiguousarray(x.reshape(-1, c, h, w).transpose(2, 3, 1, 0).reshape(h * w * c, -1))
+        return np.ascontiguousarray(
+            x.reshape(-1, c, h, w).transpose(2, 3, 1, 0).reshape(h * w * c, -1)
+        )
 
     @property
     def inverse(self) -> TensorTransform:
@@ -173,8 +183,12 @@ DENSE_IN_OUT_TO_OUT_IN = Permute((1, 0), "dense (in,out)->(out,in)")
 class Emitted:
     """What a layer transform produces: target tensors, later adjustments, BN settings."""
 
-    tensors: dict[str, tuple[np.ndarray, str, str]] = field(default_factory=dict)  # key -> (array, source key, repr)
-    adjust: list[tuple[str, str, np.ndarray, str]] = field(default_factory=list)  # (key, op, array, why)
+    tensors: dict[str, tuple[np.ndarray, str, str]] = field(
+        default_factory=dict
+    )  # key -> (array, source key, repr)
+    adjust: list[tuple[str, str, np.ndarray, str]] = field(
+        default_factory=list
+    )  # (key, op, array, why)
     bn: dict[str, dict[str, Any]] = field(default_factory=dict)  # module -> bn config
     consumed: set[str] = field(default_factory=set)  # source variable names used
 
@@ -215,24 +229,41 @@ class LayerTransform:
         return out
 
     def emit(
-        self, ctx: LayerContext, out: Emitted, var: str, param: str, tensor_transform: TensorTransform
+        self,
+        ctx: LayerContext,
+        out: Emitted,
+        var: str,
+        param: str,
+        tensor_transform: TensorTransform,
     ) -> None:
-        """Put source variable ``var`` at ``<target>.<param>``; a bias the target has no place for is
-        folded into ``fold_bias``'s running mean when the rule says so, else left unconsumed."""
+        """Put source variable ``var`` at ``<target>.<param>``; a bias the target has no place
+        for is folded into ``fold_bias``'s running mean when the rule says so, else left
+        unconsumed."""
         key = f"{ctx.target}.{param}" if ctx.target else param
         arr = ctx.var(var)
         if var == "bias" and not ctx.has(key):
             if ctx.fold_bias is None:
                 return  # left unconsumed: strict accounting reports it
-            out.adjust.append((f"{ctx.fold_bias}.running_mean", "sub", arr.astype(np.float32, copy=False),
-                               f"bias of {ctx.layer.name} folded into {ctx.fold_bias}.running_mean"))
+            out.adjust.append(
+                (
+                    f"{ctx.fold_bias}.running_mean",
+                    "sub",
+                    arr.astype(np.float32, copy=False),
+                    f"bias of {ctx.layer.name} folded into {ctx.fold_bias}.running_mean",
+                )
+            )
             out.consumed.add(var)
             return
-        out.tensors[key] = (tensor_transform(arr), ctx.layer.keys.get(var, var), repr(tensor_transform))
+        out.tensors[key] = (
+            tensor_transform(arr),
+            ctx.layer.keys.get(var, var),
+            repr(tensor_transform),
+        )
         out.consumed.add(var)
 
     def inverse_params(self) -> dict[str, tuple[str, TensorTransform]]:
-        """Target param -> (source var, inverse tensor transform): the PyTorch -> Keras direction."""
+        """Target param -> (source var, inverse tensor transform): the PyTorch -> Keras
+        direction."""
         return {param: (var, tensor.inverse) for var, (param, tensor) in self.params.items()}
 
     def __repr__(self) -> str:
@@ -291,7 +322,9 @@ class DenseAfterFlattenTransform(LayerTransform):
     def apply(self, ctx: LayerContext) -> Emitted:
         hwc = ctx.args.get("hwc")
         if not hwc or len(hwc) != 3:
-            raise MappingError(f"transform dense_after_flatten on {ctx.layer.name!r} needs args.hwc = [H, W, C]")
+            raise MappingError(
+                f"transform dense_after_flatten on {ctx.layer.name!r} needs args.hwc = [H, W, C]"
+            )
         out = Emitted()
         self.emit(ctx, out, "kernel", "weight", FlattenNHWCToNCHW(tuple(hwc)))
         if "bias" in ctx.layer.weights:
@@ -322,23 +355,34 @@ class BatchNormTransform(LayerTransform):
         layer, cfg = ctx.layer, ctx.layer.config
         if cfg.get("renorm"):
             raise UnsupportedLayerError(
-                f"layer {layer.name!r} uses BatchNormalization(renorm=True), which PyTorch has no twin for; "
-                "retrain or fine-tune without renorm, or convert with a custom --mapping that drops it knowingly"
+                f"layer {layer.name!r} uses BatchNormalization(renorm=True), which PyTorch has no "
+                "twin for; retrain or fine-tune without renorm, or convert with a custom --mapping "
+                "that drops it knowingly"
             )
         axis = cfg.get("axis", -1)
         if isinstance(axis, list):
             axis = axis[0] if len(axis) == 1 else axis
         if axis not in (-1, 3, 1) or isinstance(axis, list):
-            raise UnsupportedLayerError(f"layer {layer.name!r}: BatchNormalization axis={axis} is not a channel axis")
+            raise UnsupportedLayerError(
+                f"layer {layer.name!r}: BatchNormalization axis={axis} is not a channel axis"
+            )
         out = super().apply(ctx)
         n = layer.weights["moving_mean"].shape[0]
         for var, param, fill in (("gamma", "weight", 1.0), ("beta", "bias", 0.0)):
             key = f"{ctx.target}.{param}"
             if var not in layer.weights and ctx.has(key):
-                out.tensors[key] = (np.full((n,), fill, np.float32), "", f"fill {fill:g} ({'scale' if var == 'gamma' else 'center'}=False)")
+                out.tensors[key] = (
+                    np.full((n,), fill, np.float32),
+                    "",
+                    f"fill {fill:g} ({'scale' if var == 'gamma' else 'center'}=False)",
+                )
         nbt = f"{ctx.target}.num_batches_tracked"
         if ctx.has(nbt):
-            out.tensors[nbt] = (np.array(0, dtype=np.int64), "", "num_batches_tracked = 0 (Keras does not count)")
+            out.tensors[nbt] = (
+                np.array(0, dtype=np.int64),
+                "",
+                "num_batches_tracked = 0 (Keras does not count)",
+            )
         m = float(cfg.get("momentum", 0.99))
         out.bn[ctx.target] = {
             "source_layer": layer.name,
@@ -364,6 +408,10 @@ class LayerScaleTransform(LayerTransform):
         key = f"{ctx.target}.{param}" if ctx.target else param
         g = ctx.var("gamma")
         shape = ctx.target_shapes.get(key, g.shape)
-        out.tensors[key] = (g.reshape(shape), ctx.layer.keys.get("gamma", "gamma"), f"reshape {g.shape}->{tuple(shape)}")
+        out.tensors[key] = (
+            g.reshape(shape),
+            ctx.layer.keys.get("gamma", "gamma"),
+            f"reshape {g.shape}->{tuple(shape)}",
+        )
         out.consumed.add("gamma")
         return out

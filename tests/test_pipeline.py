@@ -14,8 +14,7 @@ import pytest
 import converter
 from conftest import GENERATOR, ROOT, keras_build_args, make_keras_fixture
 from converter import formats, preprocessing
-from converter.errors import (ConverterError, InvalidTensorError, MappingError,
-                              ShapeMismatchError)
+from converter.errors import ConverterError, InvalidTensorError, MappingError, ShapeMismatchError
 from converter.ledger import TargetLedger
 from converter.pipeline import ConversionResult, dry_run
 from converter.preprocessing import PREPROCESSING, Affine, preprocessing_spec
@@ -23,8 +22,16 @@ from converter.registry import Registry
 from converter.source import SourceLayer, resolve_source
 from converter.tables import builtin_tables, load_table
 
-R50_FORMATS = ["keras", "weights.h5", "h5", "h5-weights", "tf-checkpoint", "tf-names",
-               "tf-layer-with-weights", "savedmodel"]  # the fixture test_errors.py builds too
+R50_FORMATS = [
+    "keras",
+    "weights.h5",
+    "h5",
+    "h5-weights",
+    "tf-checkpoint",
+    "tf-names",
+    "tf-layer-with-weights",
+    "savedmodel",
+]  # the fixture test_errors.py builds too
 
 
 def _fixture(manifest_id: str, formats_built: list[str]) -> dict:
@@ -50,8 +57,14 @@ def _efficientnet_b0(table):
 
 
 def test_ledger_places_in_target_dtype_and_keeps_target_order():
-    ledger = TargetLedger({"tensors": [{"key": "b", "shape": [2], "dtype": "float32"},
-                                       {"key": "a", "shape": [], "dtype": "int64"}]})
+    ledger = TargetLedger(
+        {
+            "tensors": [
+                {"key": "b", "shape": [2], "dtype": "float32"},
+                {"key": "a", "shape": [], "dtype": "int64"},
+            ]
+        }
+    )
     assert ledger.place("a", np.array(3), "l1", "identity")
     assert ledger.place("b", np.ones(2, np.float64), "l2", "identity")
     out = ledger.finish("src -> tgt", "t")
@@ -63,18 +76,24 @@ def test_ledger_reports_shape_mismatch_first():
     ledger = TargetLedger({"tensors": [{"key": "w", "shape": [2, 3], "dtype": "float32"}]})
     assert not ledger.place("w", np.ones((3, 2)), "dense", "dense (in,out)->(out,in)")
     assert not ledger.place("nope", np.ones(1), "dense", "identity")
-    with pytest.raises(ShapeMismatchError, match=r"src -> tgt: shape mismatch: w: dense gives "
-                                                 r"\(3, 2\) after dense \(in,out\)->\(out,in\), "
-                                                 r"target expects \(2, 3\)"):
+    with pytest.raises(
+        ShapeMismatchError,
+        match=r"src -> tgt: shape mismatch: w: dense gives "
+        r"\(3, 2\) after dense \(in,out\)->\(out,in\), "
+        r"target expects \(2, 3\)",
+    ):
         ledger.finish("src -> tgt", "t")
 
 
 def test_one_error_lists_every_problem(tmp_path):
     """A table with three mistakes: all three in one MappingError (the message text is what the
     pipeline printed before the ledger existed)."""
-    path = _table(tmp_path, "efficientnet.toml",
-                  ("source = 'stem_conv'\n", "source = 'stem_convolution'\n"),
-                  ("target = 'bn1'\n", "target = 'bn9'\n"))
+    path = _table(
+        tmp_path,
+        "efficientnet.toml",
+        ("source = 'stem_conv'\n", "source = 'stem_convolution'\n"),
+        ("target = 'bn1'\n", "target = 'bn9'\n"),
+    )
     table = load_table(path)
     with pytest.raises(MappingError) as exc:
         dry_run(table, _efficientnet_b0(table))
@@ -96,9 +115,10 @@ def _layer(name: str, class_name: str, **config) -> SourceLayer:
 
 
 def test_preprocessing_composes_in_model_order():
-    layers = [_layer("rescaling", "Rescaling", scale=1 / 255.0, offset=0.0),
-              _layer("normalization", "Normalization", mean=[0.4, 0.5, 0.6],
-                     variance=[0.04, 0.09, 0.16])]
+    layers = [
+        _layer("rescaling", "Rescaling", scale=1 / 255.0, offset=0.0),
+        _layer("normalization", "Normalization", mean=[0.4, 0.5, 0.6], variance=[0.04, 0.09, 0.16]),
+    ]
     spec = preprocessing_spec(layers)
     assert [s["op"] for s in spec["steps"]] == ["rescale", "normalize"]
     x = np.random.default_rng(0).uniform(0, 255, (5, 3))
@@ -108,7 +128,9 @@ def test_preprocessing_composes_in_model_order():
 
 def test_unknown_preprocessing_class_is_a_clear_mapping_error():
     with pytest.raises(MappingError) as exc:
-        preprocessing_spec([_layer("rescaling", "Rescaling", scale=2.0), _layer("crop", "CenterCrop")])
+        preprocessing_spec(
+            [_layer("rescaling", "Rescaling", scale=2.0), _layer("crop", "CenterCrop")]
+        )
     assert str(exc.value) == (
         "layer 'crop' (CenterCrop) is dropped as preprocessing, but ckptport records only "
         "Normalization, Rescaling; map it or drop it with as='ignore'"
@@ -116,11 +138,17 @@ def test_unknown_preprocessing_class_is_a_clear_mapping_error():
 
 
 def test_table_dropping_an_unknown_class_as_preprocessing_fails_the_conversion(tmp_path):
-    path = _table(tmp_path, "efficientnet.toml",
-                  ("source = 'rescaling(_\\d+)?'", "source = '(rescaling|stem_conv_pad)(_\\d+)?'"))
+    path = _table(
+        tmp_path,
+        "efficientnet.toml",
+        ("source = 'rescaling(_\\d+)?'", "source = '(rescaling|stem_conv_pad)(_\\d+)?'"),
+    )
     table = load_table(path)
-    with pytest.raises(MappingError, match=r"layer 'stem_conv_pad' \(ZeroPadding2D\) is dropped as "
-                                           r"preprocessing, but ckptport records only"):
+    with pytest.raises(
+        MappingError,
+        match=r"layer 'stem_conv_pad' \(ZeroPadding2D\) is dropped as "
+        r"preprocessing, but ckptport records only",
+    ):
         dry_run(table, _efficientnet_b0(table))
 
 
@@ -134,18 +162,22 @@ def test_a_new_preprocessing_layer_is_one_registry_entry(monkeypatch):
         return Affine(-before.scale, -before.offset), {"layer": layer.name, "op": "negate"}
 
     monkeypatch.setattr(preprocessing, "PREPROCESSING", registry)
-    spec = preprocessing_spec([_layer("rescaling", "Rescaling", scale=2.0, offset=1.0),
-                               _layer("negate", "Negate")])
+    spec = preprocessing_spec(
+        [_layer("rescaling", "Rescaling", scale=2.0, offset=1.0), _layer("negate", "Negate")]
+    )
     assert spec["scale"] == [-2.0] and spec["offset"] == [-1.0]
     with pytest.raises(MappingError, match="records only Negate, Normalization, Rescaling"):
         preprocessing_spec([_layer("crop", "CenterCrop")])
 
 
-@pytest.mark.parametrize("config,error,needle", [
-    ({"mean": [0.5], "variance": [-1.0]}, InvalidTensorError, "negative variance"),
-    ({"mean": [np.nan], "variance": [1.0]}, InvalidTensorError, "NaN/inf"),
-    ({"mean": [0.5], "variance": [1.0], "invert": True}, ConverterError, "invert=True"),
-])
+@pytest.mark.parametrize(
+    "config,error,needle",
+    [
+        ({"mean": [0.5], "variance": [-1.0]}, InvalidTensorError, "negative variance"),
+        ({"mean": [np.nan], "variance": [1.0]}, InvalidTensorError, "NaN/inf"),
+        ({"mean": [0.5], "variance": [1.0], "invert": True}, ConverterError, "invert=True"),
+    ],
+)
 def test_bad_normalization_is_refused(config, error, needle):
     with pytest.raises(error, match=needle):
         preprocessing_spec([_layer("norm", "Normalization", **config)])
@@ -172,14 +204,24 @@ def test_convert_inspect_and_keras_runner_resolve_through_resolve_source(tmp_pat
     direct = resolve_source(src)
     info = converter.inspect(src)
     result = converter.convert(src)
-    args = argparse.Namespace(src=src, format=None, mapping=None, source_model=None, device="cpu",
-                              inputs=str(tmp_path / "missing.npy"), taps="", out="", train_step=False)
+    args = argparse.Namespace(
+        src=src,
+        format=None,
+        mapping=None,
+        source_model=None,
+        device="cpu",
+        inputs=str(tmp_path / "missing.npy"),
+        taps="",
+        out="",
+        train_step=False,
+    )
     with pytest.raises(FileNotFoundError, match="missing.npy"):  # stops right after resolving
         keras_runner.run(args)
     assert direct.manifest_id == info["architecture"] == result.source_arch == "keras:ResNet50"
     assert len(calls) == 4 and all(call == calls[0] for call in calls)
-    assert calls[0][0] == [m for t in builtin_tables() for m in dict.fromkeys(
-        v.source for v in t.variants if v.source)]
+    assert calls[0][0] == [
+        m for t in builtin_tables() for m in dict.fromkeys(v.source for v in t.variants if v.source)
+    ]
 
 
 def test_resolve_source_refuses_pytorch_side_files(tmp_path):
@@ -223,10 +265,14 @@ DRY_RUN_DIGESTS = {  # target -> first 16 hex digits of sha256(safetensors bytes
 # (the first 12 hex digits of the sha256 of fixtures/keras_models.py, as conftest keys its cache).
 FIXTURE_GENERATOR = "fa9f56d66960"
 FIXTURE_DIGESTS = {
-    ("keras:EfficientNetB0", "keras"):
-        "256c487f8091a584332f03984ab7e3075a78ee3f5fb90f3b2719df3ea5fa83c8",
-    ("keras:ResNet50", "tf-checkpoint"):
-        "0603e9b9c3f098631b04730ab6b7d73182c9f77400425c6aa6f7c3c84a908a4e",
+    (
+        "keras:EfficientNetB0",
+        "keras",
+    ): "256c487f8091a584332f03984ab7e3075a78ee3f5fb90f3b2719df3ea5fa83c8",
+    (
+        "keras:ResNet50",
+        "tf-checkpoint",
+    ): "0603e9b9c3f098631b04730ab6b7d73182c9f77400425c6aa6f7c3c84a908a4e",
 }
 
 
@@ -242,8 +288,18 @@ def test_dry_run_output_bytes_unchanged(tmp_path):
     for i, (table, variant) in enumerate(variants):
         result = dry_run(table, variant)
         digest = hashlib.sha256(_saved_bytes(result, tmp_path / f"{i}.safetensors"))
-        layers = [[m.source_layer, m.source_class, m.target_module, m.transform, m.tensors, m.tap,
-                   m.tap_module] for m in result.layers]
+        layers = [
+            [
+                m.source_layer,
+                m.source_class,
+                m.target_module,
+                m.transform,
+                m.tensors,
+                m.tap,
+                m.tap_module,
+            ]
+            for m in result.layers
+        ]
         digest.update(json.dumps([list(result.state_dict), layers]).encode())
         assert digest.hexdigest()[:16] == DRY_RUN_DIGESTS[variant.target], variant.target
 
@@ -251,8 +307,10 @@ def test_dry_run_output_bytes_unchanged(tmp_path):
 @pytest.mark.parametrize("manifest_id,fmt", list(FIXTURE_DIGESTS))
 def test_fixture_conversion_bytes_unchanged(manifest_id, fmt, tmp_path):
     if hashlib.sha256(GENERATOR.read_bytes()).hexdigest()[:12] != FIXTURE_GENERATOR:
-        pytest.skip("fixtures/keras_models.py changed since the digests were recorded "
-                    "(other random weights); the dry-run digests still hold")
+        pytest.skip(
+            "fixtures/keras_models.py changed since the digests were recorded "
+            "(other random weights); the dry-run digests still hold"
+        )
     built = R50_FORMATS if manifest_id == "keras:ResNet50" else ["keras"]
     result = converter.convert(_fixture(manifest_id, built)["files"][fmt])
     data = _saved_bytes(result, tmp_path / "m.safetensors", **{"source.sha256": "pinned"})

@@ -11,8 +11,8 @@ from converter.pipeline import dry_run
 from converter.registry import Registry
 from converter.surgeries import SURGERIES
 from converter.tables import builtin_tables, load_table
-from converter.transforms import (CONV_HWIO_TO_OIHW, DENSE_IN_OUT_TO_OUT_IN, TRANSFORMS, Conv1x1ToLinear, DepthwiseToTorch,
-                                  FlattenNHWCToNCHW)
+from converter.transforms import (CONV_HWIO_TO_OIHW, DENSE_IN_OUT_TO_OUT_IN, TRANSFORMS,
+                                  Conv1x1ToLinear, DepthwiseToTorch, FlattenNHWCToNCHW)
 
 VARIANTS = [(t, v) for t in builtin_tables() for v in t.variants]
 
