@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -19,6 +20,9 @@ from .preprocessing import preprocessing_spec
 from .source import SourceLayer, SourceModel, resolve_source
 from .tables import Drop, Rule, Table, Variant, load_tables, render
 from .transforms import Emitted, LayerContext
+
+if TYPE_CHECKING:
+    from .heads import HeadPlan
 
 Progress = Callable[[int, int, str], None]
 
@@ -162,15 +166,84 @@ def convert(
 
 
 @dataclass
-class _Mapping:
-    """What walking the source's layers through a table records, besides the tensors the ledger
-    holds."""
+class _TableWalk:
+    """One pass of a table over the source's layers: fills the ledger with what the rules emit and
+    keeps the records a result needs (mapped layers, dropped keys, preprocessing layers, BN
+    settings, bias folds)."""
 
+    table: Table
+    variant: Variant
+    head: HeadPlan | None
+    ledger: TargetLedger
     layers: list[MappedLayer] = field(default_factory=list)
     dropped: list[dict[str, str]] = field(default_factory=list)
     preprocessing_layers: list[SourceLayer] = field(default_factory=list)
     bn: dict[str, dict[str, Any]] = field(default_factory=dict)
     adjustments: list[tuple[str, str, np.ndarray, str]] = field(default_factory=list)
+
+    def visit(self, layer: SourceLayer) -> None:
+        """One source layer: dropped with the source classifier, unmapped, dropped by the table,
+        or mapped by its rule."""
+        hit = self.table.match(layer.name)
+        if self.head and hit and isinstance(hit[0], Rule) and self.head.drops(layer):
+            self._drop(layer, f"source classifier dropped for num_classes={self.head.num_classes}")
+            return
+        if hit is None:
+            self.ledger.unmapped(f"{layer.name}/{v}" for v in layer.weights)
+            return
+        rule, match = hit
+        if isinstance(rule, Drop):
+            if rule.kind == "preprocessing":
+                self.preprocessing_layers.append(layer)
+            self._drop(layer, f"{rule.kind}: {rule.reason or layer.class_name}")
+        elif layer.weights:
+            self._map_by_rule(layer, rule, match)
+
+    def _drop(self, layer: SourceLayer, why: str) -> None:
+        self.dropped += [{"key": key, "why": why} for key in layer.keys.values()]
+
+    def _map_by_rule(self, layer: SourceLayer, rule: Rule, match: re.Match[str]) -> None:
+        """Check the layer's tensors, run the rule's transform, place what it emits."""
+        where = f"table {self.table.id} rule {rule!r} on layer {layer.name!r}"
+        module = render(rule.target, match, self.variant, where)
+        fold = render(rule.fold_bias, match, self.variant, where) if rule.fold_bias else None
+        _check_layer_tensors(layer)
+        emitted = rule.transform.apply(
+            LayerContext(layer, module, self.ledger.shapes, rule.args, fold)
+        )
+        self.ledger.unmapped(
+            f"{layer.name}/{v}" for v in layer.weights if v not in emitted.consumed
+        )
+        rows = self._place(layer, emitted)
+        self.adjustments += emitted.adjust
+        self.bn.update(emitted.bn)
+        tap, tap_module = self._taps(layer, rule, match, where, module)
+        transform = rule.transform.name
+        self.layers.append(
+            MappedLayer(layer.name, layer.class_name, module, transform, rows, tap, tap_module)
+        )
+
+    def _place(self, layer: SourceLayer, emitted: Emitted) -> list[tuple[str, str, str]]:
+        """Place each emitted tensor; the (target key, source key, transform) rows of those
+        placed."""
+        rows = []
+        for key, (array, source_key, how) in emitted.tensors.items():
+            if self.ledger.place(key, array, layer.name, how):
+                rows.append((key, source_key, how))
+        return rows
+
+    def _taps(
+        self, layer: SourceLayer, rule: Rule, match: re.Match[str], where: str, module: str
+    ) -> tuple[str | None, str | None]:
+        """(source layer, target module) verification compares; None: not comparable."""
+        tap = None
+        if rule.tap is True:
+            tap = layer.name
+        elif isinstance(rule.tap, str):
+            tap = render(rule.tap, match, self.variant, where)
+        if not rule.tap_module:
+            return tap, None
+        return tap, render(rule.tap_module, match, self.variant, where, target=module)
 
 
 def _apply(
@@ -179,83 +252,26 @@ def _apply(
     variant: Variant,
     target_manifest: dict[str, Any],
     kwargs: dict[str, Any],
-    head: Any,
+    head: HeadPlan | None,
     progress: Progress | None,
 ) -> ConversionResult:
     """Map every source layer into the target, account for every tensor, record the provenance."""
-    ledger = TargetLedger(target_manifest)
-    mapping = _Mapping(dropped=[{"key": k, "why": why} for k, why in source.raw.ignored.items()])
+    walk = _TableWalk(table, variant, head, TargetLedger(target_manifest))
+    walk.dropped = [{"key": key, "why": why} for key, why in source.raw.ignored.items()]
     total = len(source.layers)
     for n, layer in enumerate(source.layers):
         if progress:
             progress(n, total, layer.name)
-        _map_layer(layer, table, variant, head, ledger, mapping)
-    ledger.apply_adjustments(mapping.adjustments)
+        walk.visit(layer)
+    walk.ledger.apply_adjustments(walk.adjustments)
     if head:
-        ledger.place_fresh(head.fresh_tensors(target_manifest, kwargs), "fresh head")
-    state_dict = ledger.finish(f"{source.raw.path} -> {variant.target}", table.id)
-    preprocessing = preprocessing_spec(mapping.preprocessing_layers)
-    result = _result(source, table, variant, kwargs, head, mapping, state_dict, preprocessing)
+        walk.ledger.place_fresh(head.fresh_tensors(target_manifest, kwargs), "fresh head")
+    state_dict = walk.ledger.finish(f"{source.raw.path} -> {variant.target}", table.id)
+    preprocessing = preprocessing_spec(walk.preprocessing_layers)
+    result = _result(source, walk, kwargs, state_dict, preprocessing)
     if progress:
         progress(total, total, "")
     return result
-
-
-def _map_layer(
-    layer: SourceLayer,
-    table: Table,
-    variant: Variant,
-    head: Any,
-    ledger: TargetLedger,
-    mapping: _Mapping,
-) -> None:
-    """One source layer: dropped with the source classifier, unmapped, dropped by the table, or
-    mapped by its rule."""
-    hit = table.match(layer.name)
-    if head and hit and isinstance(hit[0], Rule) and head.drops(layer):
-        why = f"source classifier dropped for num_classes={head.num_classes}"
-        mapping.dropped += [{"key": k, "why": why} for k in layer.keys.values()]
-        return
-    if hit is None:
-        ledger.unmapped(f"{layer.name}/{v}" for v in layer.weights)
-        return
-    rule, match = hit
-    if isinstance(rule, Drop):
-        if rule.kind == "preprocessing":
-            mapping.preprocessing_layers.append(layer)
-        why = f"{rule.kind}: {rule.reason or layer.class_name}"
-        mapping.dropped += [{"key": k, "why": why} for k in layer.keys.values()]
-        return
-    if layer.weights:
-        _map_by_rule(layer, rule, match, table, variant, ledger, mapping)
-
-
-def _map_by_rule(
-    layer: SourceLayer,
-    rule: Rule,
-    match: Any,
-    table: Table,
-    variant: Variant,
-    ledger: TargetLedger,
-    mapping: _Mapping,
-) -> None:
-    """Check the layer's tensors, run the rule's transform, place what it emits in the ledger."""
-    where = f"table {table.id} rule {rule!r} on layer {layer.name!r}"
-    module = render(rule.target, match, variant, where)
-    fold = render(rule.fold_bias, match, variant, where) if rule.fold_bias else None
-    _check_layer_tensors(layer)
-    context = LayerContext(layer, module, ledger.shapes, rule.args, fold)
-    emitted = rule.transform.apply(context)
-    ledger.unmapped(f"{layer.name}/{v}" for v in layer.weights if v not in emitted.consumed)
-    rows = _place_emitted(layer, emitted, ledger)
-    mapping.adjustments += emitted.adjust
-    mapping.bn.update(emitted.bn)
-    tap, tap_module = _taps(rule, match, variant, where, module, layer)
-    mapping.layers.append(
-        MappedLayer(
-            layer.name, layer.class_name, module, rule.transform.name, rows, tap, tap_module
-        )
-    )
 
 
 def _check_layer_tensors(layer: SourceLayer) -> None:
@@ -271,57 +287,29 @@ def _check_layer_tensors(layer: SourceLayer) -> None:
             )
 
 
-def _place_emitted(
-    layer: SourceLayer, emitted: Emitted, ledger: TargetLedger
-) -> list[tuple[str, str, str]]:
-    """Place each emitted tensor; the (target key, source key, transform) rows of those placed."""
-    rows = []
-    for key, (array, source_key, how) in emitted.tensors.items():
-        if ledger.place(key, array, layer.name, how):
-            rows.append((key, source_key, how))
-    return rows
-
-
-def _taps(
-    rule: Rule, match: Any, variant: Variant, where: str, module: str, layer: SourceLayer
-) -> tuple[str | None, str | None]:
-    """(source layer, target module) verification compares for this rule; None: not comparable."""
-    tap = None
-    if rule.tap is True:
-        tap = layer.name
-    elif isinstance(rule.tap, str):
-        tap = render(rule.tap, match, variant, where)
-    tap_module = (
-        render(rule.tap_module, match, variant, where, target=module) if rule.tap_module else None
-    )
-    return tap, tap_module
-
-
 def _result(
     source: SourceModel,
-    table: Table,
-    variant: Variant,
+    walk: _TableWalk,
     kwargs: dict[str, Any],
-    head: Any,
-    mapping: _Mapping,
     state_dict: dict[str, np.ndarray],
     preprocessing: dict[str, Any],
 ) -> ConversionResult:
+    variant, head = walk.variant, walk.head
     surgeries = list(variant.surgeries)
-    metadata = _metadata(source, table, variant, kwargs, surgeries, mapping, preprocessing)
+    metadata = _metadata(source, walk, kwargs, surgeries, preprocessing)
     if head:
         metadata["head_reset"] = json.dumps(head.report(), sort_keys=True)
     return ConversionResult(
         state_dict=state_dict,
-        bn_config=mapping.bn,
+        bn_config=walk.bn,
         preprocessing=preprocessing,
         metadata=metadata,
-        layers=mapping.layers,
-        dropped=mapping.dropped,
+        layers=walk.layers,
+        dropped=walk.dropped,
         target=variant.target,
         target_kwargs=kwargs,
         surgeries=surgeries,
-        table_id=table.id,
+        table_id=walk.table.id,
         source_arch=source.manifest_id,
         config_origin=source.config_origin,
         head_reset=head.report() if head else None,
@@ -331,11 +319,9 @@ def _result(
 
 def _metadata(
     source: SourceModel,
-    table: Table,
-    variant: Variant,
+    walk: _TableWalk,
     kwargs: dict[str, Any],
     surgeries: list[dict[str, Any]],
-    mapping: _Mapping,
     preprocessing: dict[str, Any],
 ) -> dict[str, str]:
     """The provenance written into the output file (strings, JSON for structures)."""
@@ -347,14 +333,14 @@ def _metadata(
         "source.format": source.raw.format,
         "source.arch": source.manifest_id or "",
         "source.config_origin": source.config_origin,
-        "table.id": table.id,
-        "table.version": str(table.version),
-        "target": variant.target,
+        "table.id": walk.table.id,
+        "table.version": str(walk.table.version),
+        "target": walk.variant.target,
         "target.kwargs": json.dumps(kwargs, sort_keys=True),
         "surgeries": json.dumps(surgeries, sort_keys=True),
-        "bn_config": json.dumps(mapping.bn, sort_keys=True),
+        "bn_config": json.dumps(walk.bn, sort_keys=True),
         "preprocessing": json.dumps(preprocessing, sort_keys=True),
-        "dropped": json.dumps(mapping.dropped, sort_keys=True),
+        "dropped": json.dumps(walk.dropped, sort_keys=True),
     }
 
 
