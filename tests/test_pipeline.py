@@ -315,3 +315,76 @@ def test_fixture_conversion_bytes_unchanged(manifest_id, fmt, tmp_path):
     result = converter.convert(_fixture(manifest_id, built)["files"][fmt])
     data = _saved_bytes(result, tmp_path / "m.safetensors", **{"source.sha256": "pinned"})
     assert hashlib.sha256(data).hexdigest() == FIXTURE_DIGESTS[(manifest_id, fmt)]
+
+
+SOURCE_MODEL_SCRIPT = """
+import hashlib, json, sys
+import torchvision  # noqa: F401  (torch side before Keras)
+import keras
+import converter
+
+keras_file, weights_file, table, factory = sys.argv[1:5]
+keras.models.load_model(keras_file).save_weights(weights_file)
+out = {}
+for name, src, kwargs in (("file", keras_file, {}), ("model", weights_file, {"source_model": factory})):
+    result = converter.convert(src, mapping=table, **kwargs)
+    digest = hashlib.sha256()
+    for key, array in result.state_dict.items():
+        digest.update(key.encode() + array.tobytes())
+    out[name] = [result.config_origin, result.source_input_shape, digest.hexdigest()]
+print(json.dumps(out))
+"""
+
+
+def test_source_model_resolves_weights_like_the_file_config(tmp_path):
+    """--source-model (the user's builder) and the .keras file's own config resolve the same
+    weights to the same tensors (Keras runs in a subprocess)."""
+    import subprocess
+    import sys
+
+    keras_file, weights_file = tmp_path / "tiny.keras", tmp_path / "tiny.weights.h5"
+    subprocess.run(
+        [sys.executable, str(ROOT / "fixtures" / "keras_tiny.py"), str(keras_file)],
+        check=True,
+        capture_output=True,
+    )
+    table = tmp_path / "tiny.toml"
+    table.write_text(f"""
+[table]
+id = "tiny"
+version = 1
+[[variants]]
+target = "{ROOT / 'fixtures' / 'tiny_models.py'}:tiny_flatten"
+[[rules]]
+source = 'conv'
+target = 'conv'
+transform = 'conv2d'
+[[rules]]
+source = 'bn'
+target = 'bn'
+transform = 'batch_norm'
+[[rules]]
+source = 'fc'
+target = 'fc'
+transform = 'dense_after_flatten'
+args = {{ hwc = [8, 8, 4] }}
+""")
+    factory = f"{ROOT / 'fixtures' / 'keras_tiny.py'}:build"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            SOURCE_MODEL_SCRIPT,
+            str(keras_file),
+            str(weights_file),
+            str(table),
+            factory,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["file"][:2] == ["file", [8, 8, 3]] and out["model"][:2] == ["model", [8, 8, 3]]
+    assert out["file"][2] == out["model"][2]
