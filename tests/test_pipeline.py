@@ -326,8 +326,9 @@ import converter
 keras_file, weights_file, table, factory = sys.argv[1:5]
 keras.models.load_model(keras_file).save_weights(weights_file)
 out = {}
-for name, src, kwargs in (("file", keras_file, {}), ("model", weights_file, {"source_model": factory})):
-    result = converter.convert(src, mapping=table, **kwargs)
+routes = (("file", keras_file, None), ("model", weights_file, factory))
+for name, src, source_model in routes:
+    result = converter.convert(src, mapping=table, source_model=source_model)
     digest = hashlib.sha256()
     for key, array in result.state_dict.items():
         digest.update(key.encode() + array.tobytes())
