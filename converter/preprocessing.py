@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import ConverterError, InvalidTensorError, MappingError
+from .errors import InvalidTensorError, MappingError, UnsupportedLayerError
 from .ledger import check_finite
 from .registry import Registry
 from .source import SourceLayer
@@ -63,7 +63,9 @@ def normalization(layer: SourceLayer, before: Affine) -> tuple[Affine, dict[str,
     std = np.maximum(np.sqrt(variance.reshape(-1)), 1e-7)  # keras: max(sqrt(var), epsilon)
     mean = mean.reshape(-1)
     if layer.config.get("invert"):
-        raise ConverterError(f"layer {layer.name!r}: Normalization(invert=True) is not supported")
+        raise UnsupportedLayerError(
+            f"layer {layer.name!r}: Normalization(invert=True) is not supported"
+        )
     after = Affine(before.scale / std, (before.offset - mean) / std)
     step = {"layer": layer.name, "op": "normalize", "mean": mean.tolist(), "std": std.tolist()}
     return after, step

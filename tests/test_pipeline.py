@@ -14,7 +14,13 @@ import pytest
 import converter
 from conftest import GENERATOR, ROOT, keras_build_args, make_keras_fixture
 from converter import formats, preprocessing
-from converter.errors import ConverterError, InvalidTensorError, MappingError, ShapeMismatchError
+from converter.errors import (
+    ConverterError,
+    InvalidTensorError,
+    MappingError,
+    ShapeMismatchError,
+    UnsupportedLayerError,
+)
 from converter.ledger import TargetLedger
 from converter.pipeline import ConversionResult, dry_run
 from converter.preprocessing import PREPROCESSING, Affine, preprocessing_spec
@@ -175,7 +181,7 @@ def test_a_new_preprocessing_layer_is_one_registry_entry(monkeypatch):
     [
         ({"mean": [0.5], "variance": [-1.0]}, InvalidTensorError, "negative variance"),
         ({"mean": [np.nan], "variance": [1.0]}, InvalidTensorError, "NaN/inf"),
-        ({"mean": [0.5], "variance": [1.0], "invert": True}, ConverterError, "invert=True"),
+        ({"mean": [0.5], "variance": [1.0], "invert": True}, UnsupportedLayerError, "invert=True"),
     ],
 )
 def test_bad_normalization_is_refused(config, error, needle):
