@@ -8,8 +8,7 @@ from typing import Any
 
 from . import formats
 from .errors import ConverterError
-from .source import resolve
-from .tables import builtin_tables
+from .source import resolve_source
 
 BN_KEYS = ("momentum", "epsilon", "center", "scale", "axis", "renorm")
 
@@ -22,20 +21,22 @@ def inspect(path: str | os.PathLike, format: str | None = None) -> dict[str, Any
     info: dict[str, Any] = {
         "path": str(raw.path),
         "format": raw.format,
-        "tensors": [{"key": k, "shape": list(t.shape), "dtype": t.dtype} for k, t in raw.tensors.items()],
+        "tensors": [
+            {"key": k, "shape": list(t.shape), "dtype": t.dtype} for k, t in raw.tensors.items()
+        ],
         "ignored": [{"key": k, "why": w} for k, w in raw.ignored.items()],
     }
     if raw.format in ("safetensors", "pt"):
         meta = dict(raw.metadata)
-        info["metadata"] = {k: v for k, v in meta.items() if k not in ("bn_config", "preprocessing", "dropped")}
+        info["metadata"] = {
+            k: v for k, v in meta.items() if k not in ("bn_config", "preprocessing", "dropped")
+        }
         for k in ("bn_config", "preprocessing", "surgeries"):
             if k in meta:
                 info[k] = json.loads(meta[k])
         return info
-    from .pipeline import _source_manifests
-
     try:
-        source = resolve(raw, _source_manifests(builtin_tables()))
+        source = resolve_source(raw)
     except ConverterError as exc:
         info["layers"] = None
         info["resolution_error"] = str(exc)
@@ -46,8 +47,15 @@ def inspect(path: str | os.PathLike, format: str | None = None) -> dict[str, Any
         {
             "name": lay.name,
             "class": lay.class_name,
-            "vars": {v: {"key": lay.keys[v], "shape": list(t.shape), "dtype": t.dtype} for v, t in lay.weights.items()},
-            **({"bn": {k: lay.config[k] for k in BN_KEYS if k in lay.config}} if lay.class_name == "BatchNormalization" else {}),
+            "vars": {
+                v: {"key": lay.keys[v], "shape": list(t.shape), "dtype": t.dtype}
+                for v, t in lay.weights.items()
+            },
+            **(
+                {"bn": {k: lay.config[k] for k in BN_KEYS if k in lay.config}}
+                if lay.class_name == "BatchNormalization"
+                else {}
+            ),
         }
         for lay in source.layers
         if lay.weights or lay.class_name in ("Rescaling", "Normalization")

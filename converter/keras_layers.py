@@ -28,22 +28,33 @@ def _kernel_bias(kernel: str = "kernel") -> Callable[[dict[str, Any]], list[str]
 
 for _cls in ("Conv1D", "Conv2D", "Conv3D", "Conv2DTranspose", "Dense"):
     KERAS_LAYERS.add(_cls, LayerVars(_kernel_bias(), {"_kernel": "kernel"}))
-KERAS_LAYERS.add("DepthwiseConv2D", LayerVars(_kernel_bias(), {"_kernel": "kernel", "depthwise_kernel": "kernel"}))
+KERAS_LAYERS.add(
+    "DepthwiseConv2D",
+    LayerVars(_kernel_bias(), {"_kernel": "kernel", "depthwise_kernel": "kernel"}),
+)
 KERAS_LAYERS.add(
     "SeparableConv2D",
-    LayerVars(lambda c: ["depthwise_kernel", "pointwise_kernel"] + (["bias"] if c.get("use_bias", True) else [])),
+    LayerVars(
+        lambda c: ["depthwise_kernel", "pointwise_kernel"]
+        + (["bias"] if c.get("use_bias", True) else [])
+    ),
 )
 
 
 def _bn_vars(c: dict[str, Any]) -> list[str]:
-    names = (["gamma"] if c.get("scale", True) else []) + (["beta"] if c.get("center", True) else [])
+    names = (["gamma"] if c.get("scale", True) else []) + (
+        ["beta"] if c.get("center", True) else []
+    )
     return names + ["moving_mean", "moving_variance"]
 
 
 KERAS_LAYERS.add("BatchNormalization", LayerVars(_bn_vars))
 KERAS_LAYERS.add(
     "LayerNormalization",
-    LayerVars(lambda c: (["gamma"] if c.get("scale", True) else []) + (["beta"] if c.get("center", True) else [])),
+    LayerVars(
+        lambda c: (["gamma"] if c.get("scale", True) else [])
+        + (["beta"] if c.get("center", True) else [])
+    ),
 )
 
 

@@ -55,11 +55,11 @@ def _build(source, manifest, source_model: str | None, size: int | None):
 def _load_weights(model, source) -> dict[str, str]:
     """Assign the resolved weights to the live model; returns file layer name -> live layer name."""
     from .manifest import source_manifest_from_model
-    from .source import _match_auto, skeleton_from_manifest
+    from .source import match_layer_names, skeleton_from_manifest
 
     live = skeleton_from_manifest(source_manifest_from_model(model, "live"))
     names = [lay.name for lay in source.layers if lay.weights]
-    index = _match_auto(names, live)
+    index = match_layer_names(names, live)
     mapping = {}
     for lay in source.layers:
         if not lay.weights:
@@ -79,22 +79,16 @@ def _load_weights(model, source) -> dict[str, str]:
 
 def run(args: argparse.Namespace) -> None:
     from . import formats
-    from .pipeline import _source_manifests
-    from .source import resolve
-    from .tables import builtin_tables, load_table
+    from .manifest import load_manifest
+    from .source import resolve_source
+    from .tables import load_tables
 
-    tables = [load_table(args.mapping)] if args.mapping else builtin_tables()
-    raw = formats.read(args.src, args.format)
-    src_manifest = None
-    manifests = _source_manifests(tables)
     if args.source_model:
-        _configure_tf(args.device)
-        from .manifest import source_manifest_from_model
-        from .model import call_factory
-
-        src_manifest = source_manifest_from_model(call_factory(args.source_model, "--source-model"), "model")
-    source = resolve(raw, manifests, src_manifest)
-    manifest = next((m for m in manifests if m["id"] == source.manifest_id), None)
+        _configure_tf(args.device)  # before the user's code imports TensorFlow
+    source = resolve_source(args.src, load_tables(args.mapping), source_model=args.source_model,
+                            format=args.format)
+    raw = source.raw
+    manifest = load_manifest(source.manifest_id) if source.manifest_id else None
     x = np.load(args.inputs).astype("float32")
     taps = json.loads(Path(args.taps).read_text())
     _configure_tf(args.device)

@@ -4,26 +4,33 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from . import __version__, formats
-from .errors import (ConverterError, InvalidTensorError, MappingError, ShapeMismatchError,
-                     SourceFormatError, UnknownArchitectureError)
+from .formats import RawCheckpoint, RawTensor
+from .errors import InvalidTensorError, MappingError, UnknownArchitectureError
+from .ledger import TargetLedger, check_finite, listing
 from .manifest import load_manifest, manifest_path, target_manifest_from_model
-from .source import SourceLayer, SourceModel, resolve
-from .tables import Drop, Rule, Table, Variant, builtin_tables, load_table, render
-from .transforms import LayerContext
+from .preprocessing import preprocessing_spec
+from .source import SourceLayer, SourceModel, resolve_source
+from .tables import Drop, Rule, Table, Variant, load_tables, render
+from .transforms import Emitted, LayerContext
+
+if TYPE_CHECKING:
+    from .heads import HeadPlan
 
 Progress = Callable[[int, int, str], None]
-MAX_LISTED = 12
 
 
 @dataclass
 class MappedLayer:
+    """One source layer a rule mapped: where it went, how, and what verification compares."""
+
     source_layer: str
     source_class: str
     target_module: str
@@ -35,7 +42,8 @@ class MappedLayer:
 
 @dataclass
 class ConversionResult:
-    """A finished conversion: the state dict (numpy, keys exactly the target's) and its provenance."""
+    """A finished conversion: the state dict (numpy, keys exactly the target's) and its
+    provenance."""
 
     state_dict: dict[str, np.ndarray]
     bn_config: dict[str, dict[str, Any]]
@@ -67,52 +75,45 @@ class ConversionResult:
         return [(m.tap, m.tap_module or m.target_module) for m in self.layers if m.tap]
 
 
-def _listing(items: list[str]) -> str:
-    shown = ", ".join(items[:MAX_LISTED])
-    return shown + (f", ... and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else "")
-
-
-def _source_manifests(tables: list[Table]) -> list[dict[str, Any]]:
-    seen, out = set(), []
-    for t in tables:
-        for v in t.variants:
-            if v.source and v.source not in seen:
-                seen.add(v.source)
-                try:
-                    out.append(load_manifest(v.source))
-                except MappingError:
-                    continue  # a table for an architecture whose manifest is not shipped
-    return out
-
-
 def _covers(table: Table, source: SourceModel) -> bool:
-    return all(table.match(lay.name) for lay in source.weighted)
+    return all(table.match(layer.name) for layer in source.weighted)
 
 
 def select(tables: list[Table], source: SourceModel, to: str | None) -> tuple[Table, Variant]:
-    """The (table, variant) for this source: the first listed for it, or the one whose target is ``to``."""
-    cands = [(t, v) for t in tables for v in t.variants
-             if (v.source is not None and v.source == source.manifest_id) or (v.source is None and _covers(t, source))]
+    """The (table, variant) for this source: the first listed for it, or the one whose target is
+    ``to``."""
+    candidates = [
+        (t, v)
+        for t in tables
+        for v in t.variants
+        if (v.source is not None and v.source == source.manifest_id)
+        or (v.source is None and _covers(t, source))
+    ]
     label = f"{source.raw.path} ({source.manifest_id or 'unrecognised architecture'})"
-    if not cands:
+    if not candidates:
         raise UnknownArchitectureError(
             f"{label}: no mapping table fits this source; `ckptport archs` lists the tables, "
             "--mapping FILE adds your own"
         )
     if to is None:
-        return cands[0]
-    for t, v in cands:
+        return candidates[0]
+    for t, v in candidates:
         if v.target == to:
             return t, v
     all_targets = sorted({v.target for t in tables for v in t.variants})
     if to not in all_targets:
-        raise UnknownArchitectureError(f"unknown target {to!r}; targets with tables: {_listing(all_targets)}")
+        raise UnknownArchitectureError(
+            f"unknown target {to!r}; targets with tables: {listing(all_targets)}"
+        )
     raise UnknownArchitectureError(
-        f"{label} cannot be converted to {to}; targets for this source: {', '.join(v.target for _, v in cands)}"
+        f"{label} cannot be converted to {to}; targets for this source: "
+        f"{', '.join(v.target for _, v in candidates)}"
     )
 
 
-def _target_manifest(variant: Variant, kwargs: dict[str, Any]) -> dict[str, Any]:
+def target_manifest_for(variant: Variant, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The target's keys, shapes and dtypes: the shipped manifest, or (with constructor kwargs, or
+    for a user's model) one read from the model built here."""
     if not kwargs and manifest_path(variant.target).is_file():
         return load_manifest(variant.target)
     from .model import build_target
@@ -122,62 +123,6 @@ def _target_manifest(variant: Variant, kwargs: dict[str, Any]) -> dict[str, Any]
     if lib not in ("timm", "torchvision"):
         lib, name = "user", variant.target
     return target_manifest_from_model(model, variant.target, lib, name, kwargs)
-
-
-def _check_finite(arr: np.ndarray, what: str) -> None:
-    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-        bad = int(arr.size - np.isfinite(arr).sum())
-        raise InvalidTensorError(f"{what} holds {bad} NaN/inf values; the checkpoint is damaged or diverged")
-
-
-def preprocessing_spec(layers: list[SourceLayer]) -> dict[str, Any]:
-    """Compose dropped preprocessing layers (Rescaling, Normalization) into one per-channel affine
-    map ``x_torch = x * scale + offset`` applied to what the Keras model received."""
-    steps: list[dict[str, Any]] = []
-    scale: np.ndarray = np.ones(1, np.float64)
-    offset: np.ndarray = np.zeros(1, np.float64)
-    for lay in layers:
-        cfg = lay.config
-        if lay.class_name == "Rescaling":
-            s = np.asarray(cfg.get("scale", 1.0), np.float64).reshape(-1)
-            o = np.asarray(cfg.get("offset", 0.0), np.float64).reshape(-1)
-            scale, offset = scale * s, offset * s + o
-            steps.append({"layer": lay.name, "op": "rescale", "scale": s.tolist(), "offset": o.tolist()})
-        elif lay.class_name == "Normalization":
-            if "mean" in lay.weights:
-                mean, var = lay.load("mean").astype(np.float64), lay.load("variance").astype(np.float64)
-            else:
-                mean, var = np.asarray(cfg["mean"], np.float64), np.asarray(cfg["variance"], np.float64)
-            _check_finite(mean, f"layer {lay.name!r} mean")
-            if (var < 0).any():
-                raise InvalidTensorError(f"layer {lay.name!r} (Normalization) has a negative variance")
-            std = np.maximum(np.sqrt(var.reshape(-1)), 1e-7)  # keras: max(sqrt(var), epsilon)
-            mean = mean.reshape(-1)
-            if cfg.get("invert"):
-                raise ConverterError(f"layer {lay.name!r}: Normalization(invert=True) is not supported")
-            scale, offset = scale / std, (offset - mean) / std
-            steps.append({"layer": lay.name, "op": "normalize", "mean": mean.tolist(), "std": std.tolist()})
-        else:
-            raise MappingError(
-                f"layer {lay.name!r} ({lay.class_name}) is dropped as preprocessing, but only Rescaling and "
-                "Normalization can be recorded; map it or drop it with as='ignore'"
-            )
-    return {
-        "steps": steps,
-        "scale": scale.tolist(),
-        "offset": offset.tolist(),
-        "formula": "x_torch = x * scale + offset, per channel, on the input the Keras model received",
-    }
-
-
-def _check_moving_variance(layer: SourceLayer) -> None:
-    if "moving_variance" in layer.weights:
-        var = layer.load("moving_variance")
-        if (var < 0).any():
-            raise InvalidTensorError(
-                f"layer {layer.name!r} moving_variance has {int((var < 0).sum())} negative values; "
-                "the checkpoint is damaged"
-            )
 
 
 def convert(
@@ -206,125 +151,181 @@ def convert(
         progress: called as ``progress(done, total, layer_name)``.
     """
     raw = formats.read(src, format)
-    if raw.format in ("safetensors", "pt"):
-        raise SourceFormatError(f"{raw.path} is already a PyTorch-side file ({raw.format}); give the Keras/TF source")
-    tables = [load_table(mapping)] if mapping else builtin_tables()
-    src_manifest = _source_model_manifest(source_model) if source_model else None
-    source = resolve(raw, _source_manifests(tables), src_manifest)
+    tables = load_tables(mapping)
+    source = resolve_source(raw, tables, source_model=source_model)
     table, variant = select(tables, source, to)
     from .heads import head_plan
 
     head = head_plan(table, variant, num_classes) if num_classes is not None else None
     kwargs = {**variant.target_kwargs, **(head.target_kwargs if head else {})}
-    tman = _target_manifest(variant, kwargs)
-    return _apply(source, table, variant, tman, kwargs, head, progress)
+    target_manifest = target_manifest_for(variant, kwargs)
+    return _apply(source, table, variant, target_manifest, kwargs, head, progress)
 
 
-def _source_model_manifest(spec: str) -> dict[str, Any]:
-    from .manifest import source_manifest_from_model
-    from .model import call_factory, prefer_torch_first
-
-    prefer_torch_first()  # the factory imports Keras; a PyTorch target is built after it
-    model = call_factory(spec, "--source-model")
-    return source_manifest_from_model(model, f"model:{spec}")
+# ------------------------------------------------------------------ applying a table
 
 
-def _apply(source: SourceModel, table: Table, variant: Variant, tman: dict[str, Any], kwargs: dict[str, Any],
-           head: Any, progress: Progress | None) -> ConversionResult:
-    shapes = {t["key"]: tuple(t["shape"]) for t in tman["tensors"]}
-    dtypes = {t["key"]: t["dtype"] for t in tman["tensors"]}
-    out: dict[str, np.ndarray] = {}
-    filled_by: dict[str, str] = {}
-    bn: dict[str, dict[str, Any]] = {}
-    adjust: list[tuple[str, str, np.ndarray, str]] = []
-    problems: dict[str, list[str]] = {"unmapped": [], "unexpected": [], "duplicate": [], "shape": []}
-    mapped: list[MappedLayer] = []
-    dropped: list[dict[str, str]] = [{"key": k, "why": why} for k, why in source.raw.ignored.items()]
-    pre_layers: list[SourceLayer] = []
-    total = len(source.layers)
-    for n, layer in enumerate(source.layers):
-        if progress:
-            progress(n, total, layer.name)
-        hit = table.match(layer.name)
-        if head and hit and isinstance(hit[0], Rule) and head.drops(layer):
-            dropped += [{"key": k, "why": f"source classifier dropped for num_classes={head.num_classes}"}
-                        for k in layer.keys.values()]
-            continue
+@dataclass
+class _TableWalk:
+    """One pass of a table over the source's layers: fills the ledger with what the rules emit and
+    keeps the records a result needs (mapped layers, dropped keys, preprocessing layers, BN
+    settings, bias folds)."""
+
+    table: Table
+    variant: Variant
+    head: HeadPlan | None
+    ledger: TargetLedger
+    layers: list[MappedLayer] = field(default_factory=list)
+    dropped: list[dict[str, str]] = field(default_factory=list)
+    preprocessing_layers: list[SourceLayer] = field(default_factory=list)
+    bn: dict[str, dict[str, Any]] = field(default_factory=dict)
+    adjustments: list[tuple[str, str, np.ndarray, str]] = field(default_factory=list)
+
+    def visit(self, layer: SourceLayer) -> None:
+        """One source layer: dropped with the source classifier, unmapped, dropped by the table,
+        or mapped by its rule."""
+        hit = self.table.match(layer.name)
+        if self.head and hit and isinstance(hit[0], Rule) and self.head.drops(layer):
+            self._drop(layer, f"source classifier dropped for num_classes={self.head.num_classes}")
+            return
         if hit is None:
-            problems["unmapped"] += [f"{layer.name}/{v}" for v in layer.weights]
-            continue
-        rule, m = hit
+            self.ledger.unmapped(f"{layer.name}/{v}" for v in layer.weights)
+            return
+        rule, match = hit
         if isinstance(rule, Drop):
             if rule.kind == "preprocessing":
-                pre_layers.append(layer)
-            dropped += [{"key": k, "why": f"{rule.kind}: {rule.reason or layer.class_name}"} for k in layer.keys.values()]
-            continue
-        if not layer.weights:
-            continue
-        where = f"table {table.id} rule {rule!r} on layer {layer.name!r}"
-        module = render(rule.target, m, variant, where)
-        fold = render(rule.fold_bias, m, variant, where) if rule.fold_bias else None
-        for var in layer.weights:
-            _check_finite(layer.load(var), f"tensor {layer.keys[var]!r} (layer {layer.name}/{var})")
-        if layer.class_name == "BatchNormalization":
-            _check_moving_variance(layer)
-        em = rule.transform.apply(LayerContext(layer, module, shapes, rule.args, fold))
-        problems["unmapped"] += [f"{layer.name}/{v}" for v in layer.weights if v not in em.consumed]
+                self.preprocessing_layers.append(layer)
+            self._drop(layer, f"{rule.kind}: {rule.reason or layer.class_name}")
+        elif layer.weights:
+            self._map_by_rule(layer, rule, match)
+
+    def _drop(self, layer: SourceLayer, why: str) -> None:
+        self.dropped += [{"key": key, "why": why} for key in layer.keys.values()]
+
+    def _map_by_rule(self, layer: SourceLayer, rule: Rule, match: re.Match[str]) -> None:
+        """Check the layer's tensors, run the rule's transform, place what it emits."""
+        where = f"table {self.table.id} rule {rule!r} on layer {layer.name!r}"
+        module = render(rule.target, match, self.variant, where)
+        fold = render(rule.fold_bias, match, self.variant, where) if rule.fold_bias else None
+        _check_layer_tensors(layer)
+        emitted = rule.transform.apply(
+            LayerContext(layer, module, self.ledger.shapes, rule.args, fold)
+        )
+        self.ledger.unmapped(
+            f"{layer.name}/{v}" for v in layer.weights if v not in emitted.consumed
+        )
+        rows = self._place(layer, emitted)
+        self.adjustments += emitted.adjust
+        self.bn.update(emitted.bn)
+        tap, tap_module = self._taps(layer, rule, match, where, module)
+        transform = rule.transform.name
+        self.layers.append(
+            MappedLayer(layer.name, layer.class_name, module, transform, rows, tap, tap_module)
+        )
+
+    def _place(self, layer: SourceLayer, emitted: Emitted) -> list[tuple[str, str, str]]:
+        """Place each emitted tensor; the (target key, source key, transform) rows of those
+        placed."""
         rows = []
-        for key, (arr, skey, why) in em.tensors.items():
-            if key not in shapes:
-                problems["unexpected"].append(f"{key} (from {layer.name})")
-                continue
-            if key in out:
-                problems["duplicate"].append(f"{key} (from {filled_by[key]} and {layer.name})")
-                continue
-            if tuple(arr.shape) != shapes[key]:
-                problems["shape"].append(f"{key}: {layer.name} gives {tuple(arr.shape)} after {why}, target expects {shapes[key]}")
-                continue
-            out[key] = arr.astype(dtypes[key], copy=False)
-            filled_by[key] = layer.name
-            rows.append((key, skey, why))
-        adjust += em.adjust
-        bn.update(em.bn)
+        for key, (array, source_key, how) in emitted.tensors.items():
+            if self.ledger.place(key, array, layer.name, how):
+                rows.append((key, source_key, how))
+        return rows
+
+    def _taps(
+        self, layer: SourceLayer, rule: Rule, match: re.Match[str], where: str, module: str
+    ) -> tuple[str | None, str | None]:
+        """(source layer, target module) verification compares; None: not comparable."""
         tap = None
         if rule.tap is True:
             tap = layer.name
         elif isinstance(rule.tap, str):
-            tap = render(rule.tap, m, variant, where)
-        tap_module = render(rule.tap_module, m, variant, where, target=module) if rule.tap_module else None
-        mapped.append(MappedLayer(layer.name, layer.class_name, module, rule.transform.name, rows, tap, tap_module))
-    for key, op, arr, why in adjust:
-        if key not in out:
-            problems["unexpected"].append(f"{key} (bias fold target: {why})")
-            continue
-        out[key] = (out[key].astype(np.float64) - arr.astype(np.float64)).astype(out[key].dtype)
+            tap = render(rule.tap, match, self.variant, where)
+        if not rule.tap_module:
+            return tap, None
+        return tap, render(rule.tap_module, match, self.variant, where, target=module)
+
+
+def _apply(
+    source: SourceModel,
+    table: Table,
+    variant: Variant,
+    target_manifest: dict[str, Any],
+    kwargs: dict[str, Any],
+    head: HeadPlan | None,
+    progress: Progress | None,
+) -> ConversionResult:
+    """Map every source layer into the target, account for every tensor, record the provenance."""
+    walk = _TableWalk(table, variant, head, TargetLedger(target_manifest))
+    walk.dropped = [{"key": key, "why": why} for key, why in source.raw.ignored.items()]
+    total = len(source.layers)
+    for n, layer in enumerate(source.layers):
+        if progress:
+            progress(n, total, layer.name)
+        walk.visit(layer)
+    walk.ledger.apply_adjustments(walk.adjustments)
     if head:
-        out.update(head.fresh_tensors(tman, kwargs))
-        for k in head.fresh_keys:
-            filled_by[k] = "fresh head"
-    if problems["shape"]:  # the root cause: report it before the unfilled keys it leaves behind
-        raise ShapeMismatchError(
-            f"{source.raw.path} -> {variant.target}: shape mismatch: {_listing(problems['shape'])}; "
-            "is the source the same architecture/width as the target?"
-        )
-    missing = [k for k in shapes if k not in out]
-    msgs = []
-    if problems["unmapped"]:
-        msgs.append(f"{len(problems['unmapped'])} source tensors mapped by no rule: {_listing(problems['unmapped'])}")
-    if missing:
-        msgs.append(f"{len(missing)} target tensors left unfilled: {_listing(missing)}")
-    if problems["unexpected"]:
-        msgs.append(f"rules produce keys the target does not have: {_listing(problems['unexpected'])}")
-    if problems["duplicate"]:
-        msgs.append(f"target keys filled twice: {_listing(problems['duplicate'])}")
-    if msgs:
-        raise MappingError(f"{source.raw.path} -> {variant.target} (table {table.id}): " + "; ".join(msgs))
-    for key, arr in out.items():
-        _check_finite(arr, f"target tensor {key!r} (from {filled_by.get(key)})")
-    ordered = {k: out[k] for k in shapes}
-    pre = preprocessing_spec(pre_layers)
+        walk.ledger.place_fresh(head.fresh_tensors(target_manifest, kwargs), "fresh head")
+    state_dict = walk.ledger.finish(f"{source.raw.path} -> {variant.target}", table.id)
+    preprocessing = preprocessing_spec(walk.preprocessing_layers)
+    result = _result(source, walk, kwargs, state_dict, preprocessing)
+    if progress:
+        progress(total, total, "")
+    return result
+
+
+def _check_layer_tensors(layer: SourceLayer) -> None:
+    """Refuse NaN/inf in any variable and a negative BN moving variance."""
+    for var in layer.weights:
+        check_finite(layer.load(var), f"tensor {layer.keys[var]!r} (layer {layer.name}/{var})")
+    if layer.class_name == "BatchNormalization" and "moving_variance" in layer.weights:
+        variance = layer.load("moving_variance")
+        if (variance < 0).any():
+            raise InvalidTensorError(
+                f"layer {layer.name!r} moving_variance has {int((variance < 0).sum())} negative "
+                "values; the checkpoint is damaged"
+            )
+
+
+def _result(
+    source: SourceModel,
+    walk: _TableWalk,
+    kwargs: dict[str, Any],
+    state_dict: dict[str, np.ndarray],
+    preprocessing: dict[str, Any],
+) -> ConversionResult:
+    variant, head = walk.variant, walk.head
     surgeries = list(variant.surgeries)
-    meta = {
+    metadata = _metadata(source, walk, kwargs, surgeries, preprocessing)
+    if head:
+        metadata["head_reset"] = json.dumps(head.report(), sort_keys=True)
+    return ConversionResult(
+        state_dict=state_dict,
+        bn_config=walk.bn,
+        preprocessing=preprocessing,
+        metadata=metadata,
+        layers=walk.layers,
+        dropped=walk.dropped,
+        target=variant.target,
+        target_kwargs=kwargs,
+        surgeries=surgeries,
+        table_id=walk.table.id,
+        source_arch=source.manifest_id,
+        config_origin=source.config_origin,
+        head_reset=head.report() if head else None,
+        source_input_shape=_input_shape(source),
+    )
+
+
+def _metadata(
+    source: SourceModel,
+    walk: _TableWalk,
+    kwargs: dict[str, Any],
+    surgeries: list[dict[str, Any]],
+    preprocessing: dict[str, Any],
+) -> dict[str, str]:
+    """The provenance written into the output file (strings, JSON for structures)."""
+    return {
         "ckptport.version": __version__,
         "ckptport.format": "1",
         "source.file": source.raw.path.name,
@@ -332,22 +333,15 @@ def _apply(source: SourceModel, table: Table, variant: Variant, tman: dict[str, 
         "source.format": source.raw.format,
         "source.arch": source.manifest_id or "",
         "source.config_origin": source.config_origin,
-        "table.id": table.id,
-        "table.version": str(table.version),
-        "target": variant.target,
+        "table.id": walk.table.id,
+        "table.version": str(walk.table.version),
+        "target": walk.variant.target,
         "target.kwargs": json.dumps(kwargs, sort_keys=True),
         "surgeries": json.dumps(surgeries, sort_keys=True),
-        "bn_config": json.dumps(bn, sort_keys=True),
-        "preprocessing": json.dumps(pre, sort_keys=True),
-        "dropped": json.dumps(dropped, sort_keys=True),
+        "bn_config": json.dumps(walk.bn, sort_keys=True),
+        "preprocessing": json.dumps(preprocessing, sort_keys=True),
+        "dropped": json.dumps(walk.dropped, sort_keys=True),
     }
-    if head:
-        meta["head_reset"] = json.dumps(head.report(), sort_keys=True)
-    if progress:
-        progress(total, total, "")
-    return ConversionResult(ordered, bn, pre, meta, mapped, dropped, variant.target, kwargs, surgeries,
-                            table.id, source.manifest_id, source.config_origin,
-                            head.report() if head else None, _input_shape(source))
 
 
 def _input_shape(source: SourceModel) -> list[int | None] | None:
@@ -355,33 +349,40 @@ def _input_shape(source: SourceModel) -> list[int | None] | None:
     a shipped manifest's build size is ours, not the user's, so it does not count."""
     if source.config_origin not in ("file", "model"):
         return None
-    for lay in source.layers:
-        if lay.class_name == "InputLayer":
-            shape = lay.config.get("batch_shape") or lay.config.get("batch_input_shape")
+    for layer in source.layers:
+        if layer.class_name == "InputLayer":
+            shape = layer.config.get("batch_shape") or layer.config.get("batch_input_shape")
             if shape:
                 return list(shape[1:])
     return None
 
 
 def dry_run(table: Table, variant: Variant, seed: int = 0) -> ConversionResult:
-    """Run ``variant`` of ``table`` on synthetic tensors shaped like its source manifest, against its
-    target manifest: proves the table covers every source tensor and fills every target tensor with
-    the right shapes, without TensorFlow or PyTorch."""
-    from .formats import RawCheckpoint, RawTensor
-    from .source import SourceModel, build_layers, skeleton_from_manifest
+    """Run ``variant`` of ``table`` on synthetic tensors shaped like its source manifest, against
+    its target manifest: proves the table covers every source tensor and fills every target tensor
+    with the right shapes, without TensorFlow or PyTorch."""
+    from .source import build_layers, skeleton_from_manifest
 
     if variant.source is None:
-        raise MappingError(f"table {table.id}: variant {variant.target} has no source manifest to dry-run")
-    man = load_manifest(variant.source)
+        raise MappingError(
+            f"table {table.id}: variant {variant.target} has no source manifest to dry-run"
+        )
+    source_manifest = load_manifest(variant.source)
+    raw = _synthetic_checkpoint(source_manifest, f"<dry-run {variant.source}>", seed)
+    layers = build_layers(raw, skeleton_from_manifest(source_manifest), "manifest")
+    source = SourceModel(raw, layers, variant.source, "manifest")
+    target_manifest = load_manifest(variant.target)
+    return _apply(source, table, variant, target_manifest, dict(variant.target_kwargs), None, None)
+
+
+def _synthetic_checkpoint(source_manifest: dict[str, Any], name: str, seed: int) -> RawCheckpoint:
+    """A TF-checkpoint-like RawCheckpoint: one uniform(0.5, 1.5) tensor per manifest variable."""
     rng = np.random.default_rng(seed)
     tensors: dict[str, RawTensor] = {}
-    for lay in man["layers"]:
-        for v in lay["vars"]:
-            key = f"{lay['name']}/{v['name']}"
-            shape = tuple(v["shape"])
-            arr = rng.uniform(0.5, 1.5, shape).astype(v["dtype"] if v["dtype"] != "int64" else "int64")
-            tensors[key] = RawTensor(key, shape, v["dtype"], lambda a=arr: a)
-    raw = RawCheckpoint(Path(f"<dry-run {variant.source}>"), "tf-checkpoint", tensors, _sha256="0" * 64)
-    layers = build_layers(raw, skeleton_from_manifest(man), "manifest")
-    source = SourceModel(raw, layers, variant.source, "manifest")
-    return _apply(source, table, variant, load_manifest(variant.target), dict(variant.target_kwargs), None, None)
+    for layer in source_manifest["layers"]:
+        for var in layer["vars"]:
+            key = f"{layer['name']}/{var['name']}"
+            shape = tuple(var["shape"])
+            array = rng.uniform(0.5, 1.5, shape).astype(var["dtype"])
+            tensors[key] = RawTensor(key, shape, var["dtype"], lambda a=array: a)
+    return RawCheckpoint(Path(name), "tf-checkpoint", tensors, _sha256="0" * 64)

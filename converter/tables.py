@@ -4,7 +4,8 @@ A table has variants (source manifest -> target spec, surgeries, lookups), rules
 layer name -> target module template, named transform) and drops (layers that are not weights of the
 target: preprocessing becomes a recorded spec). First matching rule wins. Placeholders in templates:
 ``{g}`` a regex group, ``{g-1}``/``{g+1}`` integer arithmetic, ``{g:alpha}`` a letter as index
-(a -> 0), ``{g@name}`` the variant's lookup list ``name`` at index g, ``{$name}`` a variant constant.
+(a -> 0), ``{g@name}`` the variant's lookup list ``name`` at index g, ``{$name}`` a variant
+constant.
 """
 
 from __future__ import annotations
@@ -22,18 +23,27 @@ from .registry import Registry
 from .surgeries import SURGERIES
 from .transforms import TRANSFORMS, LayerTransform
 
-_PH = re.compile(r"\{(?P<ref>\$?\w+)(?::(?P<conv>alpha|int))?(?P<off>[+-]\d+)?(?:@(?P<lookup>\w+))?\}")
+_PLACEHOLDER = re.compile(
+    r"\{(?P<ref>\$?\w+)(?::(?P<conv>alpha|int))?(?P<off>[+-]\d+)?(?:@(?P<lookup>\w+))?\}"
+)
 DROP_KINDS = ("preprocessing", "ignore")
 
 
 @dataclass
 class Rule:
+    """``[[rules]]`` entry: source layers matching ``source`` become target module ``target``
+    (a template) through layer transform ``transform``; ``tap``/``tap_module`` say what
+    verification compares, ``fold_bias`` where a bias the target lacks goes, ``args`` the
+    transform's arguments."""
+
     source: re.Pattern[str]
     target: str
     transform: LayerTransform
     fold_bias: str | None = None
     tap: bool | str = True  # False: not comparable; a template: compare that source layer instead
-    tap_module: str | None = None  # template: hook this target module instead ({target} = rendered target)
+    tap_module: str | None = (
+        None  # template: hook this target module instead ({target} = rendered target)
+    )
     args: dict[str, Any] = field(default_factory=dict)
 
     def __repr__(self) -> str:
@@ -42,6 +52,10 @@ class Rule:
 
 @dataclass
 class Drop:
+    """``[[drops]]`` entry: source layers matching ``source`` that are not target weights;
+    ``kind`` ``preprocessing`` records them (converter/preprocessing.py), ``ignore`` only lists
+    them as dropped, with ``reason``."""
+
     source: re.Pattern[str]
     kind: str
     reason: str = ""
@@ -49,6 +63,9 @@ class Drop:
 
 @dataclass
 class Variant:
+    """``[[variants]]`` entry: one source manifest -> one target spec, with the surgeries the target
+    needs, the lookups and constants its templates use, and the target's constructor kwargs."""
+
     source: str | None  # source manifest id; None: any source whose layers the rules cover
     target: str
     surgeries: list[dict[str, Any]] = field(default_factory=list)
@@ -59,6 +76,9 @@ class Variant:
 
 @dataclass
 class Table:
+    """One mapping table file: its variants, rules (first match wins), drops, the classifier head
+    (for ``num_classes``) and the input the source expects (size, value range)."""
+
     id: str
     version: int
     family: str
@@ -71,6 +91,8 @@ class Table:
     input: dict[str, Any] = field(default_factory=lambda: {"size": 224, "range": [0.0, 255.0]})
 
     def match(self, layer_name: str) -> tuple[Rule, re.Match[str]] | tuple[Drop, None] | None:
+        """The first rule whose pattern matches the whole name (with its match), else the first
+        drop, else None."""
         for rule in self.rules:
             m = rule.source.fullmatch(layer_name)
             if m:
@@ -84,7 +106,11 @@ class Table:
         return [v for v in self.variants if v.source is None or v.source == source_id]
 
 
-def render(template: str, m: re.Match[str] | None, variant: Variant, where: str, **extra: str) -> str:
+def render(
+    template: str, m: re.Match[str] | None, variant: Variant, where: str, **extra: str
+) -> str:
+    """Fill a template's placeholders (see the module docstring) from the match ``m``, the
+    variant's constants and lookups, and ``extra``; ``where`` names the rule in errors."""
     groups = {**(m.groupdict() if m else {}), **extra}
 
     def sub(ph: re.Match[str]) -> str:
@@ -104,11 +130,13 @@ def render(template: str, m: re.Match[str] | None, variant: Variant, where: str,
         if ph["lookup"]:
             table = variant.lookups.get(ph["lookup"])
             if table is None or not (0 <= int(val) < len(table)):
-                raise MappingError(f"{where}: lookup {ph['lookup']}[{val}] is not defined for {variant.target}")
+                raise MappingError(
+                    f"{where}: lookup {ph['lookup']}[{val}] is not defined for {variant.target}"
+                )
             val = table[int(val)]
         return str(val)
 
-    return _PH.sub(sub, template)
+    return _PLACEHOLDER.sub(sub, template)
 
 
 # ------------------------------------------------------------------ loading
@@ -138,16 +166,39 @@ def _input(p: Path, data: dict[str, Any]) -> dict[str, Any]:
 def load_table(path: str | Path) -> Table:
     """Parse and validate a table file; any error names the file, the entry and the fix."""
     p = Path(path)
+    data = _read_toml(p)
+    for key in ("id", "version"):
+        if key not in data.get("table", {}):
+            raise _fail(p, f"[table] needs {key!r}")
+    variants = _variants(p, data)
+    rules = _rules(p, data, variants)
+    drops = _drops(p, data)
+    head = _head(p, data)
+    info = data["table"]
+    return Table(
+        info["id"],
+        int(info["version"]),
+        info.get("family", info["id"]),
+        info.get("description", ""),
+        variants,
+        rules,
+        drops,
+        p,
+        head,
+        _input(p, data),
+    )
+
+
+def _read_toml(p: Path) -> dict[str, Any]:
     try:
-        data = tomllib.loads(p.read_text())
+        return tomllib.loads(p.read_text())
     except FileNotFoundError:
         raise MappingError(f"mapping table {p} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise _fail(p, f"not valid TOML ({exc})") from None
-    head = data.get("table", {})
-    for key in ("id", "version"):
-        if key not in head:
-            raise _fail(p, f"[table] needs {key!r}")
+
+
+def _variants(p: Path, data: dict[str, Any]) -> list[Variant]:
     variants = []
     for i, v in enumerate(data.get("variants", [])):
         if "target" not in v:
@@ -157,59 +208,103 @@ def load_table(path: str | Path) -> Table:
                 SURGERIES.get(s["name"])
             except RegistryError as exc:
                 raise _fail(p, f"variants[{i}]: {exc}") from None
-        variants.append(Variant(v.get("source"), v["target"], v.get("surgeries", []), v.get("lookups", {}),
-                                v.get("consts", {}), v.get("target_kwargs", {})))
+        variants.append(
+            Variant(
+                v.get("source"),
+                v["target"],
+                v.get("surgeries", []),
+                v.get("lookups", {}),
+                v.get("consts", {}),
+                v.get("target_kwargs", {}),
+            )
+        )
     if not variants:
         raise _fail(p, "no [[variants]]: say which source maps to which target")
+    return variants
+
+
+RULE_KEYS = {"source", "target", "transform", "fold_bias", "tap", "tap_module", "args"}
+
+
+def _rules(p: Path, data: dict[str, Any], variants: list[Variant]) -> list[Rule]:
     rules = []
     seen_targets: dict[str, str] = {}
     for i, r in enumerate(data.get("rules", [])):
         where = f"rules[{i}] ({r.get('source')!r})"
-        rx = _regex(p, r.get("source"), where)
+        pattern = _regex(p, r.get("source"), where)
         if "target" not in r or "transform" not in r:
             raise _fail(p, f"{where} needs target and transform")
         try:
-            tr = TRANSFORMS.get(r["transform"])
+            transform = TRANSFORMS.get(r["transform"])
         except RegistryError as exc:
             raise _fail(p, f"{where}: {exc}") from None
-        for tmpl in filter(None, [r["target"], r.get("fold_bias"), r.get("tap") if isinstance(r.get("tap"), str) else None,
-                                 r.get("tap_module")]):
-            for ph in _PH.finditer(tmpl):
-                ref = ph["ref"]
-                if ref == "target":
-                    continue
-                if ref.startswith("$"):
-                    missing = [v.target for v in variants if ref[1:] not in v.consts]
-                    if missing:
-                        raise _fail(p, f"{where}: constant {ref} is missing in variants {missing}")
-                elif ref not in rx.groupindex:
-                    raise _fail(p, f"{where}: template {tmpl!r} uses group {ref!r}, not in the pattern")
-                if ph["lookup"]:
-                    missing = [v.target for v in variants if ph["lookup"] not in v.lookups]
-                    if missing:
-                        raise _fail(p, f"{where}: lookup {ph['lookup']!r} is missing in variants {missing}")
+        tap = r.get("tap") if isinstance(r.get("tap"), str) else None
+        for template in filter(None, [r["target"], r.get("fold_bias"), tap, r.get("tap_module")]):
+            _check_template(p, where, template, pattern, variants)
         if r["target"] in seen_targets:
-            raise _fail(p, f"{where}: duplicate target {r['target']!r} (also {seen_targets[r['target']]})")
+            raise _fail(
+                p, f"{where}: duplicate target {r['target']!r} (also {seen_targets[r['target']]})"
+            )
         seen_targets[r["target"]] = where
-        unknown = set(r) - {"source", "target", "transform", "fold_bias", "tap", "tap_module", "args"}
+        unknown = set(r) - RULE_KEYS
         if unknown:
             raise _fail(p, f"{where}: unknown keys {sorted(unknown)}")
-        rules.append(Rule(rx, r["target"], tr, r.get("fold_bias"), r.get("tap", True), r.get("tap_module"),
-                          r.get("args", {})))
+        rules.append(
+            Rule(
+                pattern,
+                r["target"],
+                transform,
+                r.get("fold_bias"),
+                r.get("tap", True),
+                r.get("tap_module"),
+                r.get("args", {}),
+            )
+        )
+    return rules
+
+
+def _check_template(
+    p: Path, where: str, template: str, pattern: re.Pattern[str], variants: list[Variant]
+) -> None:
+    """Every placeholder refers to a group of the pattern, or to a constant or lookup that every
+    variant has."""
+    for ph in _PLACEHOLDER.finditer(template):
+        ref = ph["ref"]
+        if ref == "target":
+            continue
+        if ref.startswith("$"):
+            missing = [v.target for v in variants if ref[1:] not in v.consts]
+            if missing:
+                raise _fail(p, f"{where}: constant {ref} is missing in variants {missing}")
+        elif ref not in pattern.groupindex:
+            raise _fail(p, f"{where}: template {template!r} uses group {ref!r}, not in the pattern")
+        if ph["lookup"]:
+            missing = [v.target for v in variants if ph["lookup"] not in v.lookups]
+            if missing:
+                raise _fail(p, f"{where}: lookup {ph['lookup']!r} is missing in variants {missing}")
+
+
+def _drops(p: Path, data: dict[str, Any]) -> list[Drop]:
     drops = []
     for i, d in enumerate(data.get("drops", [])):
         kind = d.get("as", "ignore")
         if kind not in DROP_KINDS:
             raise _fail(p, f"drops[{i}]: as={kind!r}; valid: {', '.join(DROP_KINDS)}")
         drops.append(Drop(_regex(p, d.get("source"), f"drops[{i}]"), kind, d.get("reason", "")))
+    return drops
+
+
+def _head(p: Path, data: dict[str, Any]) -> dict[str, str]:
     head = data.get("head", {})
     if head:
         if set(head) != {"source", "module"}:
-            raise _fail(p, "[head] needs exactly source (regex of the classifier layer) and module (target module)")
+            raise _fail(
+                p,
+                "[head] needs exactly source (regex of the classifier layer) "
+                "and module (target module)",
+            )
         _regex(p, head["source"], "[head]")
-    return Table(data["table"]["id"], int(data["table"]["version"]), data["table"].get("family", data["table"]["id"]),
-                 data["table"].get("description", ""),
-                 variants, rules, drops, p, head, _input(p, data))
+    return head
 
 
 TABLES: Registry[Table] = Registry("mapping table")
@@ -230,6 +325,12 @@ def _load_builtins() -> None:
 def builtin_tables() -> list[Table]:
     _load_builtins()
     return [t for _, t in TABLES.items()]
+
+
+def load_tables(mapping: str | Path | None = None) -> list[Table]:
+    """The tables a conversion chooses from: the user's ``mapping`` file alone, or the built-in
+    ones."""
+    return [load_table(mapping)] if mapping else builtin_tables()
 
 
 def get_table(table_id: str) -> Table:

@@ -34,6 +34,8 @@ class TensorTransform:
 
 
 class Identity(TensorTransform):
+    """Leaves the array as it is (biases, BN vectors)."""
+
     name = "identity"
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -46,17 +48,23 @@ class Identity(TensorTransform):
 
 @dataclass(frozen=True, repr=False)
 class Permute(TensorTransform):
+    """Transpose by ``axes`` (``np.transpose``); ``label`` is the readable repr."""
+
     axes: tuple[int, ...]
     label: str = ""
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if x.ndim != len(self.axes):
-            raise MappingError(f"{self!r} expects a {len(self.axes)}-d tensor, got shape {tuple(x.shape)}")
+            raise MappingError(
+                f"{self!r} expects a {len(self.axes)}-d tensor, got shape {tuple(x.shape)}"
+            )
         return np.ascontiguousarray(np.transpose(x, self.axes))
 
     @property
     def inverse(self) -> TensorTransform:
-        return Permute(tuple(int(i) for i in np.argsort(self.axes)), f"inverse of {self.label or self.axes}")
+        return Permute(
+            tuple(int(i) for i in np.argsort(self.axes)), f"inverse of {self.label or self.axes}"
+        )
 
     def __repr__(self) -> str:
         return self.label or f"permute{self.axes}"
@@ -77,6 +85,10 @@ class DepthwiseToTorch(TensorTransform):
 
 
 class DepthwiseFromTorch(TensorTransform):
+    """PyTorch grouped conv weight (C, 1, h, w) -> Keras depthwise kernel (h, w, C, 1).
+
+    Only depth multiplier 1 can be inverted: (C*mult, 1, h, w) does not say what mult was."""
+
     name = "depthwise (C*mult,1,h,w)->(h,w,C,mult), mult=1"
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -104,6 +116,8 @@ class Conv1x1ToLinear(TensorTransform):
 
 
 class LinearTo1x1Conv(TensorTransform):
+    """Linear weight (out, in) -> Keras 1x1 conv kernel (1, 1, in, out)."""
+
     name = "linear (out,in)->1x1-conv (1,1,in,out)"
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -123,8 +137,12 @@ class FlattenNHWCToNCHW(TensorTransform):
     def __call__(self, x: np.ndarray) -> np.ndarray:
         h, w, c = self.hwc
         if x.shape[0] != h * w * c:
-            raise MappingError(f"{self!r}: kernel has {x.shape[0]} rows, expected {h}*{w}*{c}={h * w * c}")
-        return np.ascontiguousarray(x.reshape(h, w, c, -1).transpose(3, 2, 0, 1).reshape(x.shape[1], -1))
+            raise MappingError(
+                f"{self!r}: kernel has {x.shape[0]} rows, expected {h}*{w}*{c}={h * w * c}"
+            )
+        return np.ascontiguousarray(
+            x.reshape(h, w, c, -1).transpose(3, 2, 0, 1).reshape(x.shape[1], -1)
+        )
 
     @property
     def inverse(self) -> TensorTransform:
@@ -136,11 +154,15 @@ class FlattenNHWCToNCHW(TensorTransform):
 
 @dataclass(frozen=True, repr=False)
 class FlattenNCHWToNHWC(TensorTransform):
+    """Linear weight (out, C*H*W) -> Dense kernel after Flatten, rows in (H, W, C) order."""
+
     hwc: tuple[int, int, int]
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         h, w, c = self.hwc
-        return np.ascontiguousarray(x.reshape(-1, c, h, w).transpose(2, 3, 1, 0).reshape(h * w * c, -1))
+        return np.ascontiguousarray(
+            x.reshape(-1, c, h, w).transpose(2, 3, 1, 0).reshape(h * w * c, -1)
+        )
 
     @property
     def inverse(self) -> TensorTransform:
@@ -152,7 +174,7 @@ class FlattenNCHWToNHWC(TensorTransform):
 
 IDENTITY = Identity()
 CONV_HWIO_TO_OIHW = Permute((3, 2, 0, 1), "conv HWIO->OIHW")
-DENSE_T = Permute((1, 0), "dense (in,out)->(out,in)")
+DENSE_IN_OUT_TO_OUT_IN = Permute((1, 0), "dense (in,out)->(out,in)")
 
 # ---------------------------------------------------------------- layer transforms
 
@@ -161,8 +183,12 @@ DENSE_T = Permute((1, 0), "dense (in,out)->(out,in)")
 class Emitted:
     """What a layer transform produces: target tensors, later adjustments, BN settings."""
 
-    tensors: dict[str, tuple[np.ndarray, str, str]] = field(default_factory=dict)  # key -> (array, source key, repr)
-    adjust: list[tuple[str, str, np.ndarray, str]] = field(default_factory=list)  # (key, op, array, why)
+    tensors: dict[str, tuple[np.ndarray, str, str]] = field(
+        default_factory=dict
+    )  # key -> (array, source key, repr)
+    adjust: list[tuple[str, str, np.ndarray, str]] = field(
+        default_factory=list
+    )  # (key, op, array, why)
     bn: dict[str, dict[str, Any]] = field(default_factory=dict)  # module -> bn config
     consumed: set[str] = field(default_factory=set)  # source variable names used
 
@@ -185,34 +211,60 @@ class LayerContext:
 
 
 class LayerTransform:
+    """Which source variables of one Keras layer become which target tensors.
+
+    ``params`` maps each source variable to (target parameter name, tensor transform); subclasses
+    override ``apply`` when a layer needs more than that (fills, BN settings, reshapes)."""
+
     name = "layer"
     #: transform applied to each source variable -> (target param name, tensor transform)
     params: dict[str, tuple[str, TensorTransform]] = {}
 
     def apply(self, ctx: LayerContext) -> Emitted:
         out = Emitted()
-        for var, (param, tt) in self.params.items():
+        for var, (param, tensor_transform) in self.params.items():
             if var not in ctx.layer.weights:
                 continue
-            self.emit(ctx, out, var, param, tt)
+            self.emit(ctx, out, var, param, tensor_transform)
         return out
 
-    def emit(self, ctx: LayerContext, out: Emitted, var: str, param: str, tt: TensorTransform) -> None:
+    def emit(
+        self,
+        ctx: LayerContext,
+        out: Emitted,
+        var: str,
+        param: str,
+        tensor_transform: TensorTransform,
+    ) -> None:
+        """Put source variable ``var`` at ``<target>.<param>``; a bias the target has no place
+        for is folded into ``fold_bias``'s running mean when the rule says so, else left
+        unconsumed."""
         key = f"{ctx.target}.{param}" if ctx.target else param
         arr = ctx.var(var)
         if var == "bias" and not ctx.has(key):
             if ctx.fold_bias is None:
                 return  # left unconsumed: strict accounting reports it
-            out.adjust.append((f"{ctx.fold_bias}.running_mean", "sub", arr.astype(np.float32, copy=False),
-                               f"bias of {ctx.layer.name} folded into {ctx.fold_bias}.running_mean"))
+            out.adjust.append(
+                (
+                    f"{ctx.fold_bias}.running_mean",
+                    "sub",
+                    arr.astype(np.float32, copy=False),
+                    f"bias of {ctx.layer.name} folded into {ctx.fold_bias}.running_mean",
+                )
+            )
             out.consumed.add(var)
             return
-        out.tensors[key] = (tt(arr), ctx.layer.keys.get(var, var), repr(tt))
+        out.tensors[key] = (
+            tensor_transform(arr),
+            ctx.layer.keys.get(var, var),
+            repr(tensor_transform),
+        )
         out.consumed.add(var)
 
     def inverse_params(self) -> dict[str, tuple[str, TensorTransform]]:
-        """Target param -> (source var, inverse tensor transform): the PyTorch -> Keras direction."""
-        return {param: (var, tt.inverse) for var, (param, tt) in self.params.items()}
+        """Target param -> (source var, inverse tensor transform): the PyTorch -> Keras
+        direction."""
+        return {param: (var, tensor.inverse) for var, (param, tensor) in self.params.items()}
 
     def __repr__(self) -> str:
         inner = ", ".join(f"{v}->{p} [{t!r}]" for v, (p, t) in self.params.items())
@@ -223,6 +275,8 @@ TRANSFORMS: Registry[LayerTransform] = Registry("transform")
 
 
 def register(name: str) -> Callable[[type], type]:
+    """Class decorator: name the layer transform and add one instance of it to ``TRANSFORMS``."""
+
     def deco(cls: type) -> type:
         cls.name = name
         TRANSFORMS.add(name, cls())
@@ -232,35 +286,45 @@ def register(name: str) -> Callable[[type], type]:
 
 
 @register("conv2d")
-class Conv2dT(LayerTransform):
+class Conv2dTransform(LayerTransform):
+    """Keras Conv2D -> torch Conv2d: kernel HWIO -> OIHW, bias as is."""
+
     params = {"kernel": ("weight", CONV_HWIO_TO_OIHW), "bias": ("bias", IDENTITY)}
 
 
 @register("depthwise_conv2d")
-class DepthwiseT(LayerTransform):
+class DepthwiseConv2dTransform(LayerTransform):
+    """Keras DepthwiseConv2D -> torch grouped Conv2d: kernel (h,w,C,mult) -> (C*mult,1,h,w)."""
+
     params = {"kernel": ("weight", DepthwiseToTorch()), "bias": ("bias", IDENTITY)}
 
 
 @register("dense")
-class DenseT(LayerTransform):
-    params = {"kernel": ("weight", DENSE_T), "bias": ("bias", IDENTITY)}
+class DenseTransform(LayerTransform):
+    """Keras Dense -> torch Linear: kernel (in, out) -> weight (out, in)."""
+
+    params = {"kernel": ("weight", DENSE_IN_OUT_TO_OUT_IN), "bias": ("bias", IDENTITY)}
 
 
 @register("conv1x1_to_linear")
-class Conv1x1LinearT(LayerTransform):
+class Conv1x1ToLinearTransform(LayerTransform):
+    """Keras 1x1 Conv2D -> torch Linear: kernel (1, 1, in, out) -> weight (out, in)."""
+
     params = {"kernel": ("weight", Conv1x1ToLinear()), "bias": ("bias", IDENTITY)}
 
 
 @register("dense_after_flatten")
-class DenseFlattenT(LayerTransform):
+class DenseAfterFlattenTransform(LayerTransform):
     """Dense fed by Flatten of an (H, W, C) map: table args ``hwc = [H, W, C]``."""
 
-    params = {"kernel": ("weight", DENSE_T), "bias": ("bias", IDENTITY)}
+    params = {"kernel": ("weight", DENSE_IN_OUT_TO_OUT_IN), "bias": ("bias", IDENTITY)}
 
     def apply(self, ctx: LayerContext) -> Emitted:
         hwc = ctx.args.get("hwc")
         if not hwc or len(hwc) != 3:
-            raise MappingError(f"transform dense_after_flatten on {ctx.layer.name!r} needs args.hwc = [H, W, C]")
+            raise MappingError(
+                f"transform dense_after_flatten on {ctx.layer.name!r} needs args.hwc = [H, W, C]"
+            )
         out = Emitted()
         self.emit(ctx, out, "kernel", "weight", FlattenNHWCToNCHW(tuple(hwc)))
         if "bias" in ctx.layer.weights:
@@ -269,12 +333,14 @@ class DenseFlattenT(LayerTransform):
 
 
 @register("layer_norm")
-class LayerNormT(LayerTransform):
+class LayerNormTransform(LayerTransform):
+    """Keras LayerNormalization -> torch LayerNorm: gamma -> weight, beta -> bias."""
+
     params = {"gamma": ("weight", IDENTITY), "beta": ("bias", IDENTITY)}
 
 
 @register("batch_norm")
-class BatchNormT(LayerTransform):
+class BatchNormTransform(LayerTransform):
     """Keras BatchNormalization -> torch BatchNorm: gamma/beta (1/0 when scale/center=False),
     moving stats, num_batches_tracked = 0, and momentum p = 1 - m, eps carried per module."""
 
@@ -289,23 +355,34 @@ class BatchNormT(LayerTransform):
         layer, cfg = ctx.layer, ctx.layer.config
         if cfg.get("renorm"):
             raise UnsupportedLayerError(
-                f"layer {layer.name!r} uses BatchNormalization(renorm=True), which PyTorch has no twin for; "
-                "retrain or fine-tune without renorm, or convert with a custom --mapping that drops it knowingly"
+                f"layer {layer.name!r} uses BatchNormalization(renorm=True), which PyTorch has no "
+                "twin for; retrain or fine-tune without renorm, or convert with a custom --mapping "
+                "that drops it knowingly"
             )
         axis = cfg.get("axis", -1)
         if isinstance(axis, list):
             axis = axis[0] if len(axis) == 1 else axis
         if axis not in (-1, 3, 1) or isinstance(axis, list):
-            raise UnsupportedLayerError(f"layer {layer.name!r}: BatchNormalization axis={axis} is not a channel axis")
+            raise UnsupportedLayerError(
+                f"layer {layer.name!r}: BatchNormalization axis={axis} is not a channel axis"
+            )
         out = super().apply(ctx)
         n = layer.weights["moving_mean"].shape[0]
         for var, param, fill in (("gamma", "weight", 1.0), ("beta", "bias", 0.0)):
             key = f"{ctx.target}.{param}"
             if var not in layer.weights and ctx.has(key):
-                out.tensors[key] = (np.full((n,), fill, np.float32), "", f"fill {fill:g} ({'scale' if var == 'gamma' else 'center'}=False)")
+                out.tensors[key] = (
+                    np.full((n,), fill, np.float32),
+                    "",
+                    f"fill {fill:g} ({'scale' if var == 'gamma' else 'center'}=False)",
+                )
         nbt = f"{ctx.target}.num_batches_tracked"
         if ctx.has(nbt):
-            out.tensors[nbt] = (np.array(0, dtype=np.int64), "", "num_batches_tracked = 0 (Keras does not count)")
+            out.tensors[nbt] = (
+                np.array(0, dtype=np.int64),
+                "",
+                "num_batches_tracked = 0 (Keras does not count)",
+            )
         m = float(cfg.get("momentum", 0.99))
         out.bn[ctx.target] = {
             "source_layer": layer.name,
@@ -320,7 +397,7 @@ class BatchNormT(LayerTransform):
 
 
 @register("layer_scale")
-class LayerScaleT(LayerTransform):
+class LayerScaleTransform(LayerTransform):
     """Keras LayerScale gamma (C,) -> target param shaped like the target (C,) or (C,1,1)."""
 
     params = {"gamma": ("gamma", IDENTITY)}
@@ -331,6 +408,10 @@ class LayerScaleT(LayerTransform):
         key = f"{ctx.target}.{param}" if ctx.target else param
         g = ctx.var("gamma")
         shape = ctx.target_shapes.get(key, g.shape)
-        out.tensors[key] = (g.reshape(shape), ctx.layer.keys.get("gamma", "gamma"), f"reshape {g.shape}->{tuple(shape)}")
+        out.tensors[key] = (
+            g.reshape(shape),
+            ctx.layer.keys.get("gamma", "gamma"),
+            f"reshape {g.shape}->{tuple(shape)}",
+        )
         out.consumed.add("gamma")
         return out

@@ -11,8 +11,8 @@ from converter.pipeline import dry_run
 from converter.registry import Registry
 from converter.surgeries import SURGERIES
 from converter.tables import builtin_tables, load_table
-from converter.transforms import (CONV_HWIO_TO_OIHW, DENSE_T, TRANSFORMS, Conv1x1ToLinear, DepthwiseToTorch,
-                                  FlattenNHWCToNCHW)
+from converter.transforms import (CONV_HWIO_TO_OIHW, DENSE_IN_OUT_TO_OUT_IN, TRANSFORMS,
+                                  Conv1x1ToLinear, DepthwiseToTorch, FlattenNHWCToNCHW)
 
 VARIANTS = [(t, v) for t in builtin_tables() for v in t.variants]
 
@@ -60,7 +60,7 @@ def test_tensor_transform_semantics():
     assert CONV_HWIO_TO_OIHW(k)[5, 2, 1, 0] == k[1, 0, 2, 5]
     d = np.arange(3 * 3 * 4 * 2, dtype=np.float32).reshape(3, 3, 4, 2)
     assert DepthwiseToTorch()(d).shape == (8, 1, 3, 3) and DepthwiseToTorch()(d)[2 * 2 + 1, 0, 0, 2] == d[0, 2, 2, 1]
-    assert DENSE_T(np.ones((4, 6))).shape == (6, 4)
+    assert DENSE_IN_OUT_TO_OUT_IN(np.ones((4, 6))).shape == (6, 4)
     assert Conv1x1ToLinear()(np.ones((1, 1, 4, 6))).shape == (6, 4)
     # flatten: Keras row (h, w, c) -> torch column c*H*W + h*W + w
     h, w, c = 2, 3, 4
