@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import converter
-from conftest import GENERATOR, ROOT, keras_build_args, make_keras_fixture
+from helpers import GENERATOR, ROOT, keras_build_args, make_keras_fixture
 from converter import formats, preprocessing
 from converter.errors import (
     ConverterError,
