@@ -17,6 +17,7 @@ from .errors import InvalidTensorError, MappingError, UnknownArchitectureError
 from .ledger import TargetLedger, check_finite, listing
 from .manifest import load_manifest, manifest_path, target_manifest_from_model
 from .preprocessing import preprocessing_spec
+from .specs import same_spec
 from .source import SourceLayer, SourceModel, resolve_source
 from .tables import Drop, Rule, Table, Variant, load_tables, render
 from .transforms import Emitted, LayerContext
@@ -59,10 +60,13 @@ class ConversionResult:
     config_origin: str
     head_reset: dict[str, Any] | None = None
     source_input_shape: list[int | None] | None = None  # (H, W, C) when the source declares it
+    source_path: Path | None = None  # never written over: save() refuses it as an output
 
     def save(self, path: str | os.PathLike, format: str | None = None, force: bool = False) -> Path:
         """Write atomically (safetensors unless the name ends in .pt/.pth); refuses to overwrite."""
-        return formats.write(path, self.state_dict, self.metadata, format=format, force=force)
+        inputs = (self.source_path,) if self.source_path else ()
+        return formats.write(path, self.state_dict, self.metadata, format=format, force=force,
+                             inputs=inputs)
 
     def torch_state_dict(self) -> dict[str, Any]:
         import torch
@@ -98,10 +102,10 @@ def select(tables: list[Table], source: SourceModel, to: str | None) -> tuple[Ta
     if to is None:
         return candidates[0]
     for t, v in candidates:
-        if v.target == to:
+        if same_spec(v.target, to):
             return t, v
     all_targets = sorted({v.target for t in tables for v in t.variants})
-    if to not in all_targets:
+    if not any(same_spec(t, to) for t in all_targets):
         raise UnknownArchitectureError(
             f"unknown target {to!r}; targets with tables: {listing(all_targets)}"
         )
@@ -314,6 +318,7 @@ def _result(
         config_origin=source.config_origin,
         head_reset=head.report() if head else None,
         source_input_shape=_input_shape(source),
+        source_path=source.raw.path,
     )
 
 

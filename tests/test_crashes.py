@@ -176,3 +176,23 @@ def test_signal_during_write_leaves_nothing(tiny, tmp_path, sig):
     assert "Traceback" not in err
     assert not out.exists()
     assert not list(tmp_path.glob(".out.safetensors.*")), "a partial file survived the signal"
+
+
+def test_relative_and_absolute_file_targets_are_the_same(tiny, tmp_path, monkeypatch):
+    """The table names the target by absolute path; `--to ./fixtures/tiny_models.py:tiny_flatten` is it."""
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "rel.safetensors"
+    rc = main(["convert", str(tiny["src"]), "--mapping", str(tiny["table"]), "--to",
+               "./fixtures/tiny_models.py:tiny_flatten", "-o", str(out)])
+    assert rc == ExitCode.OK and out.is_file()
+
+
+def test_library_save_never_writes_over_its_source(tiny):
+    import converter
+    from converter.errors import OutputExistsError
+
+    before = tiny["src"].read_bytes()
+    result = converter.convert(tiny["src"], mapping=tiny["table"])
+    with pytest.raises(OutputExistsError, match="is the input file"):
+        result.save(tiny["src"], force=True)
+    assert tiny["src"].read_bytes() == before
