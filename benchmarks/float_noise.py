@@ -32,8 +32,11 @@ def measure(source_id: str, tmp: Path) -> dict[str, float]:
     model = load_model(result.save(tmp / f"{fn}.safetensors", force=True))
     y32 = torch_logits(model, fx["x"], result.preprocessing)
     y64 = torch_logits(model.double(), fx["x"], result.preprocessing, dtype=torch.float64)
-    row = {"keras_vs_torch32": rel_err(y32, fx["logits"]), "torch32_vs_torch64": rel_err(y32, y64),
-           "keras_vs_torch64": rel_err(y64, fx["logits"])}
+    row = {
+        "keras_vs_torch32": rel_err(y32, fx["logits"]),
+        "torch32_vs_torch64": rel_err(y32, y64),
+        "keras_vs_torch64": rel_err(y64, fx["logits"]),
+    }
     row["max_tap_rms_rel_torch32_vs_torch64"] = tap_noise(model, fx["x"], result)
     if result.surgeries:  # the same weights in the plain target, no surgery
         plain = build_target(result.target, **result.target_kwargs)
@@ -42,7 +45,8 @@ def measure(source_id: str, tmp: Path) -> dict[str, float]:
             mod = dict(plain.named_modules())[name]
             mod.eps, mod.momentum = bn["eps"], bn["momentum"]
         row["keras_vs_torch32_without_surgeries"] = rel_err(
-            torch_logits(plain.eval(), fx["x"], result.preprocessing), fx["logits"])
+            torch_logits(plain.eval(), fx["x"], result.preprocessing), fx["logits"]
+        )
     return row
 
 
@@ -53,8 +57,12 @@ def tap_noise(model, x, result) -> float:
     mods = dict(model.named_modules())
     worst = 0.0
     outs: dict[str, list] = {}
-    hooks = [mods[m].register_forward_hook(lambda mod, i, o, m=m: outs.setdefault(m, []).append(o.double().clone()))
-             for m in dict.fromkeys(m for _, m in result.taps)]
+    hooks = [
+        mods[m].register_forward_hook(
+            lambda mod, i, o, m=m: outs.setdefault(m, []).append(o.double().clone())
+        )
+        for m in dict.fromkeys(m for _, m in result.taps)
+    ]
     for dtype in (torch.float64, torch.float32):
         torch_logits(model.to(dtype), x, result.preprocessing, dtype=dtype)
     for h in hooks:

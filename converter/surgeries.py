@@ -58,11 +58,18 @@ def tf_same_max_pools(model: Any, modules: list[str]) -> None:
     for path in modules:
         pool = _submodule(model, path, "tf_same_max_pools")
         if type(pool) is not torch.nn.MaxPool2d:
-            raise MappingError(f"surgery tf_same_max_pools: {path!r} is a {type(pool).__name__}, not nn.MaxPool2d")
+            raise MappingError(
+                f"surgery tf_same_max_pools: {path!r} is a {type(pool).__name__}, not nn.MaxPool2d"
+            )
         parent_path, _, leaf = path.rpartition(".")
         parent = _submodule(model, parent_path, "tf_same_max_pools") if parent_path else model
-        setattr(parent, leaf, MaxPool2dSame(pool.kernel_size, pool.stride, dilation=pool.dilation,
-                                            ceil_mode=pool.ceil_mode))
+        setattr(
+            parent,
+            leaf,
+            MaxPool2dSame(
+                pool.kernel_size, pool.stride, dilation=pool.dilation, ceil_mode=pool.ceil_mode
+            ),
+        )
 
 
 @SURGERIES.register("avg_pool_exclude_padding")
@@ -86,6 +93,8 @@ def avg_pool_exclude_padding(model: Any, consumers: list[str], kernel: int = 3) 
     for path in consumers:
         module = _submodule(model, path, "avg_pool_exclude_padding")
         if getattr(module, "_ckptport_avg_pool_exclude_padding", False):
-            raise MappingError(f"surgery avg_pool_exclude_padding: {path!r} is rescaled already (applied twice?)")
+            raise MappingError(
+                f"surgery avg_pool_exclude_padding: {path!r} is rescaled already (applied twice?)"
+            )
         module.register_forward_pre_hook(rescale)
         module._ckptport_avg_pool_exclude_padding = True

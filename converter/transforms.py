@@ -351,8 +351,10 @@ class SeparableConv2dT(LayerTransform):
     }
 
     def apply(self, ctx: LayerContext) -> Emitted:
-        children = {"conv1": ctx.args.get("depthwise", "conv1"),
-                    "pointwise": ctx.args.get("pointwise", "pointwise")}
+        children = {
+            "conv1": ctx.args.get("depthwise", "conv1"),
+            "pointwise": ctx.args.get("pointwise", "pointwise"),
+        }
         out = Emitted()
         for var, (param, tt) in self.params.items():
             if var in ctx.layer.weights:

@@ -28,12 +28,20 @@ SLOW_SOURCES = {f"keras:EfficientNetB{i}" for i in range(3, 8)} | {"keras:ResNet
 # vs PyTorch float32 4.5e-4 and vs float64 4.6e-4 (benchmarks/float_noise.py): float32 self-noise
 # growing block by block (Mixed_5b 2.5e-5, Mixed_6e 4.4e-4), not a mapping error (without its
 # surgery the error is 3.7).
-DEEP_SOURCES = {f"keras:EfficientNetB{i}" for i in range(4, 8)} | {"keras:ResNet101", "keras:ResNet152",
-                                                                   "keras:InceptionV3"}
+DEEP_SOURCES = {f"keras:EfficientNetB{i}" for i in range(4, 8)} | {
+    "keras:ResNet101",
+    "keras:ResNet152",
+    "keras:InceptionV3",
+}
 DEEP_TOL = 2e-3
 VARIANTS = [(t, v) for t in builtin_tables() for v in t.variants]
-FAMILY_REPRESENTATIVES = ["keras:ResNet50", "keras:EfficientNetB0", "keras:MobileNetV3Small", "keras:Xception",
-                          "keras:InceptionV3"]
+FAMILY_REPRESENTATIVES = [
+    "keras:ResNet50",
+    "keras:EfficientNetB0",
+    "keras:MobileNetV3Small",
+    "keras:Xception",
+    "keras:InceptionV3",
+]
 FORMATS = ["keras", "weights.h5", "h5", "h5-weights", "tf-checkpoint", "tf-names", "tf-layer-with-weights", "savedmodel"]
 
 
@@ -76,8 +84,9 @@ def test_variant_end_to_end(table, variant, tmp_path):
         assert mod.eps == pytest.approx(src_cfg["epsilon"], rel=1e-12)
         assert mod.momentum < 0.5
 
-    # the plain target loads the output strictly and matches too, unless the variant needs surgeries:
-    # then, with the source's eps set, it must not (each table's fixture size makes its surgeries matter)
+    # the plain target loads the output strictly and matches too, unless the variant needs
+    # surgeries: then, with the source's eps set, it must not (each table's fixture size is chosen
+    # so that its surgeries matter)
     plain = build_target(variant.target, **variant.target_kwargs)
     plain.load_state_dict(result.torch_state_dict(), strict=True)
     for name, mod in plain.named_modules():

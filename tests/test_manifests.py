@@ -107,7 +107,8 @@ def test_source_auto_names_are_canonical(mid):
     assert [lay for lay in man["layers"] if lay["vars"]][-1]["vars"][-1]["shape"] == [1000]  # the head
 
 
-BN_FACTS = {  # Keras family -> (momentum, epsilon, center, scale); Keras momentum is PyTorch 1 - momentum
+# Keras family -> (momentum, epsilon, center, scale); Keras momentum is PyTorch 1 - momentum
+BN_FACTS = {
     "EfficientNet": (0.99, 1e-3, True, True),
     "MobileNetV3": (0.999, 1e-3, True, True),
     "ResNet": (0.99, 1.001e-5, True, True),
@@ -121,7 +122,9 @@ def test_keras_bn_facts(mid):
     family = next(f for f in BN_FACTS if mid.startswith(f"keras:{f}"))
     bns = [lay["config"] for lay in SOURCES[mid]["layers"] if lay["class_name"] == "BatchNormalization"]
     assert bns
-    assert {(c["momentum"], c["epsilon"], c["center"], c["scale"]) for c in bns} == {BN_FACTS[family]}
+    assert {(c["momentum"], c["epsilon"], c["center"], c["scale"]) for c in bns} == {
+        BN_FACTS[family]
+    }
 
 
 @pytest.mark.parametrize("mid", sorted(TARGETS))

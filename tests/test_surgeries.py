@@ -19,11 +19,15 @@ from converter.transforms import TRANSFORMS, LayerContext
 
 
 def _layer(name: str, cls: str, **arrays: np.ndarray) -> SourceLayer:
-    weights = {k: RawTensor(f"{name}/{k}", v.shape, str(v.dtype), lambda v=v: v) for k, v in arrays.items()}
+    weights = {
+        k: RawTensor(f"{name}/{k}", v.shape, str(v.dtype), lambda v=v: v) for k, v in arrays.items()
+    }
     return SourceLayer(name, cls, {}, "file", weights, {k: f"{name}/{k}" for k in arrays})
 
 
-def keras_separable_conv(x: np.ndarray, dw: np.ndarray, pw: np.ndarray, bias: np.ndarray) -> np.ndarray:
+def keras_separable_conv(
+    x: np.ndarray, dw: np.ndarray, pw: np.ndarray, bias: np.ndarray
+) -> np.ndarray:
     """Keras SeparableConv2D (stride 1, 'same', NHWC) from its definition, in float64: depthwise
     output channel c*mult + m = sum over the window of x[..., c] * dw[i, j, c, m]; then 1x1 conv."""
     h, w, c, mult = dw.shape
@@ -32,7 +36,7 @@ def keras_separable_conv(x: np.ndarray, dw: np.ndarray, pw: np.ndarray, bias: np
     mid = np.zeros((n, hh, ww, c, mult))
     for i in range(h):
         for j in range(w):
-            mid += xp[:, i:i + hh, j:j + ww, :, None] * dw[i, j]
+            mid += xp[:, i : i + hh, j : j + ww, :, None] * dw[i, j]
     return mid.reshape(n, hh, ww, c * mult) @ pw[0, 0] + bias
 
 
@@ -49,28 +53,50 @@ def test_separable_conv2d_transform_computes_keras_separable_conv(mult):
     shapes = {k: tuple(v.shape) for k, v in target.state_dict().items()}
     layer = _layer("sep", "SeparableConv2D", depthwise_kernel=dw, pointwise_kernel=pw, bias=bias)
     em = TRANSFORMS.get("separable_conv2d").apply(
-        LayerContext(layer, "", shapes, {"depthwise": "dw", "pointwise": "pw"}))
-    assert set(em.tensors) == set(shapes) and em.consumed == {"depthwise_kernel", "pointwise_kernel", "bias"}
-    target.load_state_dict({k: torch.from_numpy(a) for k, (a, _, _) in em.tensors.items()}, strict=True)
+        LayerContext(layer, "", shapes, {"depthwise": "dw", "pointwise": "pw"})
+    )
+    assert set(em.tensors) == set(shapes) and em.consumed == {
+        "depthwise_kernel",
+        "pointwise_kernel",
+        "bias",
+    }
+    target.load_state_dict(
+        {k: torch.from_numpy(a) for k, (a, _, _) in em.tensors.items()}, strict=True
+    )
     x = rng.normal(size=(2, 6, 7, c))
     with torch.no_grad():
-        got = target.pw(target.dw(torch.from_numpy(x).permute(0, 3, 1, 2).float())).permute(0, 2, 3, 1).numpy()
+        got = (
+            target.pw(target.dw(torch.from_numpy(x).permute(0, 3, 1, 2).float()))
+            .permute(0, 2, 3, 1)
+            .numpy()
+        )
     np.testing.assert_allclose(got, keras_separable_conv(x, dw, pw, bias), rtol=1e-5, atol=1e-5)
 
 
 def test_separable_conv2d_defaults_and_inverse():
-    """Default children are timm's SeparableConv2d (conv1, pointwise); each tensor transform inverts."""
+    """Default children are timm's SeparableConv2d (conv1, pointwise); the tensor transforms
+    invert."""
     t = TRANSFORMS.get("separable_conv2d")
     rng = np.random.default_rng(1)
     dw = rng.normal(size=(3, 3, 4, 1)).astype(np.float32)
     pw = rng.normal(size=(1, 1, 4, 6)).astype(np.float32)
     shapes = {"m.conv1.weight": (4, 1, 3, 3), "m.pointwise.weight": (6, 4, 1, 1)}
-    em = t.apply(LayerContext(_layer("s", "SeparableConv2D", depthwise_kernel=dw, pointwise_kernel=pw), "m", shapes, {}))
+    em = t.apply(
+        LayerContext(
+            _layer("s", "SeparableConv2D", depthwise_kernel=dw, pointwise_kernel=pw),
+            "m",
+            shapes,
+            {},
+        )
+    )
     assert {k: a.shape for k, (a, _, _) in em.tensors.items()} == shapes
     inv = t.inverse_params()
     back_dw = inv["conv1.weight"][1](em.tensors["m.conv1.weight"][0])
     back_pw = inv["pointwise.weight"][1](em.tensors["m.pointwise.weight"][0])
-    assert inv["conv1.weight"][0] == "depthwise_kernel" and inv["pointwise.weight"][0] == "pointwise_kernel"
+    assert (
+        inv["conv1.weight"][0] == "depthwise_kernel"
+        and inv["pointwise.weight"][0] == "pointwise_kernel"
+    )
     np.testing.assert_array_equal(back_dw, dw)
     np.testing.assert_array_equal(back_pw, pw)
     assert "depthwise_kernel->conv1.weight" in repr(t)
@@ -118,7 +144,9 @@ def test_avg_pool_exclude_padding_on_a_functional_pool():
     x = torch.randn(2, 3, 5, 6)
     with torch.no_grad():
         want = model.branch_pool(F.avg_pool2d(x, 3, 1, 1, count_include_pad=False))
-        assert not torch.allclose(model(x), want, atol=1e-3)  # the border differs before the surgery
+        assert not torch.allclose(
+            model(x), want, atol=1e-3
+        )  # the border differs before the surgery
         SURGERIES.get("avg_pool_exclude_padding")(model, consumers=["branch_pool"])
         torch.testing.assert_close(model(x), want, rtol=1e-6, atol=1e-6)
     with pytest.raises(MappingError, match="applied twice"):
@@ -139,7 +167,9 @@ def test_avg_pool_exclude_padding_on_torchvision_inception():
     seen: dict[str, tuple] = {}
     for path in surgery["args"]["consumers"]:
         block = path.split(".")[0]
-        mods[block].register_forward_pre_hook(lambda m, a, b=block: seen.__setitem__(b + ".in", a[0]))
+        mods[block].register_forward_pre_hook(
+            lambda m, a, b=block: seen.__setitem__(b + ".in", a[0])
+        )
         mods[path].conv.register_forward_pre_hook(lambda m, a, p=path: seen.__setitem__(p, a[0]))
     with torch.no_grad():
         model(torch.randn(1, 3, 75, 75))
