@@ -37,3 +37,64 @@ def set_bn_eps(model: Any, eps: float) -> None:
 def apply_surgeries(model: Any, surgeries: list[dict[str, Any]]) -> None:
     for s in surgeries:
         SURGERIES.get(s["name"])(model, **s.get("args", {}))
+
+
+def _submodule(model: Any, path: str, surgery: str) -> Any:
+    modules = dict(model.named_modules())
+    if path not in modules:
+        raise MappingError(f"surgery {surgery}: the target model has no module {path!r}")
+    return modules[path]
+
+
+@SURGERIES.register("tf_same_max_pools")
+def tf_same_max_pools(model: Any, modules: list[str]) -> None:
+    """Keras ``MaxPooling2D(padding='same')`` pads like TF: on an even size with stride 2 it pads 0
+    before and 1 after, where ``nn.MaxPool2d(3, 2, padding=1)`` pads 1 and 1 (same output size,
+    windows shifted by one). Replace each named ``nn.MaxPool2d`` with timm's ``MaxPool2dSame``
+    (pads -inf the TF way for the actual input size; no parameters, state dict unchanged)."""
+    import torch
+    from timm.layers.pool2d_same import MaxPool2dSame
+
+    for path in modules:
+        pool = _submodule(model, path, "tf_same_max_pools")
+        if type(pool) is not torch.nn.MaxPool2d:
+            raise MappingError(
+                f"surgery tf_same_max_pools: {path!r} is a {type(pool).__name__}, not nn.MaxPool2d"
+            )
+        parent_path, _, leaf = path.rpartition(".")
+        parent = _submodule(model, parent_path, "tf_same_max_pools") if parent_path else model
+        setattr(
+            parent,
+            leaf,
+            MaxPool2dSame(
+                pool.kernel_size, pool.stride, dilation=pool.dilation, ceil_mode=pool.ceil_mode
+            ),
+        )
+
+
+@SURGERIES.register("avg_pool_exclude_padding")
+def avg_pool_exclude_padding(model: Any, consumers: list[str], kernel: int = 3) -> None:
+    """Keras ``AveragePooling2D(padding='same')`` averages over the cells inside the image only;
+    torch counts the padding (``count_include_pad=True``). torchvision's Inception blocks call
+    ``F.avg_pool2d(x, k, 1, k // 2)`` inside ``forward``, so there is no pool module to set
+    ``count_include_pad=False`` on: the surgery hooks the module consuming the pooled map
+    (``branch_pool``) and divides its input by the same pool applied to ones, i.e. by the share of
+    in-image cells: ``(sum / k^2) / (count / k^2) = sum / count``, exactly the excluding average.
+    Valid for stride-1 'same' pools only (output size = input size)."""
+    import torch
+    import torch.nn.functional as F
+
+    def rescale(module: Any, args: tuple) -> tuple:
+        x = args[0]
+        ones = torch.ones((1, 1, *x.shape[-2:]), dtype=x.dtype, device=x.device)
+        share = F.avg_pool2d(ones, kernel, 1, kernel // 2, count_include_pad=True)
+        return (x / share, *args[1:])
+
+    for path in consumers:
+        module = _submodule(model, path, "avg_pool_exclude_padding")
+        if getattr(module, "_ckptport_avg_pool_exclude_padding", False):
+            raise MappingError(
+                f"surgery avg_pool_exclude_padding: {path!r} is rescaled already (applied twice?)"
+            )
+        module.register_forward_pre_hook(rescale)
+        module._ckptport_avg_pool_exclude_padding = True

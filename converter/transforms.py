@@ -415,3 +415,30 @@ class LayerScaleTransform(LayerTransform):
         )
         out.consumed.add("gamma")
         return out
+
+
+@register("separable_conv2d")
+class SeparableConv2dT(LayerTransform):
+    """Keras SeparableConv2D -> a module with a depthwise conv (groups=C) and a 1x1 pointwise conv:
+    ``depthwise_kernel`` (h,w,C,mult) -> ``<depthwise>.weight`` (C*mult,1,h,w), ``pointwise_kernel``
+    (1,1,C*mult,out) -> ``<pointwise>.weight`` (out,C*mult,1,1), ``bias`` -> ``<pointwise>.bias``
+    (Keras adds it after the pointwise conv). Child names default to timm's SeparableConv2d
+    (``conv1``, ``pointwise``); table args ``depthwise``/``pointwise`` name others."""
+
+    params = {
+        "depthwise_kernel": ("conv1.weight", DepthwiseToTorch()),
+        "pointwise_kernel": ("pointwise.weight", CONV_HWIO_TO_OIHW),
+        "bias": ("pointwise.bias", IDENTITY),
+    }
+
+    def apply(self, ctx: LayerContext) -> Emitted:
+        children = {
+            "conv1": ctx.args.get("depthwise", "conv1"),
+            "pointwise": ctx.args.get("pointwise", "pointwise"),
+        }
+        out = Emitted()
+        for var, (param, tt) in self.params.items():
+            if var in ctx.layer.weights:
+                child, _, leaf = param.partition(".")
+                self.emit(ctx, out, var, f"{children[child]}.{leaf}", tt)
+        return out

@@ -24,10 +24,24 @@ SLOW_SOURCES = {f"keras:EfficientNetB{i}" for i in range(3, 8)} | {"keras:ResNet
 # float32 implementation reaches, so they are held to DEEP_TOL, ~2x the largest measured float32
 # self-noise; their rules are the ones B0-B3/ResNet50 pass at 1e-4 in every format, and the static
 # dry run (tests/test_tables.py) checks every key, shape and BN setting. See docs/benchmarks.md.
-DEEP_SOURCES = {f"keras:EfficientNetB{i}" for i in range(4, 8)} | {"keras:ResNet101", "keras:ResNet152"}
+# InceptionV3 at its minimum input (75 px; Mixed_7 at 1x1): PyTorch float32 vs float64 4.8e-4, Keras
+# vs PyTorch float32 4.5e-4 and vs float64 4.6e-4 (benchmarks/float_noise.py): float32 self-noise
+# growing block by block (Mixed_5b 2.5e-5, Mixed_6e 4.4e-4), not a mapping error (without its
+# surgery the error is 3.7).
+DEEP_SOURCES = {f"keras:EfficientNetB{i}" for i in range(4, 8)} | {
+    "keras:ResNet101",
+    "keras:ResNet152",
+    "keras:InceptionV3",
+}
 DEEP_TOL = 2e-3
 VARIANTS = [(t, v) for t in builtin_tables() for v in t.variants]
-FAMILY_REPRESENTATIVES = ["keras:ResNet50", "keras:EfficientNetB0", "keras:MobileNetV3Small"]
+FAMILY_REPRESENTATIVES = [
+    "keras:ResNet50",
+    "keras:EfficientNetB0",
+    "keras:MobileNetV3Small",
+    "keras:Xception",
+    "keras:InceptionV3",
+]
 FORMATS = ["keras", "weights.h5", "h5", "h5-weights", "tf-checkpoint", "tf-names", "tf-layer-with-weights", "savedmodel"]
 
 
@@ -70,11 +84,19 @@ def test_variant_end_to_end(table, variant, tmp_path):
         assert mod.eps == pytest.approx(src_cfg["epsilon"], rel=1e-12)
         assert mod.momentum < 0.5
 
-    if not variant.surgeries:  # the plain target loads the output strictly and matches too
-        plain = build_target(variant.target, **variant.target_kwargs)
-        plain.load_state_dict(result.torch_state_dict(), strict=True)
-        plain.eval()
-        err = rel_err(torch_logits(plain, fx["x"], result.preprocessing), fx["logits"])
+    # the plain target loads the output strictly and matches too, unless the variant needs
+    # surgeries: then, with the source's eps set, it must not (each table's fixture size is chosen
+    # so that its surgeries matter)
+    plain = build_target(variant.target, **variant.target_kwargs)
+    plain.load_state_dict(result.torch_state_dict(), strict=True)
+    for name, mod in plain.named_modules():
+        if variant.surgeries and name in result.bn_config:
+            mod.eps = result.bn_config[name]["eps"]
+    plain.eval()
+    err = rel_err(torch_logits(plain, fx["x"], result.preprocessing), fx["logits"])
+    if variant.surgeries:
+        assert err > 100 * tol, f"without its surgeries the target matches anyway ({err:.2e})"
+    else:
         assert err < tol
 
 
@@ -88,7 +110,8 @@ def test_every_source_format(source_id, fmt, tmp_path):
     assert result.config_origin == ("file" if fmt in ("keras", "h5") else "manifest")
     model = load_model(result.save(tmp_path / "m.safetensors"))
     err = rel_err(torch_logits(model, fx["x"], result.preprocessing), fx["logits"])
-    assert err < TOL, f"{fmt}: logits differ by {err:.2e} of their scale"
+    tol = DEEP_TOL if source_id in DEEP_SOURCES else TOL
+    assert err < tol, f"{fmt}: logits differ by {err:.2e} of their scale"
 
 
 def test_pt_output_loads_strictly(tmp_path):

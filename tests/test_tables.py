@@ -23,6 +23,9 @@ def test_every_variant_maps_every_tensor(table, variant):
     every target tensor filled, shapes right, every BN module configured."""
     result = dry_run(table, variant)
     target = load_manifest(variant.target)
+    assert (
+        target["kwargs"] == variant.target_kwargs
+    ), "the shipped target manifest was built with other kwargs"
     assert list(result.state_dict) == [t["key"] for t in target["tensors"]]
     assert set(result.bn_config) == set(target["bn_modules"])
     source_bn = {lay["name"]: lay["config"] for lay in load_manifest(variant.source)["layers"]
@@ -49,7 +52,15 @@ def test_layer_transforms_invert(name):
     rng = np.random.default_rng(0)
     t = TRANSFORMS.get(name)
     for var, (param, tt) in t.params.items():
-        shape = {"kernel": (1, 1, 4, 6) if "1x1" in name else ((12, 6) if "dense" in name else (3, 3, 4, 1 if "depthwise" in name else 6))}.get(var, (6,))
+        shape = {
+            "kernel": (
+                (1, 1, 4, 6)
+                if "1x1" in name
+                else ((12, 6) if "dense" in name else (3, 3, 4, 1 if "depthwise" in name else 6))
+            ),
+            "depthwise_kernel": (3, 3, 4, 1),
+            "pointwise_kernel": (1, 1, 4, 6),
+        }.get(var, (6,))
         x = rng.normal(size=shape).astype(np.float32)
         np.testing.assert_array_equal(tt.inverse(tt(x)), x)
         assert repr(tt)
@@ -117,3 +128,66 @@ def test_bad_surgery_and_toml(tmp_path):
     p.write_text("[table\n")
     with pytest.raises(MappingError, match="not valid TOML"):
         load_table(p)
+
+
+def _variant(table_id: str):
+    return next(v for t in builtin_tables() if t.id == table_id for v in t.variants)
+
+
+def _pools(manifest_id: str, cls: str) -> list[dict]:
+    return [
+        lay["config"] for lay in load_manifest(manifest_id)["layers"] if lay["class_name"] == cls
+    ]
+
+
+def test_xception_max_pool_surgery_covers_every_same_pool():
+    """Every Keras Xception MaxPooling2D is 3x3/2 'same' (TF padding); the surgery lists exactly one
+    timm pool per strided block, the last module of that block's rep (blocks with a skip conv)."""
+    pools = _pools("keras:Xception", "MaxPooling2D")
+    assert [(p["pool_size"], p["strides"], p["padding"]) for p in pools] == [
+        ([3, 3], [2, 2], "same")
+    ] * 4
+    (surgery,) = _variant("keras-xception").surgeries
+    modules = surgery["args"]["modules"]
+    keys = {t["key"] for t in load_manifest("timm:legacy_xception")["tensors"]}
+    assert len(modules) == len(pools)
+    for m in modules:
+        block, _, idx = m.partition(".rep.")
+        assert f"{block}.skip.weight" in keys
+        assert not any(
+            k.startswith(f"{block}.rep.{int(idx)}.") for k in keys
+        )  # no weights: the pool
+        assert any(
+            k.startswith(f"{block}.rep.{int(idx) - 1}.running_mean") for k in keys
+        )  # after a BN
+
+
+def test_inception_avg_pool_surgery_matches_keras_same_pools():
+    """Keras InceptionV3 mixed blocks pool 3x3/1 'same' (average) or 3x3/2 'valid' (max, the
+    reduction blocks mixed3/mixed8); the surgery rescales the branch_pool of exactly the
+    torchvision blocks whose Keras twin averages with 'same' padding, in block order."""
+    keras_layers = load_manifest("keras:InceptionV3")["layers"]
+    kinds = [
+        (lay["class_name"], lay["config"]["padding"])
+        for lay in keras_layers
+        if lay["class_name"] in ("AveragePooling2D", "MaxPooling2D")
+    ][
+        2:
+    ]  # the stem's two max pools
+    assert all(p["pool_size"] == [3, 3] for p in _pools("keras:InceptionV3", "AveragePooling2D"))
+    blocks = []
+    for t in load_manifest("torchvision:inception_v3")["tensors"]:
+        b = t["key"].split(".")[0]
+        if b.startswith("Mixed_") and b not in blocks:
+            blocks.append(b)
+    assert len(blocks) == len(kinds) == 11
+    same_avg = [
+        f"{b}.branch_pool" for b, k in zip(blocks, kinds) if k == ("AveragePooling2D", "same")
+    ]
+    assert [b for b, k in zip(blocks, kinds) if k == ("MaxPooling2D", "valid")] == [
+        "Mixed_6a",
+        "Mixed_7a",
+    ]
+    (surgery,) = _variant("keras-inception-v3").surgeries
+    assert surgery["name"] == "avg_pool_exclude_padding"
+    assert surgery["args"]["consumers"] == same_avg and len(same_avg) == 9
