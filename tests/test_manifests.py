@@ -61,7 +61,9 @@ def test_file_is_canonical(path):
 
 
 SLOW_TARGETS = {"torchvision:vgg19"}  # 144M parameters: initialising them takes seconds
-TARGET_PARAMS = [pytest.param(m, marks=[pytest.mark.slow] if m in SLOW_TARGETS else [], id=m) for m in sorted(TARGETS)]
+TARGET_PARAMS = [
+    pytest.param(m, marks=[pytest.mark.slow] if m in SLOW_TARGETS else [], id=m) for m in sorted(TARGETS)
+]
 
 
 @pytest.mark.parametrize("mid", TARGET_PARAMS)

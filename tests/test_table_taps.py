@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torchvision  # noqa: F401  (torch side first; see DEVELOPERS.md)
 
+import re
+
 import pytest
 
 from converter.manifest import load_manifest
@@ -26,7 +28,9 @@ def planned_taps(table, variant) -> list[tuple[dict, str, str | None]]:
             continue
         rule, m = hit
         module = render(rule.target, m, variant, lay["name"])
-        tap_module = render(rule.tap_module, m, variant, lay["name"], target=module) if rule.tap_module else None
+        tap_module = None
+        if rule.tap_module:
+            tap_module = render(rule.tap_module, m, variant, lay["name"], target=module)
         out.append((lay, module, tap_module))
     return out
 
@@ -34,10 +38,12 @@ def planned_taps(table, variant) -> list[tuple[dict, str, str | None]]:
 @pytest.mark.parametrize("table,variant", VARIANTS, ids=IDS)
 def test_activation_inside_a_layer_is_tapped_after_it(table, variant):
     for lay, module, tap_module in planned_taps(table, variant):
-        if lay["config"].get("activation") not in LINEAR and lay["name"] != table.head.get("source"):
+        activation = lay["config"].get("activation")
+        if activation not in LINEAR and lay["name"] != table.head.get("source"):
             assert tap_module not in (None, module), (
-                f"{lay['name']} applies {lay['config']['activation']} inside; comparing it with the bare "
-                f"{module} would fail verification: give the rule a tap_module (or tap = false)")
+                f"{lay['name']} applies {activation} inside; comparing it with the bare {module} "
+                "would fail verification: give the rule a tap_module (or tap = false)"
+            )
 
 
 @pytest.mark.parametrize("table,variant", VARIANTS, ids=IDS)
@@ -51,23 +57,24 @@ def test_tap_modules_exist_in_the_target(table, variant):
     for lay, module, tap_module in planned_taps(table, variant):
         assert module in modules, lay["name"]
         if tap_module:
-            assert tap_module in modules, f"{lay['name']}: tap module {tap_module} is not in {variant.target}"
+            where = f"{lay['name']}: tap module {tap_module} of {variant.target}"
+            assert tap_module in modules, where
             if lay["config"].get("activation") == "relu":
-                assert isinstance(modules[tap_module], torch.nn.ReLU), f"{lay['name']}: {tap_module}"
+                assert isinstance(modules[tap_module], torch.nn.ReLU), where
             parent, _, name = module.rpartition(".")
             tap_parent, _, tap_name = tap_module.rpartition(".")
             if parent == tap_parent:  # a sibling (VGG's features.N+1): the very next one
                 children = [n for n, _ in modules[parent].named_children()]
-                assert children.index(tap_name) == children.index(name) + 1, f"{lay['name']}: {tap_module}"
+                assert children.index(tap_name) == children.index(name) + 1, where
 
 
-@pytest.mark.parametrize("table,variant", [(t, v) for t, v in VARIANTS if t.head],
-                         ids=[i for (t, _), i in zip(VARIANTS, IDS) if t.head])
+HEADED = [pytest.param(t, v, id=i) for (t, v), i in zip(VARIANTS, IDS) if t.head]
+
+
+@pytest.mark.parametrize("table,variant", HEADED)
 def test_head_names_the_classifier(table, variant):
     """--num-classes drops the source layers matching [head].source and refills [head].module: the
     last weighted source layer, mapped into that module, which holds the target's last tensors."""
-    import re
-
     layers = [lay for lay in load_manifest(variant.source)["layers"] if lay["vars"]]
     heads = [lay for lay in layers if re.fullmatch(table.head["source"], lay["name"])]
     assert heads and heads[-1] is layers[-1]
