@@ -113,8 +113,8 @@ def run(args: argparse.Namespace) -> None:
                 lay.rate = 0.0
         bns = [lay for lay in model.layers if type(lay).__name__ == "BatchNormalization"]
         before = {b.name: (b.moving_mean.numpy().copy(), b.moving_variance.numpy().copy()) for b in bns}
-        step = keras.Model(model.inputs, [b.input for b in bns] + [b.output for b in bns])
-        feats = step(x, training=True)
+        step = keras.Model(model.inputs, [b.input for b in bns] + [b.output for b in bns]) if bns else None
+        feats = step(x, training=True) if bns else []  # a BN-free model (VGG): no update to compare
         inv = {v: k for k, v in live.items()}
         for b, inp in zip(bns, feats[: len(bns)]):
             a = np.asarray(inp, np.float64)

@@ -17,6 +17,7 @@ from converter.tables import builtin_tables
 
 TOL = 1e-4  # max abs error on logits, relative to the logits' standard deviation
 SLOW_SOURCES = {f"keras:EfficientNetB{i}" for i in range(3, 8)} | {"keras:ResNet101", "keras:ResNet152"}
+SLOW_SOURCES |= {"keras:DenseNet201", "keras:VGG19"}  # the biggest; VGG19: 144M parameters, 575 MB
 # Randomly initialised deep BN networks are chaotic: a 1e-7 perturbation (float32 rounding of
 # Keras' own Rescaling scale, of a folded BN mean) grows ~1000x by the logits. Measured on these
 # fixtures, PyTorch float32 vs float64 alone: ResNet152 1.2e-3, EfficientNet-B7 2.1e-4 of the logits'
@@ -41,6 +42,7 @@ FAMILY_REPRESENTATIVES = [
     "keras:MobileNetV3Small",
     "keras:Xception",
     "keras:InceptionV3",
+    "keras:DenseNet121",
 ]
 FORMATS = ["keras", "weights.h5", "h5", "h5-weights", "tf-checkpoint", "tf-names", "tf-layer-with-weights", "savedmodel"]
 

@@ -16,7 +16,8 @@ from converter.model import build_target, load_model
 
 # (source, head module, does the architecture initialise its head unlike a bare nn.Linear?)
 # timm EfficientNet: uniform(+-1/sqrt(out)), zero bias; torchvision ResNet keeps nn.Linear's default.
-CASES = [("keras:EfficientNetB0", "classifier", True), ("keras:ResNet50", "fc", False)]
+CASES = [("keras:EfficientNetB0", "classifier", True), ("keras:ResNet50", "fc", False),
+         ("keras:DenseNet121", "classifier", False)]  # torchvision DenseNet: nn.Linear weight init, bias 0
 
 
 def src_of(source_id):

@@ -45,6 +45,8 @@ def test_bn_values_seen_in_keras():
     assert bn("keras:EfficientNetB0") == {(0.99, 0.001)}
     assert bn("keras:MobileNetV3Small") == {(0.999, 0.001)}
     assert bn("keras:ResNet50") == {(0.99, 1.001e-05)}
+    assert bn("keras:DenseNet121") == {(0.99, 1.001e-05)}
+    assert bn("keras:VGG16") == set()
 
 
 @pytest.mark.parametrize("name", list(TRANSFORMS))

@@ -57,10 +57,11 @@ def test_clean_conversion_passes_inference_and_train_step(table, variant, tmp_pa
     )
     assert report.passed, report.first_divergent
     assert report.layers and all(r.passed for r in report.layers)
-    assert report.train_step and report.train_step_passed
-    assert len(report.train_step) == json.loads(formats.read(out).metadata["bn_config"]).__len__()
-    # the naive variance comparison would have failed: the Bessel term is really accounted for
-    assert max(b.var_rel_uncorrected for b in report.train_step) > 10 * max(b.var_rel for b in report.train_step)
+    n_bn = len(json.loads(formats.read(out).metadata["bn_config"]))
+    assert report.train_step_passed and len(report.train_step) == n_bn
+    if n_bn:  # a BN-free family (VGG) has no update to compare; its layers are verified above
+        # the naive variance comparison would have failed: the Bessel term is really accounted for
+        assert max(b.var_rel_uncorrected for b in report.train_step) > 10 * max(b.var_rel for b in report.train_step)
 
 
 def test_planted_conv_kernel_transposed(tmp_path):
