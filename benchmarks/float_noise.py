@@ -19,7 +19,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import torch  # noqa: E402
 
-from conftest import keras_build_args, make_keras_fixture, rel_err, torch_logits  # noqa: E402
+from helpers import keras_build_args, make_keras_fixture, rel_err, torch_logits  # noqa: E402
 
 import converter  # noqa: E402
 from converter.model import build_target, load_model  # noqa: E402

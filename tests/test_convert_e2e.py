@@ -28,8 +28,11 @@ SLOW_SOURCES |= {"keras:DenseNet201", "keras:VGG19"}  # the biggest; VGG19: 144M
 # InceptionV3 at its minimum input (75 px; Mixed_7 at 1x1): PyTorch float32 vs float64 4.8e-4, Keras
 # vs PyTorch float32 4.5e-4 and vs float64 4.6e-4 (benchmarks/float_noise.py): float32 self-noise
 # growing block by block (Mixed_5b 2.5e-5, Mixed_6e 4.4e-4), not a mapping error (without its
-# surgery the error is 3.7).
-DEEP_SOURCES = {f"keras:EfficientNetB{i}" for i in range(4, 8)} | {
+# surgery the error is 3.7). EfficientNet-B2 (measured 2026-11-23 on an AVX-512 machine): Keras vs
+# PyTorch float32 1.13e-4, Keras vs PyTorch float64 9.0e-5, PyTorch float32 vs float64 3.3e-5: the
+# 1e-4 is crossed by Keras' own float32 rounding (its distance from the float64 result), not by the
+# conversion.
+DEEP_SOURCES = {f"keras:EfficientNetB{i}" for i in range(2, 8)} | {
     "keras:ResNet101",
     "keras:ResNet152",
     "keras:InceptionV3",
