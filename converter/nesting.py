@@ -378,3 +378,17 @@ def training_flag(entry: dict[str, Any]) -> bool | None:
             value = node["kwargs"]["training"]
             return None if value is None else bool(value)
     return None
+
+
+def pooling_from_groups(raw: RawCheckpoint, skel: list[Any]) -> str | None:
+    """A config-less ``.weights.h5`` still names every layer's group by its class (auto names):
+    a headless build's pooling shows as a GlobalMaxPooling2D group, or as one GlobalAveragePooling2D
+    more than the architecture has up to its last weighted layer; ``unknown`` without group names."""
+    if not raw.group_names:
+        return "unknown"
+    classes = [_class_of_auto_name(g) for g in raw.group_names if "/" not in g]
+    if "GlobalMaxPooling2D" in classes:
+        return "max"
+    last = max((i for i, s in enumerate(skel) if s.shapes), default=-1)
+    in_base = sum(1 for s in skel[: last + 1] if s.class_name == "GlobalAveragePooling2D")
+    return "avg" if classes.count("GlobalAveragePooling2D") > in_base else None

@@ -22,8 +22,8 @@ from .errors import (ConverterError, MappingError, SourceFormatError, UnknownArc
 from .formats import RawCheckpoint, RawTensor
 from .keras_layers import KERAS_LAYERS, canonical_attr, var_names
 from .manifest import load_manifest
-from .nesting import (Head, HeadSpec, Nesting, Split, describe_head, shapes_fit, skeleton_modes,
-                      split_nested, training_flag)
+from .nesting import (Head, HeadSpec, Nesting, Split, describe_head, pooling_from_groups, shapes_fit,
+                      skeleton_modes, split_nested, training_flag)
 from .registry import Registry
 from .tables import Table, builtin_tables
 
@@ -464,6 +464,8 @@ def _fit_manifest(raw: RawCheckpoint, man: dict[str, Any], spec: HeadSpec | None
             if part is None:
                 layers = build_layers(raw, skel, "manifest")
                 head = describe_head(layers, spec, False, False)
+                if head.kind == "headless":
+                    head.pooling = pooling_from_groups(raw, skel)
                 return SourceModel(raw, layers, man["id"], "manifest", head)
             layers = build_layers(part.inner, skel, "manifest")
         except (NoFit, ConverterError):
