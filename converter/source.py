@@ -157,6 +157,9 @@ def skeleton_from_manifest(manifest: dict[str, Any]) -> list[LayerSkeleton]:
     )
     if manifest.get("flat_variables") is not None:
         skel.flat = [(int(i), str(n)) for i, n in manifest["flat_variables"]]
+    scopes = sorted({lay.scope for lay in skel if lay.scope})
+    if scopes:
+        skel.nesting = Nesting("Functional", scopes[0])
     return skel
 
 
@@ -251,6 +254,14 @@ def _match_scoped(names: dict[str, tuple[str, str]], skel: list[LayerSkeleton],
             index = match_layer_names(sorted(set(items.values())), [skel[i] for i in sub])
             out.update({k: sub[index[n]] for k, n in items.items()})
     return out
+
+
+def match_scoped_layers(layers: list[SourceLayer], skel: list[LayerSkeleton]) -> dict[str, int]:
+    """Source layer name -> skeleton index, the nested base's layers matched among the skeleton's
+    nested layers and the user's among its own (what the Keras runner loads weights with)."""
+    nesting = getattr(skel, "nesting", None)
+    inner = nesting.layer if nesting else ""
+    return _match_scoped({lay.name: (inner if lay.scope else "", lay.name) for lay in layers}, skel)
 
 
 def _scope_of_path(parts: list[str], skel: list[LayerSkeleton], what: str) -> str:
