@@ -13,7 +13,6 @@ import numpy as np
 from .errors import MappingError, UnsupportedLayerError
 from .registry import Registry
 
-
 @dataclass
 class HeadPlan:
     num_classes: int
@@ -83,7 +82,9 @@ class SourceHeadPlan:
 
 # Per target library: (kwargs, surgeries) for a target ending in pooled features (``pooling``
 # avg/max/None) with no classifier (``classifier`` None) or the given classifier size.
-Pooled = Callable[[dict[str, Any], str | None, int | None], tuple[dict[str, Any], list[dict[str, Any]]]]
+Pooled = Callable[
+    [dict[str, Any], str | None, int | None], tuple[dict[str, Any], list[dict[str, Any]]]
+]
 POOLED: Registry[Pooled] = Registry("head policy (target library)")
 
 
@@ -104,14 +105,18 @@ def _torchvision_pooled(head: dict[str, Any], pooling: str | None, classes: int 
         )
     surgeries = [] if classes else [{"name": "identity", "args": {"modules": [head["module"]]}}]
     if pooling == "max":
-        surgeries.append({"name": "global_max_pool", "args": {"module": head.get("pool", "avgpool")}})
+        surgeries.append(
+            {"name": "global_max_pool", "args": {"module": head.get("pool", "avgpool")}}
+        )
     return ({"num_classes": classes} if classes else {}), surgeries
 
 
 POOLINGS = ("avg", "max", "none")
 
 
-def source_head_plan(source: Any, table: Any, variant: Any, pooling: str | None = None) -> SourceHeadPlan:
+def source_head_plan(
+    source: Any, table: Any, variant: Any, pooling: str | None = None
+) -> SourceHeadPlan:
     """The target's head for ``source.head``: re-headed (``classes=N``), headless (pooling honoured)
     or nested with one Dense (mapped into the table's ``[head]`` module); a richer user head is
     refused, naming its layers. ``pooling`` (avg/max/none): the user's word, for files that do not
@@ -120,7 +125,9 @@ def source_head_plan(source: Any, table: Any, variant: Any, pooling: str | None 
     plan = SourceHeadPlan()
     if head is None or not table.head:
         return plan
-    if head.kind == "user" or (head.kind == "classifier" and source.nesting and head.pooling is None):
+    if head.kind == "user" or (
+        head.kind == "classifier" and source.nesting and head.pooling is None
+    ):
         raise UnsupportedLayerError(_user_head_message(source, variant))
     pooling = _pooling(source, plan, pooling)
     if source.nesting and source.nesting.training is False:
@@ -138,7 +145,9 @@ def source_head_plan(source: Any, table: Any, variant: Any, pooling: str | None 
     classes = head.num_classes if head.kind == "classifier" else None
     plan.kwargs, plan.surgeries = POOLED.get(lib)(table.head, pooling, classes)
     if table.head.get("top_modules"):
-        plan.surgeries.insert(0, {"name": "identity", "args": {"modules": list(table.head["top_modules"])}})
+        plan.surgeries.insert(
+            0, {"name": "identity", "args": {"modules": list(table.head["top_modules"])}}
+        )
     if head.kind == "classifier":
         plan.rules.append(_user_dense_rule(source, table))
     return plan
@@ -163,7 +172,9 @@ def _user_dense_rule(source: Any, table: Any) -> Any:
     return Rule(re.compile(re.escape(name)), table.head["module"], TRANSFORMS.get("dense"))
 
 
-def classifier_resize(plan: SourceHeadPlan, source: Any, table: Any, target_manifest: dict[str, Any]) -> bool:
+def classifier_resize(
+    plan: SourceHeadPlan, source: Any, table: Any, target_manifest: dict[str, Any]
+) -> bool:
     """When the target's classifier (its top replaced by identity) takes other features than the
     user's Dense (MobileNetV3: 1024 after conv_head, 576 without), add a ``linear`` surgery; True
     when added (the target manifest must then be rebuilt)."""
@@ -171,11 +182,21 @@ def classifier_resize(plan: SourceHeadPlan, source: Any, table: Any, target_mani
     if not plan.rules or head is None or head.features is None:
         return False
     module = table.head["module"]
-    shape = next((t["shape"] for t in target_manifest["tensors"] if t["key"] == f"{module}.weight"), None)
+    shape = next(
+        (t["shape"] for t in target_manifest["tensors"] if t["key"] == f"{module}.weight"), None
+    )
     if shape is None or shape[1] == head.features:
         return False
-    plan.surgeries.append({"name": "linear", "args": {"module": module, "in_features": head.features,
-                                                       "out_features": head.num_classes}})
+    plan.surgeries.append(
+        {
+            "name": "linear",
+            "args": {
+                "module": module,
+                "in_features": head.features,
+                "out_features": head.num_classes,
+            },
+        }
+    )
     return True
 
 

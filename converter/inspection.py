@@ -61,5 +61,10 @@ def _family(manifest_id: str | None) -> dict[str, Any]:
     for table in builtin_tables():
         targets = [v.target for v in table.variants if v.source == manifest_id]
         if manifest_id and targets:
-            return {"family": table.family, "table": table.id, "variant": manifest_id, "targets": targets}
+            return {
+                "family": table.family,
+                "table": table.id,
+                "variant": manifest_id,
+                "targets": targets,
+            }
     return {"family": None, "table": None, "variant": manifest_id, "targets": []}

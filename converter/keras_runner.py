@@ -70,10 +70,16 @@ def _with_source_head(source, fn: str, kwargs: dict, size: int | None):
     if head.kind != "classifier" or pooling is None:
         from .errors import VerificationError
 
-        raise VerificationError(f"{source.raw.path}: cannot rebuild the user's model around the base; pass --source-model")
+        raise VerificationError(
+            f"{source.raw.path}: cannot rebuild the user's model around the base; pass --source-model"
+        )
     inputs = keras.Input(base.input_shape[1:])
-    pool = {"avg": keras.layers.GlobalAveragePooling2D, "max": keras.layers.GlobalMaxPooling2D}[pooling]
-    return keras.Model(inputs, keras.layers.Dense(head.num_classes)(pool()(base(inputs, training=False))))
+    pool = {"avg": keras.layers.GlobalAveragePooling2D, "max": keras.layers.GlobalMaxPooling2D}[
+        pooling
+    ]
+    return keras.Model(
+        inputs, keras.layers.Dense(head.num_classes)(pool()(base(inputs, training=False)))
+    )
 
 
 def _load_weights(model, source) -> dict[str, str]:
@@ -113,11 +119,22 @@ def _tap_outputs(model, tap_layers: list, x: np.ndarray) -> list:
     inside = {id(layer) for scope, layer in flat_layers(model) if scope}
     outer = [lay for lay in tap_layers if id(lay) not in inside]
     inner = [lay for lay in tap_layers if id(lay) in inside]
-    outs = _as_list(keras.Model(model.inputs, [lay.output for lay in outer] + [model.outputs[0]])(x, training=False))
+    outs = _as_list(
+        keras.Model(model.inputs, [lay.output for lay in outer] + [model.outputs[0]])(
+            x, training=False
+        )
+    )
     got = dict(zip(map(id, outer), outs[:-1]))
     if inner:
         base = next(lay for lay in model.layers if isinstance(lay, keras.Model))
-        got.update(zip(map(id, inner), _as_list(keras.Model(base.inputs, [lay.output for lay in inner])(x, training=False))))
+        got.update(
+            zip(
+                map(id, inner),
+                _as_list(
+                    keras.Model(base.inputs, [lay.output for lay in inner])(x, training=False)
+                ),
+            )
+        )
     return [got[id(lay)] for lay in tap_layers] + [outs[-1]]
 
 

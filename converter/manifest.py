@@ -89,23 +89,35 @@ def flat_layers(model: Any) -> list[tuple[str, Any]]:
         if any(isinstance(inner, keras.Model) for inner in layer.layers):
             from .errors import UnsupportedLayerError
 
-            raise UnsupportedLayerError(f"layer {layer.name!r} nests another model; one level of nesting is supported")
+            raise UnsupportedLayerError(
+                f"layer {layer.name!r} nests another model; one level of nesting is supported"
+            )
         out += [(layer.name, inner) for inner in layer.layers]
     return out
 
 
-def source_manifest_from_model(model: Any, manifest_id: str, build: dict | None = None) -> dict[str, Any]:
+def source_manifest_from_model(
+    model: Any, manifest_id: str, build: dict | None = None
+) -> dict[str, Any]:
     """Describe a live Keras model (needs keras; used by `--source-model` and manifest generation).
     A nested model's layers are listed in place with ``scope`` (its name) and their ``op_index``
     inside it."""
     import keras
 
     layers = []
-    ops = {id(model): model, **{id(lay): lay for lay in model.layers if isinstance(lay, keras.Model)}}
-    op_index = {(owner, id(op)): i for owner, m in ops.items()
-                for i, op in enumerate(getattr(m, "_operations", m.layers))}
+    ops = {
+        id(model): model,
+        **{id(lay): lay for lay in model.layers if isinstance(lay, keras.Model)},
+    }
+    op_index = {
+        (owner, id(op)): i
+        for owner, m in ops.items()
+        for i, op in enumerate(getattr(m, "_operations", m.layers))
+    }
     flat = flat_layers(model)
-    nested = {name: next(lay for lay in model.layers if lay.name == name) for name, _ in flat if name}
+    nested = {
+        name: next(lay for lay in model.layers if lay.name == name) for name, _ in flat if name
+    }
     for scope, layer in flat:
         owner = id(nested[scope]) if scope else id(model)
         variables = list(layer._trainable_variables) + list(layer._non_trainable_variables)
@@ -117,7 +129,8 @@ def source_manifest_from_model(model: Any, manifest_id: str, build: dict | None 
                 **({"scope": scope} if scope else {}),
                 "config": clean_config(layer.get_config()),
                 "vars": [
-                    {"name": v.name, "shape": list(v.shape), "dtype": str(v.dtype)} for v in variables
+                    {"name": v.name, "shape": list(v.shape), "dtype": str(v.dtype)}
+                    for v in variables
                 ],
             }
         )

@@ -23,8 +23,15 @@ from .registry import Registry
 POOLING_CLASSES = {"GlobalAveragePooling2D": "avg", "GlobalMaxPooling2D": "max"}
 # layers of the user's model that may sit between the base and one Dense classifier
 PLAIN_OUTER_CLASSES = {"InputLayer", "Dropout", "Flatten", *POOLING_CLASSES}
-UNWEIGHTED_CLASSES = ["InputLayer", "Dropout", "Flatten", "Activation", "Functional", "Sequential",
-                      *POOLING_CLASSES]
+UNWEIGHTED_CLASSES = [
+    "InputLayer",
+    "Dropout",
+    "Flatten",
+    "Activation",
+    "Functional",
+    "Sequential",
+    *POOLING_CLASSES,
+]
 
 
 @dataclass(frozen=True)
@@ -200,9 +207,13 @@ def _split_weights_h5(raw: RawCheckpoint, n_inner: int | None) -> Split | None:
     inner, original = {}, {}
     for key, tensor in raw.tensors.items():
         if key.startswith(prefix):
-            new = "layers/" + key[len(prefix):]
+            new = "layers/" + key[len(prefix) :]
             inner[new], original[new] = tensor, key
-    names = {g[len(scope) + 8:]: n for g, n in raw.group_names.items() if g.startswith(scope + "/layers/")}
+    names = {
+        g[len(scope) + 8 :]: n
+        for g, n in raw.group_names.items()
+        if g.startswith(scope + "/layers/")
+    }
     outer = []
     for group, name in sorted(raw.group_names.items()):
         if "/" in group or group == scope:
@@ -298,20 +309,29 @@ def _split_flat(raw: RawCheckpoint, n_inner: int | None) -> Split | None:
         return None
     inner = {k: raw.tensors[k] for k in order[:n_inner]}
     tail = [k for k in order[n_inner:] if raw.tensors[k].dtype.startswith("float")]
-    ignored = {k: "not a layer weight (a Dropout seed generator state)" for k in order[n_inner:]
-               if k not in tail}
+    ignored = {
+        k: "not a layer weight (a Dropout seed generator state)"
+        for k in order[n_inner:]
+        if k not in tail
+    }
     outer = _flat_outer_layers(raw, tail)
     if outer is None:
         return None
     _auto_name(outer)
-    return Split(_inner_raw(raw, inner), {k: k for k in inner}, outer, Nesting("unknown", "?"), False,
-                 ignored)
+    return Split(
+        _inner_raw(raw, inner),
+        {k: k for k in inner},
+        outer,
+        Nesting("unknown", "?"),
+        False,
+        ignored,
+    )
 
 
 def _flat_outer_layers(raw: RawCheckpoint, keys: list[str]) -> list[OuterLayer] | None:
     out, i = [], 0
     while i < len(keys):
-        shapes = [tuple(raw.tensors[k].shape) for k in keys[i:i + 4]]
+        shapes = [tuple(raw.tensors[k].shape) for k in keys[i : i + 4]]
         if len(shapes) >= 2 and len(shapes[0]) == 2 and shapes[1] == shapes[0][1:]:
             names, cls = ["kernel", "bias"], "Dense"
         elif len(shapes) == 4 and len(set(shapes)) == 1 and len(shapes[0]) == 1:
@@ -319,7 +339,7 @@ def _flat_outer_layers(raw: RawCheckpoint, keys: list[str]) -> list[OuterLayer] 
         else:
             return None
         lay = OuterLayer("", cls)
-        for var, key in zip(names, keys[i:i + len(names)]):
+        for var, key in zip(names, keys[i : i + len(names)]):
             lay.weights[var], lay.keys[var] = raw.tensors[key], key
         out.append(lay)
         i += len(names)
@@ -329,8 +349,9 @@ def _flat_outer_layers(raw: RawCheckpoint, keys: list[str]) -> list[OuterLayer] 
 # ------------------------------------------------------------------ describing the head
 
 
-def describe_head(layers: list[Any], spec: HeadSpec | None, outer_only: bool,
-                  sees_unweighted: bool) -> Head:
+def describe_head(
+    layers: list[Any], spec: HeadSpec | None, outer_only: bool, sees_unweighted: bool
+) -> Head:
     """The source's head. ``layers``: the model's layers (``outer_only``: only the user's layers
     around a nested base); ``sees_unweighted``: whether layers without weights are known."""
     if outer_only:
@@ -339,8 +360,13 @@ def describe_head(layers: list[Any], spec: HeadSpec | None, outer_only: bool,
     if classifier:
         kernel = classifier[0].weights.get("kernel")
         n = int(kernel.shape[-1]) if kernel is not None else None
-        return Head("classifier", n, int(kernel.shape[-2]) if kernel is not None else None, None,
-                    [lay.name for lay in classifier])
+        return Head(
+            "classifier",
+            n,
+            int(kernel.shape[-2]) if kernel is not None else None,
+            None,
+            [lay.name for lay in classifier],
+        )
     return Head("headless", pooling=_pooling(layers, sees_unweighted))
 
 
@@ -349,7 +375,7 @@ def _pooling(layers: list[Any], sees_unweighted: bool) -> str | None:
     if not sees_unweighted:
         return "unknown"
     last = max((i for i, lay in enumerate(layers) if lay.weights), default=-1)
-    for lay in layers[last + 1:]:
+    for lay in layers[last + 1 :]:
         if lay.class_name in POOLING_CLASSES:
             return POOLING_CLASSES[lay.class_name]
     return None
@@ -357,18 +383,26 @@ def _pooling(layers: list[Any], sees_unweighted: bool) -> str | None:
 
 def _outer_head(layers: list[Any], sees_unweighted: bool) -> Head:
     weighted = [lay for lay in layers if lay.weights]
-    others = [lay for lay in layers if not lay.weights and lay.class_name not in PLAIN_OUTER_CLASSES]
+    others = [
+        lay for lay in layers if not lay.weights and lay.class_name not in PLAIN_OUTER_CLASSES
+    ]
     pooling = _pooling([lay for lay in layers if not lay.weights], sees_unweighted)
     if not weighted and not others:
         return Head("headless", pooling=pooling)
     if len(weighted) == 1 and not others and weighted[0].class_name == "Dense":
         kernel = weighted[0].weights["kernel"]
-        return Head("classifier", int(kernel.shape[1]), int(kernel.shape[0]), pooling,
-                    [weighted[0].name])
+        return Head(
+            "classifier", int(kernel.shape[1]), int(kernel.shape[0]), pooling, [weighted[0].name]
+        )
     named = [lay.name for lay in layers if lay.class_name not in ("InputLayer",)]
-    return Head("user", pooling=pooling, layers=[f"{n} ({c})" for n, c in
-                                                 ((lay.name, lay.class_name) for lay in layers
-                                                  if lay.name in named)])
+    return Head(
+        "user",
+        pooling=pooling,
+        layers=[
+            f"{n} ({c})"
+            for n, c in ((lay.name, lay.class_name) for lay in layers if lay.name in named)
+        ],
+    )
 
 
 def training_flag(entry: dict[str, Any]) -> bool | None:
@@ -383,7 +417,8 @@ def training_flag(entry: dict[str, Any]) -> bool | None:
 def pooling_from_groups(raw: RawCheckpoint, skel: list[Any]) -> str | None:
     """A config-less ``.weights.h5`` still names every layer's group by its class (auto names):
     a headless build's pooling shows as a GlobalMaxPooling2D group, or as one GlobalAveragePooling2D
-    more than the architecture has up to its last weighted layer; ``unknown`` without group names."""
+    more than the architecture has up to its last weighted layer; ``unknown`` without group names.
+    """
     if not raw.group_names:
         return "unknown"
     classes = [_class_of_auto_name(g) for g in raw.group_names if "/" not in g]

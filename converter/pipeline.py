@@ -57,7 +57,9 @@ class ConversionResult:
     source_input_shape: list[int | None] | None = None  # (H, W, C) when the source declares it
     source_head: dict[str, Any] | None = None  # converter.nesting.Head.report()
     nesting: dict[str, Any] | None = None  # converter.nesting.Nesting.report(), when nested
-    notes: list[str] = field(default_factory=list)  # what the user should know (training=False, ...)
+    notes: list[str] = field(
+        default_factory=list
+    )  # what the user should know (training=False, ...)
 
     def save(self, path: str | os.PathLike, format: str | None = None, force: bool = False) -> Path:
         """Write atomically (safetensors unless the name ends in .pt/.pth); refuses to overwrite."""
@@ -110,7 +112,9 @@ def select(tables: list[Table], source: SourceModel, to: str | None) -> tuple[Ta
     )
 
 
-def target_manifest_for(variant: Variant, kwargs: dict[str, Any], built: bool = False) -> dict[str, Any]:
+def target_manifest_for(
+    variant: Variant, kwargs: dict[str, Any], built: bool = False
+) -> dict[str, Any]:
     """The target's keys, shapes and dtypes: the shipped manifest, or (with constructor kwargs, with
     ``built`` (surgeries that change its keys), or for a user's model) one read from the model built
     here, the variant's surgeries applied."""
@@ -167,8 +171,15 @@ def convert(
         head.source = re.compile(f"(?:{head.source.pattern})|{source_head.rules[0].source.pattern}")
     kwargs = {**variant.target_kwargs, **(head.target_kwargs if head else {})}
     target_manifest = _target_manifest(source, table, variant, kwargs, source_head)
-    result = _apply(source, table, replace(variant, surgeries=variant.surgeries + source_head.surgeries),
-                    target_manifest, kwargs, head, progress)
+    result = _apply(
+        source,
+        table,
+        replace(variant, surgeries=variant.surgeries + source_head.surgeries),
+        target_manifest,
+        kwargs,
+        head,
+        progress,
+    )
     result.notes = source_head.notes
     if source_head.notes:
         result.metadata["notes"] = json.dumps(source_head.notes)
@@ -187,8 +198,9 @@ def _with_source_head(
     return replace(table, rules=plan.rules + table.rules), variant, plan
 
 
-def _target_manifest(source: SourceModel, table: Table, variant: Variant, kwargs: dict[str, Any],
-                     plan: Any) -> dict[str, Any]:
+def _target_manifest(
+    source: SourceModel, table: Table, variant: Variant, kwargs: dict[str, Any], plan: Any
+) -> dict[str, Any]:
     """The target manifest with the source head's surgeries (rebuilt once more when the user's
     Dense needs the classifier resized)."""
     from .heads import classifier_resize
@@ -401,7 +413,9 @@ def _metadata(
         "preprocessing": json.dumps(preprocessing, sort_keys=True),
         "dropped": json.dumps(mapping.dropped, sort_keys=True),
         "source.head": json.dumps(source.head.report() if source.head else None, sort_keys=True),
-        "source.nesting": json.dumps(source.nesting.report() if source.nesting else None, sort_keys=True),
+        "source.nesting": json.dumps(
+            source.nesting.report() if source.nesting else None, sort_keys=True
+        ),
     }
 
 

@@ -22,8 +22,18 @@ from .errors import (ConverterError, MappingError, SourceFormatError, UnknownArc
 from .formats import RawCheckpoint, RawTensor
 from .keras_layers import KERAS_LAYERS, canonical_attr, var_names
 from .manifest import load_manifest
-from .nesting import (Head, HeadSpec, Nesting, Split, describe_head, pooling_from_groups, shapes_fit,
-                      skeleton_modes, split_nested, training_flag)
+from .nesting import (
+    Head,
+    HeadSpec,
+    Nesting,
+    Split,
+    describe_head,
+    pooling_from_groups,
+    shapes_fit,
+    skeleton_modes,
+    split_nested,
+    training_flag,
+)
 from .registry import Registry
 from .tables import Table, builtin_tables
 
@@ -122,7 +132,9 @@ def skeleton_from_config(model_config: dict[str, Any], label: Path) -> Skeleton:
                 f"{label}: layers {out.nesting.layer!r} and {name!r} are both nested models; one nested "
                 "application is supported: pass --source-model, or convert each part separately"
             )
-        out.nesting = Nesting(model_config.get("class_name", "Functional"), name, cls, training_flag(entry))
+        out.nesting = Nesting(
+            model_config.get("class_name", "Functional"), name, cls, training_flag(entry)
+        )
         for _, iname, icls, icfg in _config_layers(entry, label):
             if isinstance(icfg, dict) and "layers" in icfg:
                 raise UnsupportedLayerError(
@@ -150,9 +162,14 @@ def _config_layers(model_config: dict[str, Any], label: Path) -> list[tuple[dict
 
 def skeleton_from_manifest(manifest: dict[str, Any]) -> list[LayerSkeleton]:
     skel = Skeleton(
-        LayerSkeleton(lay["name"], lay["class_name"], lay["config"],
-             [(v["name"], tuple(v["shape"])) for v in lay["vars"]], lay.get("op_index"),
-             lay.get("scope", ""))
+        LayerSkeleton(
+            lay["name"],
+            lay["class_name"],
+            lay["config"],
+            [(v["name"], tuple(v["shape"])) for v in lay["vars"]],
+            lay.get("op_index"),
+            lay.get("scope", ""),
+        )
         for lay in manifest["layers"]
     )
     if manifest.get("flat_variables") is not None:
@@ -216,7 +233,7 @@ def match_layer_names(raw_names: list[str], skel: list[LayerSkeleton]) -> dict[s
 
 def _group_of(key: str) -> str:
     """``layers/<group>/vars/<i>`` -> ``<group>`` (``functional/layers/conv2d`` inside a nested model)."""
-    return key[len("layers/"): key.rindex("/vars/")]
+    return key[len("layers/") : key.rindex("/vars/")]
 
 
 def _numbered_vars(raw: RawCheckpoint, skel: list[LayerSkeleton], group_index: dict[str, int]) -> dict[str, tuple[int, str]]:
@@ -239,8 +256,9 @@ def _numbered_vars(raw: RawCheckpoint, skel: list[LayerSkeleton], group_index: d
     return out
 
 
-def _match_scoped(names: dict[str, tuple[str, str]], skel: list[LayerSkeleton],
-                  auto: bool = False) -> dict[str, int]:
+def _match_scoped(
+    names: dict[str, tuple[str, str]], skel: list[LayerSkeleton], auto: bool = False
+) -> dict[str, int]:
     """Item -> skeleton index, for items given as (scope, layer name): names are matched within
     their scope (the model's own layers, or the nested model's); ``auto``: by Keras auto name."""
     out: dict[str, int] = {}
@@ -385,8 +403,10 @@ def build_layers(raw: RawCheckpoint, skel: list[LayerSkeleton], origin: str) -> 
     """Attach the file's tensors to the skeleton; raises NoFit when they do not belong to it."""
     resolver = RESOLVERS.get(raw.format)
     assignment = resolver(raw, skel)
-    layers = [SourceLayer(s.name, s.class_name, s.config, origin, index=i, scope=s.scope)
-              for i, s in enumerate(skel)]
+    layers = [
+        SourceLayer(s.name, s.class_name, s.config, origin, index=i, scope=s.scope)
+        for i, s in enumerate(skel)
+    ]
     for key in raw.tensors:
         if key not in assignment:
             raw.ignored.setdefault(key, "not a layer weight (e.g. a Dropout seed generator state)")
@@ -421,8 +441,12 @@ def structure_key(layers: list[Any], spec: HeadSpec | None = None) -> list[tuple
     return out
 
 
-def resolve(raw: RawCheckpoint, manifests: list[dict[str, Any]], source_model: dict[str, Any] | None = None,
-            heads: dict[str, HeadSpec] | None = None) -> SourceModel:
+def resolve(
+    raw: RawCheckpoint,
+    manifests: list[dict[str, Any]],
+    source_model: dict[str, Any] | None = None,
+    heads: dict[str, HeadSpec] | None = None,
+) -> SourceModel:
     """Resolve ``raw`` into layers. ``manifests``: candidate shipped source manifests, tried in
     order; ``heads``: their tables' ``[head]`` by manifest id (what a re-headed, headless or nested
     source may lack or add)."""
@@ -454,8 +478,14 @@ def resolve(raw: RawCheckpoint, manifests: list[dict[str, Any]], source_model: d
     )
 
 
-def _described(raw: RawCheckpoint, layers: list[SourceLayer], manifests: list[dict[str, Any]],
-               heads: dict[str, HeadSpec], origin: str, nesting: Nesting | None) -> SourceModel:
+def _described(
+    raw: RawCheckpoint,
+    layers: list[SourceLayer],
+    manifests: list[dict[str, Any]],
+    heads: dict[str, HeadSpec],
+    origin: str,
+    nesting: Nesting | None,
+) -> SourceModel:
     """A source resolved from a config (the file's or the user's model): its manifest, head, nesting."""
     base = [lay for lay in layers if lay.scope == nesting.layer] if nesting else layers
     manifest_id = _matching_manifest(base, manifests, heads)
@@ -465,7 +495,9 @@ def _described(raw: RawCheckpoint, layers: list[SourceLayer], manifests: list[di
     return SourceModel(raw, layers, manifest_id, origin, head, nesting)
 
 
-def _fit_manifest(raw: RawCheckpoint, man: dict[str, Any], spec: HeadSpec | None) -> SourceModel | None:
+def _fit_manifest(
+    raw: RawCheckpoint, man: dict[str, Any], spec: HeadSpec | None
+) -> SourceModel | None:
     """The file read as this shipped architecture (stock, re-headed, headless, or nested as the base
     of the user's model), or None when it does not fit."""
     split = split_nested(raw)
@@ -485,22 +517,32 @@ def _fit_manifest(raw: RawCheckpoint, man: dict[str, Any], spec: HeadSpec | None
     return None
 
 
-def _joined(raw: RawCheckpoint, part: Split, layers: list[SourceLayer], manifest_id: str,
-            spec: HeadSpec | None) -> SourceModel:
+def _joined(
+    raw: RawCheckpoint,
+    part: Split,
+    layers: list[SourceLayer],
+    manifest_id: str,
+    spec: HeadSpec | None,
+) -> SourceModel:
     """A nested source: the base's layers (keys back to the file's) then the user's layers."""
     for lay in layers:
         lay.scope = part.nesting.layer
         lay.keys = {v: part.original.get(k, k) for v, k in lay.keys.items()}
     for key, why in [*part.inner.ignored.items(), *part.ignored.items()]:
         raw.ignored.setdefault(part.original.get(key, key), why)
-    outer = [SourceLayer(o.name, o.class_name, {}, "manifest", o.weights, o.keys, len(layers) + i)
-             for i, o in enumerate(part.outer)]
+    outer = [
+        SourceLayer(o.name, o.class_name, {}, "manifest", o.weights, o.keys, len(layers) + i)
+        for i, o in enumerate(part.outer)
+    ]
     head = describe_head(outer, spec, True, part.sees_unweighted)
     return SourceModel(raw, layers + outer, manifest_id, "manifest", head, part.nesting)
 
 
-def _matching_manifest(layers: list[SourceLayer], manifests: list[dict[str, Any]],
-                       heads: dict[str, HeadSpec] | None = None) -> str | None:
+def _matching_manifest(
+    layers: list[SourceLayer],
+    manifests: list[dict[str, Any]],
+    heads: dict[str, HeadSpec] | None = None,
+) -> str | None:
     heads = heads or {}
     for man in manifests:
         spec = heads.get(man["id"])

@@ -82,7 +82,9 @@ class Table:
     rules: list[Rule]
     drops: list[Drop]
     path: Path
-    head: dict[str, Any] = field(default_factory=dict)  # see _head: source, module, top, top_modules, pool
+    head: dict[str, Any] = field(
+        default_factory=dict
+    )  # see _head: source, module, top, top_modules, pool
     input: dict[str, Any] = field(default_factory=lambda: {"size": 224, "range": [0.0, 255.0]})
 
     def match(self, layer_name: str) -> tuple[Rule, re.Match[str]] | tuple[Drop, None] | None:
@@ -266,8 +268,11 @@ def _head(p: Path, data: dict[str, Any]) -> dict[str, Any]:
     head = data.get("head", {})
     if head:
         if not HEAD_KEYS <= set(head) <= HEAD_KEYS | HEAD_OPTIONAL:
-            raise _fail(p, "[head] needs source (regex of the classifier layer) and module (target module); "
-                        f"optional: {', '.join(sorted(HEAD_OPTIONAL))}")
+            raise _fail(
+                p,
+                "[head] needs source (regex of the classifier layer) and module (target module); "
+                f"optional: {', '.join(sorted(HEAD_OPTIONAL))}",
+            )
         _regex(p, head["source"], "[head]")
         if "top" in head:
             _regex(p, head["top"], "[head] top")

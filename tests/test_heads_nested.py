@@ -17,16 +17,46 @@ TOL = 1e-4  # max abs error relative to the std of the Keras outputs, as in test
 
 CASES = {
     # id: (keras.applications fn, kwargs, wrap, classes, target, expected head)
-    "classes10": ("EfficientNetB0", {"classes": 10}, "none", 5, "timm:tf_efficientnet_b0",
-                  {"kind": "classifier", "num_classes": 10}),
-    "headless-avg": ("ResNet50", {"include_top": False, "pooling": "avg"}, "none", 5,
-                     "torchvision:resnet50", {"kind": "headless"}),
-    "headless-max": ("ResNet50", {"include_top": False, "pooling": "max"}, "none", 5,
-                     "torchvision:resnet50", {"kind": "headless"}),
-    "sequential": ("MobileNetV3Small", {}, "seq", 5, "timm:tf_mobilenetv3_small_100",
-                   {"kind": "classifier", "num_classes": 5}),
-    "functional": ("ResNet50", {}, "fn", 5, "torchvision:resnet50",
-                   {"kind": "classifier", "num_classes": 5}),
+    "classes10": (
+        "EfficientNetB0",
+        {"classes": 10},
+        "none",
+        5,
+        "timm:tf_efficientnet_b0",
+        {"kind": "classifier", "num_classes": 10},
+    ),
+    "headless-avg": (
+        "ResNet50",
+        {"include_top": False, "pooling": "avg"},
+        "none",
+        5,
+        "torchvision:resnet50",
+        {"kind": "headless"},
+    ),
+    "headless-max": (
+        "ResNet50",
+        {"include_top": False, "pooling": "max"},
+        "none",
+        5,
+        "torchvision:resnet50",
+        {"kind": "headless"},
+    ),
+    "sequential": (
+        "MobileNetV3Small",
+        {},
+        "seq",
+        5,
+        "timm:tf_mobilenetv3_small_100",
+        {"kind": "classifier", "num_classes": 5},
+    ),
+    "functional": (
+        "ResNet50",
+        {},
+        "fn",
+        5,
+        "torchvision:resnet50",
+        {"kind": "classifier", "num_classes": 5},
+    ),
 }
 CONFIG_FORMATS = ("keras", "h5")  # the formats that store the model config
 
@@ -38,7 +68,11 @@ def _fixture(case: str) -> dict:
 
 def _bn_checked(model: torch.nn.Module, result) -> None:
     """Every BN module carries the source's momentum (1 - Keras m) and eps."""
-    bns = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    bns = {
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+    }
     assert bns and set(bns) == set(result.bn_config)
     for name, mod in bns.items():
         cfg = result.bn_config[name]
@@ -53,7 +87,9 @@ def test_converts_and_matches_keras(case, fmt, tmp_path):
     fx = _fixture(case)
     _, _, wrap, _, target, expected = CASES[case]
     # TF checkpoints and SavedModels do not record the pooling: the user says it (default avg, noted)
-    unrecorded = fmt in ("tf-checkpoint", "savedmodel") and (wrap != "none" or "pooling" in CASES[case][1])
+    unrecorded = fmt in ("tf-checkpoint", "savedmodel") and (
+        wrap != "none" or "pooling" in CASES[case][1]
+    )
     pooling = CASES[case][1].get("pooling", "avg") if unrecorded else None
     result = converter.convert(fx["files"][fmt], pooling=pooling)
     assert result.target == target
@@ -109,3 +145,13 @@ def test_rich_user_head_refused(tmp_path, capsys):
         assert layer in lines[0]
     assert "--mapping" in lines[0] and "--to file.py:factory" in lines[0]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("case,fmt", [("functional", "keras"), ("sequential", "tf-checkpoint")])
+def test_verify_nested(case, fmt, tmp_path):
+    from converter.verification import verify
+
+    fx = _fixture(case)
+    out = converter.convert(fx["files"][fmt]).save(tmp_path / "m.safetensors")
+    report = verify(fx["files"][fmt], out, device="cpu")
+    assert report.passed, report.to_dict()

@@ -41,11 +41,18 @@ def summary(result, out: Path | None) -> dict:
 @click.option("--mapping", type=click.Path(path_type=Path), help="Your own mapping table (TOML) instead of the built-in ones.")
 @click.option("--source-model", metavar="MODULE:FUNCTION", help="Your code that builds the Keras model, for files without config.")
 @click.option("--num-classes", type=int, help="Drop the source classifier; fresh head of this size, initialised the architecture's way.")
-@click.option("--pooling", type=click.Choice(["avg", "max", "none"]), help="Pooling after a headless/nested base, for files that do not record it (TF checkpoint, SavedModel).")
+@click.option(
+    "--pooling",
+    type=click.Choice(["avg", "max", "none"]),
+    help="Pooling after a headless/nested base, for files that do not record it (TF checkpoint, "
+    "SavedModel).",
+)
 @click.option("--verify", "do_verify", is_flag=True, help="Run the layer-by-layer verification after converting.")
 @force_option
 @json_option
-def command(src, to, output, src_format, mapping, source_model, num_classes, pooling, do_verify, force, as_json) -> int:
+def command(
+    src, to, output, src_format, mapping, source_model, num_classes, pooling, do_verify, force, as_json
+) -> int:
     """Convert a Keras/TF checkpoint SRC to a PyTorch state dict."""
     from ..pipeline import convert
 
@@ -91,7 +98,10 @@ def command(src, to, output, src_format, mapping, source_model, num_classes, poo
         s = result.preprocessing
         console.print(f"  preprocessing moved out of the model: x_torch = x * {fmt_list(s['scale'])} + {fmt_list(s['offset'])}")
     if result.nesting:
-        console.print(f"  nested: the base is layer {result.nesting['layer']!r} of the user's {result.nesting['outer_class']} model")
+        nest = result.nesting
+        console.print(
+            f"  nested: the base is layer {nest['layer']!r} of the user's {nest['outer_class']} model"
+        )
     if result.source_head:
         from ..nesting import Head
 

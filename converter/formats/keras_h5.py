@@ -60,8 +60,9 @@ def _read_weights_h5(f: Any, path: Path, fmt: str) -> RawCheckpoint:
     return RawCheckpoint(path, fmt, tensors, group_names=names, ignored=ignored)
 
 
-def _read_layer_groups(layers: Any, prefix: str, tensors: dict[str, RawTensor], names: dict[str, str],
-                       path: Path) -> None:
+def _read_layer_groups(
+    layers: Any, prefix: str, tensors: dict[str, RawTensor], names: dict[str, str], path: Path
+) -> None:
     """``<prefix><group>/vars/<i>`` for every layer group; a nested model's group holds its own
     ``layers/`` (``functional/layers/conv2d``): read one level deep, the resolver places it."""
     for group_name, group in layers.items():
