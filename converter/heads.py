@@ -22,6 +22,7 @@ class HeadPlan:
     seed: int = 0
     fresh_keys: list[str] = field(default_factory=list)
     dropped_layers: list[str] = field(default_factory=list)
+    surgeries: list[dict[str, Any]] = field(default_factory=list)  # the target's, before its init
 
     @property
     def target_kwargs(self) -> dict[str, Any]:
@@ -41,6 +42,9 @@ class HeadPlan:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             model = build_target(self.target, **kwargs)
+        from .surgeries import apply_surgeries
+
+        apply_surgeries(model, self.surgeries)
         sd = model.state_dict()
         self.fresh_keys = [k for k in sd if k.startswith(self.module + ".")]
         if not self.fresh_keys:
@@ -187,13 +191,14 @@ def classifier_resize(
     )
     if shape is None or shape[1] == head.features:
         return False
+    out_features = shape[0]  # the target's class count (a --num-classes reset included)
     plan.surgeries.append(
         {
             "name": "linear",
             "args": {
                 "module": module,
                 "in_features": head.features,
-                "out_features": head.num_classes,
+                "out_features": out_features,
             },
         }
     )

@@ -171,6 +171,8 @@ def convert(
         head.source = re.compile(f"(?:{head.source.pattern})|{source_head.rules[0].source.pattern}")
     kwargs = {**variant.target_kwargs, **(head.target_kwargs if head else {})}
     target_manifest = _target_manifest(source, table, variant, kwargs, source_head)
+    if head:
+        head.surgeries = variant.surgeries + source_head.surgeries
     result = _apply(
         source,
         table,

@@ -155,3 +155,12 @@ def test_verify_nested(case, fmt, tmp_path):
     out = converter.convert(fx["files"][fmt]).save(tmp_path / "m.safetensors")
     report = verify(fx["files"][fmt], out, device="cpu")
     assert report.passed, report.to_dict()
+
+
+def test_head_reset_on_nested_source(tmp_path):
+    fx = _fixture("sequential")
+    result = converter.convert(fx["files"]["keras"], num_classes=7)
+    assert result.head_reset["dropped_source_layers"] == ["dense"]
+    model = load_model(result.save(tmp_path / "m.safetensors"))
+    assert model.classifier.weight.shape == (7, 576)  # on the base's 576 features (conv_head gone)
+    assert torch_logits(model, fx["x"], result.preprocessing).shape == (len(fx["x"]), 7)
