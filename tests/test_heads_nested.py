@@ -5,6 +5,7 @@ every source format and match Keras; a richer user head is refused, naming its l
 from __future__ import annotations
 
 import json
+import zipfile
 
 import pytest
 import torch
@@ -66,19 +67,35 @@ def _fixture(case: str) -> dict:
     return make_wrapped_fixture(fn, kwargs, wrap, classes)
 
 
-def _bn_checked(model: torch.nn.Module, result) -> None:
-    """Every BN module carries the source's momentum (1 - Keras m) and eps."""
+def _keras_bn_layers(keras_file: str) -> dict[str, dict]:
+    """BN layer configs straight from the .keras archive's config.json, nested models walked
+    (independent of ckptport)."""
+    with zipfile.ZipFile(keras_file) as zf:
+        todo, out = [json.loads(zf.read("config.json"))], {}
+    while todo:
+        cfg = todo.pop()["config"]
+        for lay in cfg.get("layers", []):
+            if lay["class_name"] == "BatchNormalization":
+                out[lay["config"]["name"]] = lay["config"]
+            elif "layers" in lay["config"]:
+                todo.append(lay)
+    return out
+
+
+def _bn_checked(model: torch.nn.Module, result, keras_file: str) -> None:
+    """Every BN module carries its Keras layer's momentum (as 1 - m) and eps."""
+    keras_bn = _keras_bn_layers(keras_file)
     bns = {
         n: m
         for n, m in model.named_modules()
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
     }
-    assert bns and set(bns) == set(result.bn_config)
+    assert bns and set(bns) == set(result.bn_config) and len(bns) == len(keras_bn)
     for name, mod in bns.items():
-        cfg = result.bn_config[name]
-        assert mod.momentum == pytest.approx(1 - cfg["keras_momentum"], abs=1e-12)
+        cfg = keras_bn[result.bn_config[name]["source_layer"]]
+        assert mod.momentum == pytest.approx(1 - cfg["momentum"], abs=1e-12)
         assert mod.momentum < 0.5
-        assert mod.eps == pytest.approx(cfg["eps"], rel=1e-12)
+        assert mod.eps == pytest.approx(cfg["epsilon"], rel=1e-12)
 
 
 @pytest.mark.parametrize("fmt", WRAPPED_FORMATS)
@@ -100,7 +117,7 @@ def test_converts_and_matches_keras(case, fmt, tmp_path):
     assert out.shape == fx["logits"].shape
     err = rel_err(out, fx["logits"])
     assert err < TOL, f"{case} from {fmt}: outputs differ by {err:.2e} of their std"
-    _bn_checked(model, result)
+    _bn_checked(model, result, fx["files"]["keras"])
 
 
 def test_nesting_and_training_false_reported(tmp_path):
