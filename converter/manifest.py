@@ -134,13 +134,7 @@ def source_manifest_from_model(
                 ],
             }
         )
-    # model.variables order (SavedModel `variables/<i>`): [layer index, var name], or [-1, path] for
-    # state that is not a layer weight (Dropout seed generators)
-    owner = {}
-    for li, (_, layer) in enumerate(flat):
-        for v in list(layer._trainable_variables) + list(layer._non_trainable_variables):
-            owner[id(v)] = (li, v.name)
-    flat_vars = [list(owner.get(id(v), (-1, v.path))) for v in model.variables]
+    flat_vars = _flat_variables(model, flat)
     return {
         "schema": SCHEMA,
         "id": manifest_id,
@@ -150,6 +144,16 @@ def source_manifest_from_model(
         "build": build or {},
         "layers": layers,
     }
+
+
+def _flat_variables(model: Any, flat: list[tuple[str, Any]]) -> list[list]:
+    """``model.variables`` order (SavedModel ``variables/<i>``) as [layer index, var name], or
+    [-1, path] for state that is not a layer weight (Dropout seed generators)."""
+    owner = {}
+    for li, (_, layer) in enumerate(flat):
+        for v in list(layer._trainable_variables) + list(layer._non_trainable_variables):
+            owner[id(v)] = (li, v.name)
+    return [list(owner.get(id(v), (-1, v.path))) for v in model.variables]
 
 
 def target_manifest_from_model(model: Any, manifest_id: str, library: str, name: str,
