@@ -9,6 +9,7 @@ from typing import Any
 from . import formats
 from .errors import ConverterError
 from .source import resolve_source
+from .tables import builtin_tables
 
 BN_KEYS = ("momentum", "epsilon", "center", "scale", "axis", "renorm")
 
@@ -43,6 +44,9 @@ def inspect(path: str | os.PathLike, format: str | None = None) -> dict[str, Any
         return info
     info["architecture"] = source.manifest_id
     info["config_origin"] = source.config_origin
+    info.update(_family(source.manifest_id))
+    info["head"] = source.head.report() if source.head else None
+    info["nesting"] = source.nesting.report() if source.nesting else None
     info["layers"] = [
         {
             "name": lay.name,
@@ -61,3 +65,17 @@ def inspect(path: str | os.PathLike, format: str | None = None) -> dict[str, Any
         if lay.weights or lay.class_name in ("Rescaling", "Normalization")
     ]
     return info
+
+
+def _family(manifest_id: str | None) -> dict[str, Any]:
+    """The table family and the variant (source manifest) a resolved source belongs to."""
+    for table in builtin_tables():
+        targets = [v.target for v in table.variants if v.source == manifest_id]
+        if manifest_id and targets:
+            return {
+                "family": table.family,
+                "table": table.id,
+                "variant": manifest_id,
+                "targets": targets,
+            }
+    return {"family": None, "table": None, "variant": manifest_id, "targets": []}

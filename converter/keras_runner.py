@@ -49,22 +49,53 @@ def _build(source, manifest, source_model: str | None, size: int | None):
     kwargs = dict(build.get("kwargs", {}))
     if size:
         kwargs["input_shape"] = [size, size, 3]
-    return getattr(keras.applications, build["fn"])(**kwargs)
+    return _with_source_head(source, build["fn"], kwargs, size)
+
+
+def _with_source_head(source, fn: str, kwargs: dict, size: int | None):
+    """The shipped architecture rebuilt with the source's head: ``classes=N``, headless with its
+    pooling, or nested in a model ``base(training=False) -> pooling -> Dense(N)`` (a config-less
+    file does not record the pooling: avg assumed, as convert does)."""
+    import keras
+
+    head = source.head
+    pooling = {"unknown": "avg"}.get(head.pooling, head.pooling) if head else None
+    if head and (source.nesting or head.kind == "headless"):
+        kwargs.update(include_top=False, pooling=None if source.nesting else pooling)
+    elif head and head.kind == "classifier":
+        kwargs["classes"] = head.num_classes
+    base = getattr(keras.applications, fn)(**kwargs)
+    if not source.nesting:
+        return base
+    if head.kind != "classifier" or pooling is None:
+        from .errors import VerificationError
+
+        raise VerificationError(
+            f"{source.raw.path}: cannot rebuild the user's model around the base; pass --source-model"
+        )
+    inputs = keras.Input(base.input_shape[1:])
+    pool = {"avg": keras.layers.GlobalAveragePooling2D, "max": keras.layers.GlobalMaxPooling2D}[
+        pooling
+    ]
+    return keras.Model(
+        inputs, keras.layers.Dense(head.num_classes)(pool()(base(inputs, training=False)))
+    )
 
 
 def _load_weights(model, source) -> dict[str, str]:
-    """Assign the resolved weights to the live model; returns file layer name -> live layer name."""
-    from .manifest import source_manifest_from_model
-    from .source import match_layer_names, skeleton_from_manifest
+    """Assign the resolved weights to the live model (a nested base's layers included); returns
+    file layer name -> live layer name."""
+    from .manifest import flat_layers, source_manifest_from_model
+    from .source import match_scoped_layers, skeleton_from_manifest
 
     live = skeleton_from_manifest(source_manifest_from_model(model, "live"))
-    names = [lay.name for lay in source.layers if lay.weights]
-    index = match_layer_names(names, live)
+    live_layers = [layer for _, layer in flat_layers(model)]
+    index = match_scoped_layers([lay for lay in source.layers if lay.weights], live)
     mapping = {}
     for lay in source.layers:
         if not lay.weights:
             continue
-        klayer = model.layers[index[lay.name]]
+        klayer = live_layers[index[lay.name]]
         mapping[lay.name] = klayer.name
         for v in list(klayer._trainable_variables) + list(klayer._non_trainable_variables):
             if v.name not in lay.weights:
@@ -75,6 +106,40 @@ def _load_weights(model, source) -> dict[str, str]:
         if hasattr(klayer, "finalize_state"):
             klayer.finalize_state()  # Normalization computes with a snapshot of its variables
     return mapping
+
+
+def _tap_outputs(model, tap_layers: list, x: np.ndarray) -> list:
+    """The tapped layers' outputs then the model's output, in eval mode. A nested base's layers
+    live in the base's own graph: they are tapped on the base called on ``x`` (the user's model
+    feeds its input straight to the base)."""
+    import keras
+
+    from .manifest import flat_layers
+
+    inside = {id(layer) for scope, layer in flat_layers(model) if scope}
+    outer = [lay for lay in tap_layers if id(lay) not in inside]
+    inner = [lay for lay in tap_layers if id(lay) in inside]
+    outs = _as_list(
+        keras.Model(model.inputs, [lay.output for lay in outer] + [model.outputs[0]])(
+            x, training=False
+        )
+    )
+    got = dict(zip(map(id, outer), outs[:-1]))
+    if inner:
+        base = next(lay for lay in model.layers if isinstance(lay, keras.Model))
+        got.update(
+            zip(
+                map(id, inner),
+                _as_list(
+                    keras.Model(base.inputs, [lay.output for lay in inner])(x, training=False)
+                ),
+            )
+        )
+    return [got[id(lay)] for lay in tap_layers] + [outs[-1]]
+
+
+def _as_list(outs) -> list:
+    return list(outs) if isinstance(outs, (list, tuple)) else [outs]
 
 
 def run(args: argparse.Namespace) -> None:
@@ -96,12 +161,14 @@ def run(args: argparse.Namespace) -> None:
 
     model = _build(source, manifest, args.source_model, x.shape[1])
     live = _load_weights(model, source)
-    tap_layers = [model.get_layer(live.get(src, src)) for src, _ in taps]
+    from .manifest import flat_layers
+
+    by_name = {layer.name: layer for _, layer in flat_layers(model)}
+    tap_layers = [by_name[live.get(src, src)] for src, _ in taps]
     last = model.layers[-1]
     final_act = last.get_config().get("activation") if hasattr(last, "get_config") else None
-    probe = keras.Model(model.inputs, [lay.output for lay in tap_layers] + [model.outputs[0]])
     t0 = time.perf_counter()
-    outs = probe(x, training=False)
+    outs = _tap_outputs(model, tap_layers, x)
     t_run = time.perf_counter() - t0
     tensors = {"input": x, "logits": np.asarray(outs[-1], np.float32)}
     for i, o in enumerate(outs[:-1]):

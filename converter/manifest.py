@@ -76,47 +76,84 @@ def clean_config(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def source_manifest_from_model(model: Any, manifest_id: str, build: dict | None = None) -> dict[str, Any]:
-    """Describe a live Keras model (needs keras; used by `--source-model` and manifest generation)."""
+def flat_layers(model: Any) -> list[tuple[str, Any]]:
+    """(scope, layer) for a live Keras model's layers in order, one nested model (an application
+    used as a layer of the user's model) flattened in place: its layers' scope is its name."""
     import keras
 
-    layers = []
-    op_index = {id(op): i for i, op in enumerate(getattr(model, "_operations", model.layers))}
+    out: list[tuple[str, Any]] = []
     for layer in model.layers:
-        if hasattr(layer, "layers") and getattr(layer, "layers", None) and layer.weights:
+        if not isinstance(layer, keras.Model):
+            out.append(("", layer))
+            continue
+        if any(isinstance(inner, keras.Model) for inner in layer.layers):
             from .errors import UnsupportedLayerError
 
             raise UnsupportedLayerError(
-                f"layer {layer.name!r} is a nested model; flatten it (or map its layers) before converting"
+                f"layer {layer.name!r} nests another model; one level of nesting is supported"
             )
+        out += [(layer.name, inner) for inner in layer.layers]
+    return out
+
+
+def source_manifest_from_model(
+    model: Any, manifest_id: str, build: dict | None = None
+) -> dict[str, Any]:
+    """Describe a live Keras model (needs keras; used by `--source-model` and manifest generation).
+    A nested model's layers are listed in place with ``scope`` (its name) and their ``op_index``
+    inside it."""
+    import keras
+
+    layers = []
+    ops = {
+        id(model): model,
+        **{id(lay): lay for lay in model.layers if isinstance(lay, keras.Model)},
+    }
+    op_index = {
+        (owner, id(op)): i
+        for owner, m in ops.items()
+        for i, op in enumerate(getattr(m, "_operations", m.layers))
+    }
+    flat = flat_layers(model)
+    nested = {
+        name: next(lay for lay in model.layers if lay.name == name) for name, _ in flat if name
+    }
+    for scope, layer in flat:
+        owner = id(nested[scope]) if scope else id(model)
         variables = list(layer._trainable_variables) + list(layer._non_trainable_variables)
         layers.append(
             {
                 "name": layer.name,
                 "class_name": type(layer).__name__,
-                "op_index": op_index.get(id(layer)),
+                "op_index": op_index.get((owner, id(layer))),
+                **({"scope": scope} if scope else {}),
                 "config": clean_config(layer.get_config()),
                 "vars": [
-                    {"name": v.name, "shape": list(v.shape), "dtype": str(v.dtype)} for v in variables
+                    {"name": v.name, "shape": list(v.shape), "dtype": str(v.dtype)}
+                    for v in variables
                 ],
             }
         )
-    # model.variables order (SavedModel `variables/<i>`): [layer index, var name], or [-1, path] for
-    # state that is not a layer weight (Dropout seed generators)
-    owner = {}
-    for li, layer in enumerate(model.layers):
-        for v in list(layer._trainable_variables) + list(layer._non_trainable_variables):
-            owner[id(v)] = (li, v.name)
-    flat = [list(owner.get(id(v), (-1, v.path))) for v in model.variables]
+    flat_vars = _flat_variables(model, flat)
     return {
         "schema": SCHEMA,
         "id": manifest_id,
         "framework": "keras",
-        "flat_variables": flat,
+        "flat_variables": flat_vars,
         "keras_version": keras.__version__,
         "build": build or {},
         "layers": layers,
     }
+
+
+def _flat_variables(model: Any, flat: list[tuple[str, Any]]) -> list[list]:
+    """``model.variables`` order (SavedModel ``variables/<i>``) as [layer index, var name], or
+    [-1, path] for state that is not a layer weight (Dropout seed generators)."""
+    owner = {}
+    for li, (_, layer) in enumerate(flat):
+        for v in list(layer._trainable_variables) + list(layer._non_trainable_variables):
+            owner[id(v)] = (li, v.name)
+    return [list(owner.get(id(v), (-1, v.path))) for v in model.variables]
 
 
 def target_manifest_from_model(model: Any, manifest_id: str, library: str, name: str,

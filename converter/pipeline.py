@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -61,6 +61,11 @@ class ConversionResult:
     head_reset: dict[str, Any] | None = None
     source_input_shape: list[int | None] | None = None  # (H, W, C) when the source declares it
     source_path: Path | None = None  # never written over: save() refuses it as an output
+    source_head: dict[str, Any] | None = None  # converter.nesting.Head.report()
+    nesting: dict[str, Any] | None = None  # converter.nesting.Nesting.report(), when nested
+    notes: list[str] = field(
+        default_factory=list
+    )  # what the user should know (training=False, ...)
 
     def save(self, path: str | os.PathLike, format: str | None = None, force: bool = False) -> Path:
         """Write atomically (safetensors unless the name ends in .pt/.pth); refuses to overwrite."""
@@ -115,14 +120,19 @@ def select(tables: list[Table], source: SourceModel, to: str | None) -> tuple[Ta
     )
 
 
-def target_manifest_for(variant: Variant, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The target's keys, shapes and dtypes: the shipped manifest, or (with constructor kwargs, or
-    for a user's model) one read from the model built here."""
-    if not kwargs and manifest_path(variant.target).is_file():
+def target_manifest_for(
+    variant: Variant, kwargs: dict[str, Any], built: bool = False
+) -> dict[str, Any]:
+    """The target's keys, shapes and dtypes: the shipped manifest, or (with constructor kwargs, with
+    ``built`` (surgeries that change its keys), or for a user's model) one read from the model built
+    here, the variant's surgeries applied."""
+    if not kwargs and not built and manifest_path(variant.target).is_file():
         return load_manifest(variant.target)
     from .model import build_target
+    from .surgeries import apply_surgeries
 
     model = build_target(variant.target, **kwargs)
+    apply_surgeries(model, variant.surgeries)
     lib, _, name = variant.target.partition(":")
     if lib not in ("timm", "torchvision"):
         lib, name = "user", variant.target
@@ -137,6 +147,7 @@ def convert(
     source_model: str | None = None,
     format: str | None = None,
     num_classes: int | None = None,
+    pooling: str | None = None,
     progress: Progress | None = None,
 ) -> ConversionResult:
     """Convert a Keras/TF checkpoint to a PyTorch state dict.
@@ -152,6 +163,8 @@ def convert(
         format: force the source format (see ``ckptport inspect``).
         num_classes: drop the source classifier and give the target a fresh head of this size,
             initialised the architecture's way.
+        pooling: ``avg``, ``max`` or ``none``: the pooling after a headless or nested base, for
+            files that do not record it (TF checkpoints, SavedModels; default avg, noted).
         progress: called as ``progress(done, total, layer_name)``.
     """
     raw = formats.read(src, format)
@@ -160,10 +173,54 @@ def convert(
     table, variant = select(tables, source, to)
     from .heads import head_plan
 
+    table, variant, source_head = _with_source_head(source, table, variant, pooling)
     head = head_plan(table, variant, num_classes) if num_classes is not None else None
+    if head and source_head.rules:  # a reset drops the user's Dense too
+        head.source = re.compile(f"(?:{head.source.pattern})|{source_head.rules[0].source.pattern}")
     kwargs = {**variant.target_kwargs, **(head.target_kwargs if head else {})}
-    target_manifest = target_manifest_for(variant, kwargs)
-    return _apply(source, table, variant, target_manifest, kwargs, head, progress)
+    target_manifest = _target_manifest(source, table, variant, kwargs, source_head)
+    if head:
+        head.surgeries = variant.surgeries + source_head.surgeries
+    result = _apply(
+        source,
+        table,
+        replace(variant, surgeries=variant.surgeries + source_head.surgeries),
+        target_manifest,
+        kwargs,
+        head,
+        progress,
+    )
+    result.notes = source_head.notes
+    if source_head.notes:
+        result.metadata["notes"] = json.dumps(source_head.notes)
+    return result
+
+
+def _with_source_head(
+    source: SourceModel, table: Table, variant: Variant, pooling: str | None
+) -> tuple[Table, Variant, Any]:
+    """The table and variant for this source's own head (re-headed, headless, nested: see
+    heads.source_head_plan): the plan's kwargs on the variant, its rules before the table's."""
+    from .heads import source_head_plan
+
+    plan = source_head_plan(source, table, variant, pooling)
+    variant = replace(variant, target_kwargs={**variant.target_kwargs, **plan.kwargs})
+    return replace(table, rules=plan.rules + table.rules), variant, plan
+
+
+def _target_manifest(
+    source: SourceModel, table: Table, variant: Variant, kwargs: dict[str, Any], plan: Any
+) -> dict[str, Any]:
+    """The target manifest with the source head's surgeries (rebuilt once more when the user's
+    Dense needs the classifier resized)."""
+    from .heads import classifier_resize
+
+    surgical = replace(variant, surgeries=variant.surgeries + plan.surgeries)
+    manifest = target_manifest_for(surgical, kwargs, built=bool(plan.surgeries))
+    if classifier_resize(plan, source, table, manifest):
+        surgical = replace(variant, surgeries=variant.surgeries + plan.surgeries)
+        manifest = target_manifest_for(surgical, kwargs, built=True)
+    return manifest
 
 
 # ------------------------------------------------------------------ applying a table
@@ -319,6 +376,8 @@ def _result(
         head_reset=head.report() if head else None,
         source_input_shape=_input_shape(source),
         source_path=source.raw.path,
+        source_head=source.head.report() if source.head else None,
+        nesting=source.nesting.report() if source.nesting else None,
     )
 
 
@@ -346,6 +405,10 @@ def _metadata(
         "bn_config": json.dumps(walk.bn, sort_keys=True),
         "preprocessing": json.dumps(preprocessing, sort_keys=True),
         "dropped": json.dumps(walk.dropped, sort_keys=True),
+        "source.head": json.dumps(source.head.report() if source.head else None, sort_keys=True),
+        "source.nesting": json.dumps(
+            source.nesting.report() if source.nesting else None, sort_keys=True
+        ),
     }
 
 

@@ -98,3 +98,50 @@ def avg_pool_exclude_padding(model: Any, consumers: list[str], kernel: int = 3) 
             )
         module.register_forward_pre_hook(rescale)
         module._ckptport_avg_pool_exclude_padding = True
+
+
+# ------------------------------------------------------------------ head surgeries (issue 8)
+
+
+def _module(model: Any, name: str, surgery: str) -> Any:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise MappingError(f"surgery {surgery}: the target has no module {name!r}") from None
+
+
+@SURGERIES.register("identity")
+def identity(model: Any, modules: list[str]) -> None:
+    """Replace each named module by ``nn.Identity`` (a headless target: the classifier, and the
+    top layers the Keras ``include_top=False`` build does not have)."""
+    import torch
+
+    for name in modules:
+        _module(model, name, "identity")
+        model.set_submodule(name, torch.nn.Identity())
+
+
+@SURGERIES.register("global_max_pool")
+def global_max_pool(model: Any, module: str) -> None:
+    """Keras ``pooling="max"`` / GlobalMaxPooling2D: the target's global average pooling module
+    (``AdaptiveAvgPool2d(1)``) becomes ``AdaptiveMaxPool2d(1)``."""
+    import torch
+
+    pool = _module(model, module, "global_max_pool")
+    size = getattr(pool, "output_size", None)
+    if not isinstance(pool, torch.nn.AdaptiveAvgPool2d) or size not in (1, (1, 1)):
+        raise MappingError(
+            f"surgery global_max_pool: {module!r} is {type(pool).__name__}, not a global "
+            "AdaptiveAvgPool2d(1); this target cannot take max pooling by surgery (try a timm target)"
+        )
+    model.set_submodule(module, torch.nn.AdaptiveMaxPool2d(1))
+
+
+@SURGERIES.register("linear")
+def linear(model: Any, module: str, in_features: int, out_features: int) -> None:
+    """The classifier as ``nn.Linear(in_features, out_features)``: the user's Dense on a base whose
+    features the target's stock classifier does not take (its top replaced by identity)."""
+    import torch
+
+    _module(model, module, "linear")
+    model.set_submodule(module, torch.nn.Linear(int(in_features), int(out_features)))

@@ -87,7 +87,9 @@ class Table:
     rules: list[Rule]
     drops: list[Drop]
     path: Path
-    head: dict[str, str] = field(default_factory=dict)  # {"source": regex, "module": target module}
+    head: dict[str, Any] = field(
+        default_factory=dict
+    )  # see _head: source, module, top, top_modules, pool
     input: dict[str, Any] = field(default_factory=lambda: {"size": 224, "range": [0.0, 255.0]})
 
     def match(self, layer_name: str) -> tuple[Rule, re.Match[str]] | tuple[Drop, None] | None:
@@ -294,16 +296,28 @@ def _drops(p: Path, data: dict[str, Any]) -> list[Drop]:
     return drops
 
 
-def _head(p: Path, data: dict[str, Any]) -> dict[str, str]:
+HEAD_KEYS = {"source", "module"}
+HEAD_OPTIONAL = {"top", "top_modules", "pool"}
+
+
+def _head(p: Path, data: dict[str, Any]) -> dict[str, Any]:
+    """``[head]``: ``source`` regex of the classifier layer, ``module`` the target's classifier;
+    optional ``top`` regex of the other weighted layers only include_top=True builds have,
+    ``top_modules`` the target modules that compute them (identity in a headless target) and
+    ``pool`` the torchvision target's global pooling module (default ``avgpool``)."""
     head = data.get("head", {})
     if head:
-        if set(head) != {"source", "module"}:
+        if not HEAD_KEYS <= set(head) <= HEAD_KEYS | HEAD_OPTIONAL:
             raise _fail(
                 p,
-                "[head] needs exactly source (regex of the classifier layer) "
-                "and module (target module)",
+                "[head] needs source (regex of the classifier layer) and module (target module); "
+                f"optional: {', '.join(sorted(HEAD_OPTIONAL))}",
             )
         _regex(p, head["source"], "[head]")
+        if "top" in head:
+            _regex(p, head["top"], "[head] top")
+        if not all(isinstance(m, str) for m in head.get("top_modules", [])):
+            raise _fail(p, "[head] top_modules must be a list of target module names")
     return head
 
 

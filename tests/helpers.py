@@ -112,3 +112,61 @@ def assert_clean_error(rc: int, err: str, *needles: str, out: Path | None = None
 def sha(p: Path) -> str:
     """SHA-256 of a file's bytes."""
     return hashlib.sha256(Path(p).read_bytes()).hexdigest()
+
+
+WRAPPED_GENERATOR = ROOT / "fixtures" / "keras_wrapped.py"
+WRAPPED_FORMATS = ["keras", "weights.h5", "h5", "tf-checkpoint", "savedmodel"]
+
+
+def make_wrapped_fixture(
+    fn: str,
+    kwargs: dict,
+    wrap: str = "none",
+    classes: int = 5,
+    size: int = 64,
+    formats: list[str] | None = None,
+    seed: int = 0,
+) -> dict:
+    """Like make_keras_fixture, for re-headed or nested applications (fixtures/keras_wrapped.py);
+    input range [0, 255] (the applications' own preprocessing does the rest)."""
+    formats = formats or WRAPPED_FORMATS
+    version = hashlib.sha256(WRAPPED_GENERATOR.read_bytes() + GENERATOR.read_bytes()).hexdigest()[
+        :12
+    ]
+    key = hashlib.sha256(
+        json.dumps(
+            [fn, kwargs, wrap, classes, sorted(formats), size, seed, version], sort_keys=True
+        ).encode()
+    ).hexdigest()[:16]
+    out = CACHE / f"{fn}-{wrap}-{key}"
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if not (out / "files.json").exists():
+            cmd = [
+                sys.executable,
+                str(WRAPPED_GENERATOR),
+                "--build",
+                fn,
+                "--out",
+                str(out),
+                "--size",
+                str(size),
+                "--seed",
+                str(seed),
+                "--formats",
+                ",".join(formats),
+                "--wrap",
+                wrap,
+                "--classes",
+                str(classes),
+            ]
+            cmd += [f"--kw={k}={json.dumps(v)}" for k, v in kwargs.items()]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(
+                    f"fixture generation failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+                )
+    info = json.loads((out / "files.json").read_text())
+    ref = np.load(out / "reference.npz")
+    info["x"], info["logits"], info["dir"] = ref["x"], ref["logits"], out
+    return info

@@ -26,6 +26,9 @@ def summary(result, out: Path | None) -> dict:
         "preprocessing": result.preprocessing,
         "dropped": result.dropped,
         "head_reset": result.head_reset,
+        "source_head": result.source_head,
+        "nesting": result.nesting,
+        "notes": result.notes,
     }
 
 
@@ -37,10 +40,18 @@ def summary(result, out: Path | None) -> dict:
 @click.option("--mapping", type=click.Path(path_type=Path), help="Your own mapping table (TOML) instead of the built-in ones.")
 @click.option("--source-model", metavar="MODULE:FUNCTION", help="Your code that builds the Keras model, for files without config.")
 @click.option("--num-classes", type=int, help="Drop the source classifier; fresh head of this size, initialised the architecture's way.")
+@click.option(
+    "--pooling",
+    type=click.Choice(["avg", "max", "none"]),
+    help="Pooling after a headless/nested base, for files that do not record it (TF checkpoint, "
+    "SavedModel).",
+)
 @click.option("--verify", "do_verify", is_flag=True, help="Run the layer-by-layer verification after converting.")
 @force_option
 @json_option
-def command(src, to, output, src_format, mapping, source_model, num_classes, do_verify, force, as_json) -> int:
+def command(
+    src, to, output, src_format, mapping, source_model, num_classes, pooling, do_verify, force, as_json
+) -> int:
     """Convert a Keras/TF checkpoint SRC to a PyTorch state dict."""
     from ..pipeline import convert
 
@@ -58,7 +69,7 @@ def command(src, to, output, src_format, mapping, source_model, num_classes, do_
             bar.update(task, completed=done, total=total, description=name)
 
         result = convert(src, to, mapping=mapping, source_model=source_model, format=src_format,
-                         num_classes=num_classes, progress=progress)
+                         num_classes=num_classes, pooling=pooling, progress=progress)
         written = result.save(out, force=force)
     info = summary(result, written)
     rc = 0
@@ -85,6 +96,17 @@ def command(src, to, output, src_format, mapping, source_model, num_classes, do_
     if result.preprocessing["steps"]:
         s = result.preprocessing
         console.print(f"  preprocessing moved out of the model: x_torch = x * {fmt_list(s['scale'])} + {fmt_list(s['offset'])}")
+    if result.nesting:
+        nest = result.nesting
+        console.print(
+            f"  nested: the base is layer {nest['layer']!r} of the user's {nest['outer_class']} model"
+        )
+    if result.source_head:
+        from ..nesting import Head
+
+        console.print(f"  source head: {Head(**result.source_head).describe()}")
+    for note in result.notes:
+        console.print(f"  note: {note}")
     if result.head_reset:
         console.print(f"  head reset: {result.head_reset['num_classes']} classes, dropped {', '.join(result.head_reset['dropped_source_layers'])}")
     if do_verify:

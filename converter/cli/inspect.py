@@ -41,6 +41,25 @@ def command(path, src_format, show_tensors, as_json) -> int:
         show_tensors = True
     else:
         console.print(f"  architecture: {info['architecture'] or 'not a shipped one'}; layer config from: {info['config_origin']}")
+        if info.get("family"):
+            console.print(
+                f"  family: {info['family']} (table {info['table']}), variant {info['variant']}; "
+                f"targets: {', '.join(info['targets'])}"
+            )
+        if info.get("head"):
+            from ..nesting import Head
+
+            console.print(f"  head: {Head(**info['head']).describe()}")
+        if info.get("nesting"):
+            n = info["nesting"]
+            frozen = (
+                "; called with training=False (BN frozen while fine-tuning)"
+                if n["training"] is False
+                else ""
+            )
+            console.print(
+                f"  nested: the base is layer {n['layer']!r} of the user's {n['outer_class']} model{frozen}"
+            )
     if show_tensors:
         t = Table("key", "shape", "dtype")
         for row in info["tensors"]:

@@ -40,7 +40,8 @@ def _dataset_tensor(key: str, ds: Any) -> RawTensor:
 
 
 def _read_weights_h5(f: Any, path: Path, fmt: str) -> RawCheckpoint:
-    """Keras 3 layout: layers/<auto name>/vars/<i>, the vars group's attrs['name'] = layer name."""
+    """Keras 3 layout: layers/<auto name>/vars/<i>, the vars group's attrs['name'] = layer name
+    (a nested model: layers/<its auto name>/layers/<inner auto name>/vars/<i>)."""
     tensors: dict[str, RawTensor] = {}
     names: dict[str, str] = {}
     ignored: dict[str, str] = {}
@@ -55,21 +56,30 @@ def _read_weights_h5(f: Any, path: Path, fmt: str) -> RawCheckpoint:
             else:
                 ignored[top] = "not under layers/"
             continue
-    for group_name, group in f["layers"].items():
-        nested = [k for k in group if k != "vars"]
-        if nested:
-            raise SourceFormatError(
-                f"{path}: layer group layers/{group_name} contains nested layers ({', '.join(nested[:3])}); "
-                "nested models are not supported yet: flatten the model before saving"
-            )
+    _read_layer_groups(f["layers"], "", tensors, names, path)
+    return RawCheckpoint(path, fmt, tensors, group_names=names, ignored=ignored)
+
+
+def _read_layer_groups(
+    layers: Any, prefix: str, tensors: dict[str, RawTensor], names: dict[str, str], path: Path
+) -> None:
+    """``<prefix><group>/vars/<i>`` for every layer group; a nested model's group holds its own
+    ``layers/`` (``functional/layers/conv2d``): read one level deep, the resolver places it."""
+    for group_name, group in layers.items():
+        where = f"{prefix}{group_name}"
+        if "layers" in group:
+            if prefix:
+                raise SourceFormatError(
+                    f"{path}: layers/{where} is a model nested two levels deep; flatten it before saving"
+                )
+            _read_layer_groups(group["layers"], f"{where}/layers/", tensors, names, path)
         if "vars" not in group:
             continue
         vars_ = group["vars"]
-        names[group_name] = str(vars_.attrs.get("name", group_name))
+        names[where] = str(vars_.attrs.get("name", group_name))
         for idx in sorted(vars_, key=int):
-            key = f"layers/{group_name}/vars/{idx}"
+            key = f"layers/{where}/vars/{idx}"
             tensors[key] = _dataset_tensor(key, vars_[idx])
-    return RawCheckpoint(path, fmt, tensors, group_names=names, ignored=ignored)
 
 
 @register
