@@ -406,9 +406,7 @@ def _metadata(
         "preprocessing": json.dumps(preprocessing, sort_keys=True),
         "dropped": json.dumps(walk.dropped, sort_keys=True),
         "source.head": json.dumps(source.head.report() if source.head else None, sort_keys=True),
-        "source.nesting": json.dumps(
-            source.nesting.report() if source.nesting else None, sort_keys=True
-        ),
+        **({"source.nesting": json.dumps(source.nesting.report(), sort_keys=True)} if source.nesting else {}),
     }
 
 

@@ -201,8 +201,8 @@ def test_convert_inspect_and_keras_runner_resolve_through_resolve_source(tmp_pat
     calls: list[tuple[list[str], str | None]] = []
     real_resolve = source_module.resolve
 
-    def spy(raw, manifests, model_manifest=None):
-        resolved = real_resolve(raw, manifests, model_manifest)
+    def spy(raw, manifests, model_manifest=None, heads=None):
+        resolved = real_resolve(raw, manifests, model_manifest, heads)
         calls.append(([m["id"] for m in manifests], resolved.manifest_id))
         return resolved
 
@@ -282,14 +282,25 @@ FIXTURE_DIGESTS = {
 }
 
 
+# The metadata keys b998ece wrote; keys added since (source.head, source.nesting, notes) are new
+# information, not a change of what was there, and are left out of the pinned bytes.
+RECORDED_KEYS = {
+    "ckptport.version", "ckptport.format", "source.file", "source.sha256", "source.format",
+    "source.arch", "source.config_origin", "table.id", "table.version", "target", "target.kwargs",
+    "surgeries", "bn_config", "preprocessing", "dropped",
+}
+
+
 def _saved_bytes(result: ConversionResult, path: Path, **pinned: str) -> bytes:
-    metadata = {**result.metadata, "ckptport.version": "pinned", **pinned}
+    recorded = {k: v for k, v in result.metadata.items() if k in RECORDED_KEYS}
+    metadata = {**recorded, "ckptport.version": "pinned", **pinned}
     formats.write(path, result.state_dict, metadata, format="safetensors")
     return path.read_bytes()
 
 
 def test_dry_run_output_bytes_unchanged(tmp_path):
-    variants = [(t, v) for t in builtin_tables() for v in t.variants]
+    # the variants that existed at b998ece (tables added since have no recorded digest)
+    variants = [(t, v) for t in builtin_tables() for v in t.variants if v.target in DRY_RUN_DIGESTS]
     assert sorted(v.target for _, v in variants) == sorted(DRY_RUN_DIGESTS)
     for i, (table, variant) in enumerate(variants):
         result = dry_run(table, variant)
