@@ -16,7 +16,8 @@ from converter.model import build_target, load_model
 from converter.tables import builtin_tables
 
 TOL = 1e-4  # max abs error on logits, relative to the logits' standard deviation
-SLOW_SOURCES = {f"keras:EfficientNetB{i}" for i in range(3, 8)} | {"keras:ResNet101", "keras:ResNet152"}
+SLOW_SOURCES = ({f"keras:EfficientNetB{i}" for i in range(3, 8)} | {"keras:ResNet101", "keras:ResNet152"}
+                | {f"keras:EfficientNetV2{v}" for v in "SML"})
 # Randomly initialised deep BN networks are chaotic: a 1e-7 perturbation (float32 rounding of
 # Keras' own Rescaling scale, of a folded BN mean) grows ~1000x by the logits. Measured on these
 # fixtures, PyTorch float32 vs float64 alone: ResNet152 1.2e-3, EfficientNet-B7 2.1e-4 of the logits'
@@ -27,7 +28,8 @@ SLOW_SOURCES = {f"keras:EfficientNetB{i}" for i in range(3, 8)} | {"keras:ResNet
 DEEP_SOURCES = {f"keras:EfficientNetB{i}" for i in range(4, 8)} | {"keras:ResNet101", "keras:ResNet152"}
 DEEP_TOL = 2e-3
 VARIANTS = [(t, v) for t in builtin_tables() for v in t.variants]
-FAMILY_REPRESENTATIVES = ["keras:ResNet50", "keras:EfficientNetB0", "keras:MobileNetV3Small"]
+FAMILY_REPRESENTATIVES = ["keras:ResNet50", "keras:EfficientNetB0", "keras:MobileNetV3Small", "keras:MobileNetV2",
+                          "keras:EfficientNetV2B0"]
 FORMATS = ["keras", "weights.h5", "h5", "h5-weights", "tf-checkpoint", "tf-names", "tf-layer-with-weights", "savedmodel"]
 
 

@@ -108,7 +108,9 @@ def test_source_auto_names_are_canonical(mid):
 
 
 BN_FACTS = {  # Keras family -> (momentum, epsilon); Keras momentum is PyTorch 1 - momentum
+    "EfficientNetV2": (0.9, 1e-3),  # before EfficientNet: the first prefix that matches wins
     "EfficientNet": (0.99, 1e-3),
+    "MobileNetV2": (0.999, 1e-3),
     "MobileNetV3": (0.999, 1e-3),
     "ResNet": (0.99, 1.001e-5),
 }
