@@ -1,8 +1,8 @@
 """Float32 noise of converted random-weight fixtures: Keras vs PyTorch float32, and PyTorch float32
 vs float64 on the same converted weights (the target framework's own rounding noise).
 
-    CKPTPORT_TEST_CACHE=/work/fixture-cache python benchmarks/float_noise.py keras:EfficientNetV2B0 \
-        [keras:MobileNetV2 ...] [--size N] [--jitter J]
+    CKPTPORT_TEST_CACHE=/work/fixture-cache python benchmarks/float_noise.py \
+        keras:EfficientNetV2B0 [keras:MobileNetV2 ...] [--size N]
 
 Fixtures are the test suite's (tests/conftest.py: seeded, cached, built in a Keras subprocess) at
 the table's [input] size unless --size is given. Errors are max |difference| over the batch
@@ -53,12 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("sources", nargs="+", help="source manifest ids, e.g. keras:EfficientNetV2B0")
     ap.add_argument("--size", type=int, help="input size (default: the table's [input] size)")
     a = ap.parse_args(argv)
-    print("| model | px | Keras vs PyTorch float32 | PyTorch float32 vs float64 | Keras vs PyTorch float64 |")
+    print("| model | px | Keras vs PyTorch float32 | PyTorch float32 vs float64 "
+          "| Keras vs PyTorch float64 |")
     print("|---|---|---|---|---|")
     for sid in a.sources:
         r = measure(sid, a.size)
-        print(f"| {sid} | {r['size']} | {r['keras_vs_torch32']:.1e} | {r['torch32_vs_torch64']:.1e} "
-              f"| {r['keras_vs_torch64']:.1e} |", flush=True)
+        row = [sid, r["size"], *(f"{r[k]:.1e}" for k in ("keras_vs_torch32", "torch32_vs_torch64",
+                                                         "keras_vs_torch64"))]
+        print("| " + " | ".join(map(str, row)) + " |", flush=True)
     return 0
 
 

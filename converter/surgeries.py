@@ -40,9 +40,10 @@ def apply_surgeries(model: Any, surgeries: list[dict[str, Any]]) -> None:
 
 
 def tf_same_pads(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
-    """(before, after) zero padding of TF 'same' on one axis: the total ``max((ceil(size/stride) - 1)
-    * stride + (kernel - 1) * dilation + 1 - size, 0)``, the odd cell after (3x3, stride 2 on an even
-    size: 0 before, 1 after; symmetric PyTorch padding puts 1 on each side)."""
+    """(before, after) zero padding of TF 'same' on one axis: the total is
+    ``max((ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)``, the odd
+    cell after (3x3, stride 2 on an even size: 0 before, 1 after, where symmetric PyTorch padding
+    puts 1 on each side)."""
     total = max((-(-size // stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
     return total // 2, total - total // 2
 
@@ -66,9 +67,10 @@ def _tf_same_conv_class() -> type:
 def _symmetric_same(conv: Any) -> bool:
     """True for the PyTorch idiom of 'same' padding, ``padding = dilation * (kernel - 1) // 2`` (odd
     kernels), zero padding mode."""
-    return conv.padding_mode == "zeros" and not isinstance(conv.padding, str) and all(
-        k % 2 == 1 and p == d * (k - 1) // 2 for k, p, d in zip(conv.kernel_size, conv.padding, conv.dilation)
-    )
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return False
+    dims = zip(conv.kernel_size, conv.padding, conv.dilation)
+    return all(k % 2 == 1 and p == d * (k - 1) // 2 for k, p, d in dims)
 
 
 @SURGERIES.register("tf_same_padding")
@@ -85,16 +87,21 @@ def tf_same_padding(model: Any) -> None:
     replaced = 0
     for parent_name, parent in list(model.named_modules()):
         for name, conv in list(parent.named_children()):
-            if type(conv) is not torch.nn.Conv2d or max(conv.stride) == 1 or max(conv.kernel_size) == 1:
+            if type(conv) is not torch.nn.Conv2d or max(conv.stride) == 1:
+                continue
+            if max(conv.kernel_size) == 1:
                 continue
             where = f"{parent_name}.{name}" if parent_name else name
             if not _symmetric_same(conv):
-                raise MappingError(f"surgery tf_same_padding: {where} (stride {conv.stride}, padding "
-                                   f"{conv.padding}) is not padded 'same'; map it without this surgery")
-            new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, 0, conv.dilation,
-                      conv.groups, conv.bias is not None, device=conv.weight.device, dtype=conv.weight.dtype)
+                raise MappingError(
+                    f"surgery tf_same_padding: {where} (stride {conv.stride}, padding "
+                    f"{conv.padding}) is not padded 'same'; map it without this surgery"
+                )
+            c, w = conv, conv.weight
+            new = cls(c.in_channels, c.out_channels, c.kernel_size, c.stride, 0, c.dilation,
+                      c.groups, c.bias is not None, device=w.device, dtype=w.dtype)
             new.load_state_dict(conv.state_dict())
             setattr(parent, name, new)
             replaced += 1
     if not replaced:
-        raise MappingError("surgery tf_same_padding: the model has no strided convolution to re-pad")
+        raise MappingError("surgery tf_same_padding: the model has no strided conv to re-pad")
