@@ -25,11 +25,14 @@ SLOW_SOURCES = ({f"keras:EfficientNetB{i}" for i in range(3, 8)} | {"keras:ResNe
 # float32 implementation reaches, so they are held to DEEP_TOL, ~2x the largest measured float32
 # self-noise; their rules are the ones B0-B3/ResNet50 pass at 1e-4 in every format, and the static
 # dry run (tests/test_tables.py) checks every key, shape and BN setting. See docs/benchmarks.md.
-# EfficientNetV2 B1-B3 (64 px) are as chaotic: PyTorch float32 vs float64 5.4e-5 (B1), 6.8e-5 (B2),
-# 2.0e-4 (B3), Keras vs PyTorch float32 9.5e-5, 1.0e-4, 1.4e-4; S/M/L measured in docs/benchmarks.md.
+# EfficientNetV2 M (128 px): PyTorch float32 vs float64 1.5e-4, Keras vs PyTorch float32 2.8e-4.
 DEEP_SOURCES = ({f"keras:EfficientNetB{i}" for i in range(4, 8)} | {"keras:ResNet101", "keras:ResNet152"}
-                | {f"keras:EfficientNetV2{v}" for v in ("B1", "B2", "B3", "S", "M", "L")})
+                | {"keras:EfficientNetV2M"})
 DEEP_TOL = 2e-3
+# EfficientNetV2L (79 blocks, 128 px) is deeper still: PyTorch float32 vs float64 alone 4.0e-3,
+# Keras vs PyTorch float32 4.1e-3, Keras vs PyTorch float64 2.8e-3 (Keras' own float32 noise):
+# held to ~2.5x its float32 self-noise. docs/benchmarks.md has the table.
+DEEPEST_TOL = {"keras:EfficientNetV2L": 1e-2}
 VARIANTS = [(t, v) for t in builtin_tables() for v in t.variants]
 FAMILY_REPRESENTATIVES = ["keras:ResNet50", "keras:EfficientNetB0", "keras:MobileNetV3Small", "keras:MobileNetV2",
                           "keras:EfficientNetV2B0"]
@@ -61,7 +64,7 @@ def test_variant_end_to_end(table, variant, tmp_path):
     model = load_model(out)
     assert not model.training
     err = rel_err(torch_logits(model, fx["x"], result.preprocessing), fx["logits"])
-    tol = DEEP_TOL if variant.source in DEEP_SOURCES else TOL
+    tol = DEEPEST_TOL.get(variant.source, DEEP_TOL if variant.source in DEEP_SOURCES else TOL)
     assert err < tol, f"logits differ by {err:.2e} of their scale (tolerance {tol:.0e})"
 
     # every BatchNorm module carries the source's momentum (PyTorch convention) and eps
