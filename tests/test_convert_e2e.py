@@ -17,7 +17,7 @@ from converter.tables import builtin_tables
 
 TOL = 1e-4  # max abs error on logits, relative to the logits' standard deviation
 SLOW_SOURCES = ({f"keras:EfficientNetB{i}" for i in range(3, 8)} | {"keras:ResNet101", "keras:ResNet152"}
-                | {f"keras:EfficientNetV2{v}" for v in "SML"})
+                | {f"keras:EfficientNetV2{v}" for v in ("B3", "S", "M", "L")})
 # Randomly initialised deep BN networks are chaotic: a 1e-7 perturbation (float32 rounding of
 # Keras' own Rescaling scale, of a folded BN mean) grows ~1000x by the logits. Measured on these
 # fixtures, PyTorch float32 vs float64 alone: ResNet152 1.2e-3, EfficientNet-B7 2.1e-4 of the logits'
