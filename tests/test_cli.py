@@ -56,6 +56,9 @@ def test_archs_json(capsys):
     assert defaults["keras:ResNet50"] == "torchvision:resnet50"
     assert defaults["keras:EfficientNetB0"] == "timm:tf_efficientnet_b0"
     assert any(r["surgeries"] == ["resnet_v1_stride_on_1x1"] for r in rows)
+    # one default per source, also for a source listed in two tables (MobileNetV2: timm, torchvision)
+    assert sum(r["default"] for r in rows) == len({r["source"] for r in rows})
+    assert defaults["keras:MobileNetV2"] == "timm:mobilenetv2_100"
 
 
 def test_inspect_sources_say_where_config_comes_from(mnv3, capsys):

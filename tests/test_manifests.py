@@ -115,7 +115,9 @@ def test_source_auto_names_are_canonical(mid):
 
 # Keras family -> (momentum, epsilon, center, scale), or None (no BN); Keras momentum is PyTorch 1 - momentum
 BN_FACTS = {
+    "EfficientNetV2": (0.9, 1e-3, True, True),  # before EfficientNet: the first prefix that matches wins
     "EfficientNet": (0.99, 1e-3, True, True),
+    "MobileNetV2": (0.999, 1e-3, True, True),
     "MobileNetV3": (0.999, 1e-3, True, True),
     "ResNet": (0.99, 1.001e-5, True, True),
     "Xception": (0.99, 1e-3, True, True),

@@ -4,7 +4,7 @@ pooling (padding excluded)."""
 
 from __future__ import annotations
 
-import torchvision  # noqa: F401  (torch side first; see DEVELOPERS.md)
+import torchvision  # noqa: F401  (torch side first; see CONTRIBUTING.md)
 
 import numpy as np
 import pytest

@@ -14,8 +14,8 @@ def command(as_json) -> int:
     from ..tables import builtin_tables
 
     rows = []
+    seen = set()  # across tables: convert's default is the first variant for a source in any table
     for table in builtin_tables():
-        seen = set()
         for v in table.variants:
             rows.append({
                 "table": table.id, "version": table.version, "family": table.family,
