@@ -24,7 +24,9 @@ class ArrayData:
         if p.is_dir():
             self._files = sorted(f for f in p.iterdir() if f.suffix == ".npy" and f.is_file())
             if not self._files:
-                raise SourceFormatError(f"--data {p}: folder holds no .npy files (one sample per file expected)")
+                raise SourceFormatError(
+                    f"--data {p}: folder holds no .npy files (one sample per file expected)"
+                )
             first = self._load_file(self._files[0])
             self.sample_shape: tuple[int, ...] = tuple(first.shape)
             self.dtype = first.dtype
@@ -51,28 +53,36 @@ class ArrayData:
                     key = found[0]
                 else:
                     raise SourceFormatError(
-                        f"--data {p} holds arrays {', '.join(keys) or '(none)'}; name the input array with --key"
+                        f"--data {p} holds arrays {', '.join(keys) or '(none)'}; name the input"
+                        " array with --key"
                     )
             if key not in keys:
-                raise SourceFormatError(f"--data {p} has no array {key!r}; it holds {', '.join(keys) or '(none)'}")
+                raise SourceFormatError(
+                    f"--data {p} has no array {key!r}; it holds {', '.join(keys) or '(none)'}"
+                )
             try:
                 self._array = npz[key]
             except Exception as exc:
-                raise SourceFormatError(f"--data {p}: array {key!r} cannot be read ({exc})") from exc
+                raise SourceFormatError(
+                    f"--data {p}: array {key!r} cannot be read ({exc})"
+                ) from exc
             self._set_from_array()
         else:
-            raise SourceFormatError(f"--data {p}: expected a .npy file, a .npz file or a folder of .npy files")
+            raise SourceFormatError(
+                f"--data {p}: expected a .npy file, a .npz file or a folder of .npy files"
+            )
         if not np.issubdtype(self.dtype, np.floating):
             raise SourceFormatError(
-                f"--data {p} holds {self.dtype} values; give float inputs preprocessed exactly as the model "
-                "expects (scaled/normalized, channels first)"
+                f"--data {p} holds {self.dtype} values; give float inputs preprocessed exactly as"
+                " the model expects (scaled/normalized, channels first)"
             )
 
     def _set_from_array(self) -> None:
         arr = self._array
         if arr.ndim < 2:
             raise SourceFormatError(
-                f"--data {self.path}: array of shape {arr.shape}; expected samples stacked on axis 0, e.g. (N, C, H, W)"
+                f"--data {self.path}: array of shape {arr.shape}; expected samples stacked on axis"
+                " 0, e.g. (N, C, H, W)"
             )
         self.sample_shape = tuple(arr.shape[1:])
         self.dtype = arr.dtype
@@ -104,13 +114,16 @@ class ArrayData:
         return np.stack(out)
 
 
-def iter_batches(data: ArrayData, num_batches: int, batch_size: int, shuffle: bool, seed: int,
-                 dtype: Any) -> Iterator[Any]:
+def iter_batches(
+    data: ArrayData, num_batches: int, batch_size: int, shuffle: bool, seed: int, dtype: Any
+) -> Iterator[Any]:
     """``num_batches`` full batches of ``batch_size`` distinct samples as torch tensors of ``dtype``."""
     import numpy as np
     import torch
 
     order = np.random.default_rng(seed).permutation(data.size) if shuffle else np.arange(data.size)
     for b in range(num_batches):
-        idx = sorted(int(i) for i in order[b * batch_size:(b + 1) * batch_size])  # sorted: faster reads
+        idx = sorted(
+            int(i) for i in order[b * batch_size : (b + 1) * batch_size]
+        )  # sorted: faster reads
         yield torch.from_numpy(np.ascontiguousarray(data.take(idx))).to(dtype)

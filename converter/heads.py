@@ -1,6 +1,7 @@
 """Classifier head reset: drop the source classifier, give the target a fresh head initialised the
 architecture's own way (the head of a freshly constructed target model with ``num_classes=N``:
-timm's and torchvision's constructors run their init schemes), never a bare ``nn.Linear`` default."""
+timm's and torchvision's constructors run their init schemes), never a bare ``nn.Linear`` default.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 
 from .errors import MappingError, UnsupportedLayerError
 from .registry import Registry
+
 
 @dataclass
 class HeadPlan:
@@ -48,7 +50,10 @@ class HeadPlan:
         sd = model.state_dict()
         self.fresh_keys = [k for k in sd if k.startswith(self.module + ".")]
         if not self.fresh_keys:
-            raise MappingError(f"head module {self.module!r} has no tensors in {self.target}; fix the table's [head]")
+            raise MappingError(
+                f"head module {self.module!r} has no tensors in {self.target}; fix the table's"
+                " [head]"
+            )
         return {k: sd[k].detach().numpy().copy() for k in self.fresh_keys}
 
     def report(self) -> dict[str, Any]:
@@ -57,7 +62,10 @@ class HeadPlan:
             "dropped_source_layers": self.dropped_layers,
             "module": self.module,
             "fresh_keys": self.fresh_keys,
-            "init": f"{self.target} constructor init with num_classes={self.num_classes}, torch seed {self.seed}",
+            "init": (
+                f"{self.target} constructor init with num_classes={self.num_classes}, torch seed"
+                f" {self.seed}"
+            ),
         }
 
 
@@ -65,8 +73,12 @@ def head_plan(table: Any, variant: Any, num_classes: int) -> HeadPlan:
     if num_classes < 1:
         raise MappingError(f"num_classes must be >= 1, got {num_classes}")
     if not table.head:
-        raise MappingError(f"table {table.id} declares no [head]; --num-classes is not available for it")
-    return HeadPlan(num_classes, re.compile(table.head["source"]), table.head["module"], variant.target)
+        raise MappingError(
+            f"table {table.id} declares no [head]; --num-classes is not available for it"
+        )
+    return HeadPlan(
+        num_classes, re.compile(table.head["source"]), table.head["module"], variant.target
+    )
 
 
 # ------------------------------------------------------------------ the source's own head (issue 8)
@@ -104,8 +116,8 @@ def _torchvision_pooled(head: dict[str, Any], pooling: str | None, classes: int 
     ``[head] pool`` module (default ``avgpool``); no feature-map output (torchvision flattens)."""
     if pooling is None:
         raise UnsupportedLayerError(
-            "a Keras model without pooling outputs a feature map; torchvision targets flatten after "
-            "their pooling: convert to a timm target (--to timm:...) for a feature-map output"
+            "a Keras model without pooling outputs a feature map; torchvision targets flatten after"
+            " their pooling: convert to a timm target (--to timm:...) for a feature-map output"
         )
     surgeries = [] if classes else [{"name": "identity", "args": {"modules": [head["module"]]}}]
     if pooling == "max":
@@ -136,8 +148,9 @@ def source_head_plan(
     pooling = _pooling(source, plan, pooling)
     if source.nesting and source.nesting.training is False:
         plan.notes.append(
-            f"the base {source.nesting.layer!r} is called with training=False: its BatchNorm was frozen "
-            "while fine-tuning in Keras; keep it so in PyTorch with converter.bn.freeze(model)"
+            f"the base {source.nesting.layer!r} is called with training=False: its BatchNorm was"
+            " frozen while fine-tuning in Keras; keep it so in PyTorch with"
+            " converter.bn.freeze(model)"
         )
     if head.kind == "classifier" and not source.nesting:
         if head.num_classes != _stock_classes(variant, table.head["module"]):
@@ -226,7 +239,8 @@ def _pooling(source: Any, plan: SourceHeadPlan, given: str | None) -> str | None
     if found != "unknown":
         if given is not None and given_value != found:
             raise MappingError(
-                f"{source.raw.path}: the file's model pools with {found or 'none'}, not {given}; leave --pooling out"
+                f"{source.raw.path}: the file's model pools with {found or 'none'}, not {given};"
+                " leave --pooling out"
             )
         return found
     if given is not None:

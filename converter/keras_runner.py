@@ -42,9 +42,13 @@ def _build(source, manifest, source_model: str | None, size: int | None):
         try:
             return keras.models.model_from_json(json.dumps(source.raw.model_config))
         except Exception as exc:
-            raise VerificationError(f"{source.raw.path}: Keras cannot rebuild the stored model config: {exc}") from None
+            raise VerificationError(
+                f"{source.raw.path}: Keras cannot rebuild the stored model config: {exc}"
+            ) from None
     if manifest is None:
-        raise VerificationError(f"{source.raw.path}: no model config and no manifest; pass --source-model")
+        raise VerificationError(
+            f"{source.raw.path}: no model config and no manifest; pass --source-model"
+        )
     build = manifest["build"]
     kwargs = dict(build.get("kwargs", {}))
     if size:
@@ -71,7 +75,8 @@ def _with_source_head(source, fn: str, kwargs: dict, size: int | None):
         from .errors import VerificationError
 
         raise VerificationError(
-            f"{source.raw.path}: cannot rebuild the user's model around the base; pass --source-model"
+            f"{source.raw.path}: cannot rebuild the user's model around the base; pass"
+            " --source-model"
         )
     inputs = keras.Input(base.input_shape[1:])
     pool = {"avg": keras.layers.GlobalAveragePooling2D, "max": keras.layers.GlobalMaxPooling2D}[
@@ -150,8 +155,9 @@ def run(args: argparse.Namespace) -> None:
 
     if args.source_model:
         _configure_tf(args.device)  # before the user's code imports TensorFlow
-    source = resolve_source(args.src, load_tables(args.mapping), source_model=args.source_model,
-                            format=args.format)
+    source = resolve_source(
+        args.src, load_tables(args.mapping), source_model=args.source_model, format=args.format
+    )
     raw = source.raw
     manifest = load_manifest(source.manifest_id) if source.manifest_id else None
     x = np.load(args.inputs).astype("float32")
@@ -179,8 +185,14 @@ def run(args: argparse.Namespace) -> None:
             if hasattr(lay, "rate"):
                 lay.rate = 0.0
         bns = [lay for lay in model.layers if type(lay).__name__ == "BatchNormalization"]
-        before = {b.name: (b.moving_mean.numpy().copy(), b.moving_variance.numpy().copy()) for b in bns}
-        step = keras.Model(model.inputs, [b.input for b in bns] + [b.output for b in bns]) if bns else None
+        before = {
+            b.name: (b.moving_mean.numpy().copy(), b.moving_variance.numpy().copy()) for b in bns
+        }
+        step = (
+            keras.Model(model.inputs, [b.input for b in bns] + [b.output for b in bns])
+            if bns
+            else None
+        )
         feats = step(x, training=True) if bns else []  # a BN-free model (VGG): no update to compare
         inv = {v: k for k, v in live.items()}
         for b, inp in zip(bns, feats[: len(bns)]):
@@ -188,12 +200,19 @@ def run(args: argparse.Namespace) -> None:
             axes = tuple(range(a.ndim - 1))
             name = inv.get(b.name, b.name)
             tensors[f"bn/{name}/batch_mean"] = a.mean(axis=axes).astype(np.float32)
-            tensors[f"bn/{name}/batch_var"] = a.var(axis=axes).astype(np.float32)  # biased: what Keras uses
-            tensors[f"bn/{name}/moving_mean_before"], tensors[f"bn/{name}/moving_var_before"] = before[b.name]
+            tensors[f"bn/{name}/batch_var"] = a.var(axis=axes).astype(
+                np.float32
+            )  # biased: what Keras uses
+            tensors[f"bn/{name}/moving_mean_before"], tensors[f"bn/{name}/moving_var_before"] = (
+                before[b.name]
+            )
             tensors[f"bn/{name}/moving_mean_after"] = b.moving_mean.numpy()
             tensors[f"bn/{name}/moving_var_after"] = b.moving_variance.numpy()
-            bn_info[name] = {"n": int(np.prod([a.shape[i] for i in axes])), "momentum": float(b.momentum),
-                             "epsilon": float(b.epsilon)}
+            bn_info[name] = {
+                "n": int(np.prod([a.shape[i] for i in axes])),
+                "momentum": float(b.momentum),
+                "epsilon": float(b.epsilon),
+            }
     meta = {
         "ckptport.reference": "1",
         "taps": json.dumps(taps),

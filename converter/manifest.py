@@ -63,7 +63,9 @@ def load_manifest(manifest_id: str) -> dict[str, Any]:
         )
     data = json.loads(path.read_text())
     if data.get("schema") != SCHEMA or data.get("id") != manifest_id:
-        raise MappingError(f"manifest {path} is not schema {SCHEMA} for {manifest_id!r}; run `make manifests`")
+        raise MappingError(
+            f"manifest {path} is not schema {SCHEMA} for {manifest_id!r}; run `make manifests`"
+        )
     return data
 
 
@@ -156,8 +158,9 @@ def _flat_variables(model: Any, flat: list[tuple[str, Any]]) -> list[list]:
     return [list(owner.get(id(v), (-1, v.path))) for v in model.variables]
 
 
-def target_manifest_from_model(model: Any, manifest_id: str, library: str, name: str,
-                               kwargs: dict | None = None) -> dict[str, Any]:
+def target_manifest_from_model(
+    model: Any, manifest_id: str, library: str, name: str, kwargs: dict | None = None
+) -> dict[str, Any]:
     """Describe a live PyTorch model: state-dict keys, shapes, dtypes, BN module settings."""
     import torch
 

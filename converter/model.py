@@ -26,14 +26,17 @@ def import_torch_side() -> None:
     """Import torchvision before anything imports Keras: the other order segfaults."""
     if torch_side_hazard():
         raise ConverterError(
-            "tensorflow was imported before torchvision in this process, and importing torchvision now "
-            "would crash it (segfault on this stack); import converter.model or torchvision before "
-            "tensorflow, or run this step in its own process (`ckptport verify` isolates itself)"
+            "tensorflow was imported before torchvision in this process, and importing torchvision"
+            " now would crash it (segfault on this stack); import converter.model or torchvision"
+            " before tensorflow, or run this step in its own process (`ckptport verify` isolates"
+            " itself)"
         )
     try:
         import torchvision  # noqa: F401  (imported for its import order, see torch_side_hazard)
     except ImportError as exc:
-        raise FrameworkMissingError(f"PyTorch/torchvision is needed here: {exc}; pip install 'ckptport[torch]'") from None
+        raise FrameworkMissingError(
+            f"PyTorch/torchvision is needed here: {exc}; pip install 'ckptport[torch]'"
+        ) from None
 
 
 def prefer_torch_first() -> None:
@@ -71,7 +74,9 @@ def _load_user_module(path: Path, spec: str, what: str) -> Any:
     except ConverterError:
         raise
     except Exception as exc:
-        raise ConverterError(f"{what} {spec!r}: importing {path} failed: {type(exc).__name__}: {exc}") from None
+        raise ConverterError(
+            f"{what} {spec!r}: importing {path} failed: {type(exc).__name__}: {exc}"
+        ) from None
     return module
 
 
@@ -79,18 +84,29 @@ def call_factory(spec: str | Spec, what: str = "model spec", **kwargs: Any) -> A
     """Call a user's ``file.py:function`` or ``package.module:function`` (their own trusted code)."""
     parsed = spec if isinstance(spec, Spec) else parse_spec(spec, what)
     if parsed.is_library:
-        raise ConverterError(f"{what} {parsed.text!r} names a {parsed.kind} model, not a factory function")
+        raise ConverterError(
+            f"{what} {parsed.text!r} names a {parsed.kind} model, not a factory function"
+        )
     module = _import_spec_module(parsed, what)
     factory = getattr(module, parsed.name, None)
     if not callable(factory):
-        funcs = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_")
-                       and getattr(v, "__module__", None) == module.__name__)
-        raise ConverterError(f"{what} {parsed.text!r}: {parsed.location} has no function {parsed.name!r}; "
-                             f"functions there: {', '.join(funcs) or 'none'}")
+        funcs = sorted(
+            k
+            for k, v in vars(module).items()
+            if callable(v)
+            and not k.startswith("_")
+            and getattr(v, "__module__", None) == module.__name__
+        )
+        raise ConverterError(
+            f"{what} {parsed.text!r}: {parsed.location} has no function {parsed.name!r}; "
+            f"functions there: {', '.join(funcs) or 'none'}"
+        )
     try:
         return factory(**kwargs)
     except Exception as exc:
-        raise ConverterError(f"{what} {parsed.text!r}: {parsed.name}() raised {type(exc).__name__}: {exc}") from None
+        raise ConverterError(
+            f"{what} {parsed.text!r}: {parsed.name}() raised {type(exc).__name__}: {exc}"
+        ) from None
 
 
 def _import_spec_module(spec: Spec, what: str) -> Any:
@@ -99,7 +115,9 @@ def _import_spec_module(spec: Spec, what: str) -> Any:
     try:
         return importlib.import_module(spec.location)
     except Exception as exc:
-        raise ConverterError(f"{what} {spec.text!r}: importing {spec.location} failed: {type(exc).__name__}: {exc}") from None
+        raise ConverterError(
+            f"{what} {spec.text!r}: importing {spec.location} failed: {type(exc).__name__}: {exc}"
+        ) from None
 
 
 def build_target(spec: str | Spec, **kwargs: Any) -> Any:
@@ -118,7 +136,9 @@ def build_target(spec: str | Spec, **kwargs: Any) -> Any:
         try:
             return builder(**args, **kwargs)
         except Exception as exc:
-            raise ConverterError(f"building {parsed.text!r} failed: {type(exc).__name__}: {exc}") from None
+            raise ConverterError(
+                f"building {parsed.text!r} failed: {type(exc).__name__}: {exc}"
+            ) from None
 
 
 def _library_builder(spec: Spec) -> tuple[Any, dict[str, Any]]:
@@ -129,8 +149,10 @@ def _library_builder(spec: Spec) -> tuple[Any, dict[str, Any]]:
         import timm
 
         if not timm.is_model(spec.name):
-            raise ConverterError(f"timm has no model {spec.name!r} (spec {spec.text!r}); "
-                                 f"close: {_close(spec.name, timm.list_models())}")
+            raise ConverterError(
+                f"timm has no model {spec.name!r} (spec {spec.text!r}); "
+                f"close: {_close(spec.name, timm.list_models())}"
+            )
         return functools.partial(timm.create_model, spec.name), {"pretrained": False}
     import inspect
 
@@ -138,7 +160,10 @@ def _library_builder(spec: Spec) -> tuple[Any, dict[str, Any]]:
 
     names = torchvision.models.list_models()
     if spec.name not in names:
-        raise ConverterError(f"torchvision has no model {spec.name!r} (spec {spec.text!r}); close: {_close(spec.name, names)}")
+        raise ConverterError(
+            f"torchvision has no model {spec.name!r} (spec {spec.text!r}); close:"
+            f" {_close(spec.name, names)}"
+        )
     builder, args = torchvision.models.get_model_builder(spec.name), {"weights": None}
     if "weights_backbone" in inspect.signature(builder).parameters:
         args["weights_backbone"] = None  # its default is a pretrained backbone: a download
@@ -150,7 +175,9 @@ def _build_user_model(spec: Spec, kwargs: dict[str, Any]) -> Any:
     import torch
 
     if not isinstance(model, torch.nn.Module):
-        raise ConverterError(f"model spec {spec.text!r} returned {type(model).__name__}, not a torch.nn.Module")
+        raise ConverterError(
+            f"model spec {spec.text!r} returned {type(model).__name__}, not a torch.nn.Module"
+        )
     return model
 
 
@@ -160,10 +187,13 @@ def read_converted(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, s
 
     raw = formats.read(path)
     if raw.format not in ("safetensors", "pt"):
-        raise SourceFormatError(f"{path} is a {raw.format} file, not a checkpoint ckptport wrote; convert it first")
+        raise SourceFormatError(
+            f"{path} is a {raw.format} file, not a checkpoint ckptport wrote; convert it first"
+        )
     if "target" not in raw.metadata:
         raise SourceFormatError(
-            f"{path} has no ckptport metadata (target spec, BN config); was it written by `ckptport convert`?"
+            f"{path} has no ckptport metadata (target spec, BN config); was it written by `ckptport"
+            " convert`?"
         )
     return {k: t.load() for k, t in raw.tensors.items()}, dict(raw.metadata)
 
@@ -173,7 +203,9 @@ def apply_bn_config(model: Any, bn_config: dict[str, dict[str, Any]]) -> None:
     modules = dict(model.named_modules())
     for name, cfg in bn_config.items():
         if name not in modules:
-            raise MappingError(f"BN config names module {name!r}, which the target model does not have")
+            raise MappingError(
+                f"BN config names module {name!r}, which the target model does not have"
+            )
         mod = modules[name]
         mod.momentum = float(cfg["momentum"])
         mod.eps = float(cfg["eps"])
@@ -193,22 +225,39 @@ def load_model(path: str | os.PathLike, device: str = "cpu") -> Any:
     model = build_target(meta["target"], **kwargs)
     apply_surgeries(model, json.loads(meta.get("surgeries", "[]")))
     apply_bn_config(model, json.loads(meta.get("bn_config", "{}")))
-    check_fits(path, meta["target"], model.state_dict(), {k: tuple(v.shape) for k, v in tensors.items()})
-    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}, strict=True)
+    check_fits(
+        path, meta["target"], model.state_dict(), {k: tuple(v.shape) for k, v in tensors.items()}
+    )
+    model.load_state_dict(
+        {k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}, strict=True
+    )
     model.eval()
     model.ckptport_metadata = meta
     return model.to(device)
 
 
-def check_fits(path: Any, target: str, expected: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> None:
+def check_fits(
+    path: Any, target: str, expected: dict[str, Any], shapes: dict[str, tuple[int, ...]]
+) -> None:
     """Raise one MappingError listing missing keys, unexpected keys and shape mismatches, if any."""
     missing = [k for k in expected if k not in shapes]
     unexpected = [k for k in shapes if k not in expected]
-    wrong = [f"{k} {shapes[k]} (model: {tuple(v.shape)})" for k, v in expected.items()
-             if k in shapes and tuple(v.shape) != shapes[k]]
-    problems = [f"{len(items)} {what}: {', '.join(items[:5])}{', ...' if len(items) > 5 else ''}"
-                for what, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                                    ("shape mismatches", wrong)) if items]
+    wrong = [
+        f"{k} {shapes[k]} (model: {tuple(v.shape)})"
+        for k, v in expected.items()
+        if k in shapes and tuple(v.shape) != shapes[k]
+    ]
+    problems = [
+        f"{len(items)} {what}: {', '.join(items[:5])}{', ...' if len(items) > 5 else ''}"
+        for what, items in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", wrong),
+        )
+        if items
+    ]
     if problems:
-        raise MappingError(f"{path} does not fit {target}: {'; '.join(problems)}; "
-                           "was the file edited, or written for another model? convert it again")
+        raise MappingError(
+            f"{path} does not fit {target}: {'; '.join(problems)}; "
+            "was the file edited, or written for another model? convert it again"
+        )

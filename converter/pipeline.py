@@ -70,8 +70,9 @@ class ConversionResult:
     def save(self, path: str | os.PathLike, format: str | None = None, force: bool = False) -> Path:
         """Write atomically (safetensors unless the name ends in .pt/.pth); refuses to overwrite."""
         inputs = (self.source_path,) if self.source_path else ()
-        return formats.write(path, self.state_dict, self.metadata, format=format, force=force,
-                             inputs=inputs)
+        return formats.write(
+            path, self.state_dict, self.metadata, format=format, force=force, inputs=inputs
+        )
 
     def torch_state_dict(self) -> dict[str, Any]:
         import torch
@@ -406,7 +407,11 @@ def _metadata(
         "preprocessing": json.dumps(preprocessing, sort_keys=True),
         "dropped": json.dumps(walk.dropped, sort_keys=True),
         "source.head": json.dumps(source.head.report() if source.head else None, sort_keys=True),
-        **({"source.nesting": json.dumps(source.nesting.report(), sort_keys=True)} if source.nesting else {}),
+        **(
+            {"source.nesting": json.dumps(source.nesting.report(), sort_keys=True)}
+            if source.nesting
+            else {}
+        ),
     }
 
 

@@ -22,30 +22,58 @@ def render(report: Any, title: str) -> str:
     hi = math.ceil(math.log10(max(rels))) + 1
     n = max(len(rows), 1)
     xs = [ML + (i + 0.5) / n * (W - ML - MR) for i in range(len(rows))]
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" role="img" '
-             f'aria-label="per-layer relative RMS error, log scale">',
-             f'<rect x="{ML}" y="{MT}" width="{W - ML - MR}" height="{H - MT - MB}" fill="#fafafa" stroke="#999"/>']
+    parts = [
+        (
+            f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" role="img" '
+            'aria-label="per-layer relative RMS error, log scale">'
+        ),
+        (
+            f'<rect x="{ML}" y="{MT}" width="{W - ML - MR}" height="{H - MT - MB}" fill="#fafafa"'
+            ' stroke="#999"/>'
+        ),
+    ]
     for e in range(lo, hi + 1):
         y = _y(10**e, lo, hi)
         parts.append(f'<line x1="{ML}" x2="{W - MR}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e0e0e0"/>')
-        parts.append(f'<text x="{ML - 8}" y="{y + 4:.1f}" font-size="12" text-anchor="end">1e{e}</text>')
+        parts.append(
+            f'<text x="{ML - 8}" y="{y + 4:.1f}" font-size="12" text-anchor="end">1e{e}</text>'
+        )
     ty = _y(report.rtol, lo, hi)
-    parts.append(f'<line x1="{ML}" x2="{W - MR}" y1="{ty:.1f}" y2="{ty:.1f}" stroke="#d62728" stroke-dasharray="6,4" stroke-width="2"/>')
-    parts.append(f'<text x="{W - MR - 4}" y="{ty - 6:.1f}" font-size="12" text-anchor="end" fill="#d62728">tolerance {report.rtol:g}</text>')
-    pts = " ".join(f"{x:.1f},{_y(r.rel if math.isfinite(r.rel) else 10**hi, lo, hi):.1f}" for x, r in zip(xs, rows))
+    parts.append(
+        f'<line x1="{ML}" x2="{W - MR}" y1="{ty:.1f}" y2="{ty:.1f}" stroke="#d62728"'
+        ' stroke-dasharray="6,4" stroke-width="2"/>'
+    )
+    parts.append(
+        f'<text x="{W - MR - 4}" y="{ty - 6:.1f}" font-size="12" text-anchor="end"'
+        f' fill="#d62728">tolerance {report.rtol:g}</text>'
+    )
+    pts = " ".join(
+        f"{x:.1f},{_y(r.rel if math.isfinite(r.rel) else 10**hi, lo, hi):.1f}"
+        for x, r in zip(xs, rows)
+    )
     parts.append(f'<polyline points="{pts}" fill="none" stroke="#1f77b4" stroke-width="1.5"/>')
     first = (report.first_divergent or {}).get("index")
     for x, r in zip(xs, rows):
         y = _y(r.rel if math.isfinite(r.rel) else 10**hi, lo, hi)
         color = "#2ca02c" if r.passed else "#d62728"
-        parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3.5" fill="{color}"><title>{html.escape(r.source_layer)} '
-                     f'-> {html.escape(r.target_module)}: {r.rel:.3g}</title></circle>')
+        parts.append(
+            f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3.5"'
+            f' fill="{color}"><title>{html.escape(r.source_layer)} ->'
+            f" {html.escape(r.target_module)}: {r.rel:.3g}</title></circle>"
+        )
         if r.index == first:
-            parts.append(f'<text x="{x:.1f}" y="{y - 10:.1f}" font-size="12" text-anchor="middle" fill="#d62728">'
-                         f'first divergence: {html.escape(r.source_layer)}</text>')
-    parts.append(f'<text x="{(W + ML) / 2:.0f}" y="{H - 20}" font-size="13" text-anchor="middle">layer (model order)</text>')
-    parts.append(f'<text x="16" y="{(H - MB + MT) / 2:.0f}" font-size="13" text-anchor="middle" '
-                 f'transform="rotate(-90 16 {(H - MB + MT) / 2:.0f})">RMS(error) / RMS(reference)</text>')
+            parts.append(
+                f'<text x="{x:.1f}" y="{y - 10:.1f}" font-size="12" text-anchor="middle"'
+                f' fill="#d62728">first divergence: {html.escape(r.source_layer)}</text>'
+            )
+    parts.append(
+        f'<text x="{(W + ML) / 2:.0f}" y="{H - 20}" font-size="13" text-anchor="middle">layer'
+        " (model order)</text>"
+    )
+    parts.append(
+        f'<text x="16" y="{(H - MB + MT) / 2:.0f}" font-size="13" text-anchor="middle" '
+        f'transform="rotate(-90 16 {(H - MB + MT) / 2:.0f})">RMS(error) / RMS(reference)</text>'
+    )
     parts.append("</svg>")
     verdict = "PASS" if report.passed else "MISMATCH"
     color = "#2ca02c" if report.passed else "#d62728"
@@ -60,14 +88,21 @@ def render(report: Any, title: str) -> str:
         bn_rows = "".join(
             f"<tr class='{'ok' if b.passed else 'bad'}'><td>{html.escape(b.source_layer)}</td><td>{html.escape(b.target_module)}</td>"
             f"<td>{b.keras_momentum:g}</td><td>{b.torch_momentum:g}</td><td>{b.mean_rel:.3g}</td><td>{b.var_rel:.3g}</td>"
-            f"<td>{b.var_rel_uncorrected:.3g}</td></tr>" for b in report.train_step)
-        bn = ("<h2>Training-mode step: BatchNorm statistics</h2><p>Errors relative to the size of the update. "
-              "PyTorch updates running_var with the unbiased batch variance, Keras with the biased one; the "
-              "corrected column accounts for it exactly.</p><table><tr><th>Keras layer</th><th>module</th>"
-              "<th>Keras momentum</th><th>torch momentum</th><th>mean err</th><th>var err (corrected)</th>"
-              f"<th>var err (naive)</th></tr>{bn_rows}</table>")
-    excluded = [f"excluded: {e['module']} (Keras {', '.join(e['source_layers'])}): {e['reason']}"
-                for e in report.excluded]
+            f"<td>{b.var_rel_uncorrected:.3g}</td></tr>"
+            for b in report.train_step
+        )
+        bn = (
+            "<h2>Training-mode step: BatchNorm statistics</h2><p>Errors relative to the size of"
+            " the update. PyTorch updates running_var with the unbiased batch variance, Keras with"
+            " the biased one; the corrected column accounts for it"
+            " exactly.</p><table><tr><th>Keras layer</th><th>module</th><th>Keras"
+            " momentum</th><th>torch momentum</th><th>mean err</th><th>var err"
+            f" (corrected)</th><th>var err (naive)</th></tr>{bn_rows}</table>"
+        )
+    excluded = [
+        f"excluded: {e['module']} (Keras {', '.join(e['source_layers'])}): {e['reason']}"
+        for e in report.excluded
+    ]
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in [*report.notes, *excluded])
     out = _output_sentence(report)
     return f"""<!doctype html>
@@ -91,6 +126,8 @@ atol {report.atol:g}, device {html.escape(report.device)}. {out}</p>
 def _output_sentence(report: Any) -> str:
     out = report.output
     if out.get("comparable", True):
-        return (f"Output ({report.compared}): max abs {out['max_abs']:.3g}, rel {out['rel']:.3g}, "
-                f"cosine {out['cosine']:.8f}.")
+        return (
+            f"Output ({report.compared}): max abs {out['max_abs']:.3g}, rel {out['rel']:.3g}, "
+            f"cosine {out['cosine']:.8f}."
+        )
     return f"Output not comparable: {html.escape(out.get('reason', ''))}."

@@ -17,8 +17,13 @@ from typing import Any, Callable
 import numpy as np
 
 from . import formats
-from .errors import (ConverterError, MappingError, SourceFormatError, UnknownArchitectureError,
-                     UnsupportedLayerError)
+from .errors import (
+    ConverterError,
+    MappingError,
+    SourceFormatError,
+    UnknownArchitectureError,
+    UnsupportedLayerError,
+)
 from .formats import RawCheckpoint, RawTensor
 from .keras_layers import KERAS_LAYERS, canonical_attr, var_names
 from .manifest import load_manifest
@@ -129,8 +134,9 @@ def skeleton_from_config(model_config: dict[str, Any], label: Path) -> Skeleton:
             continue
         if out.nesting is not None:
             raise UnsupportedLayerError(
-                f"{label}: layers {out.nesting.layer!r} and {name!r} are both nested models; one nested "
-                "application is supported: pass --source-model, or convert each part separately"
+                f"{label}: layers {out.nesting.layer!r} and {name!r} are both nested models; one"
+                " nested application is supported: pass --source-model, or convert each part"
+                " separately"
             )
         out.nesting = Nesting(
             model_config.get("class_name", "Functional"), name, cls, training_flag(entry)
@@ -138,7 +144,8 @@ def skeleton_from_config(model_config: dict[str, Any], label: Path) -> Skeleton:
         for _, iname, icls, icfg in _config_layers(entry, label):
             if isinstance(icfg, dict) and "layers" in icfg:
                 raise UnsupportedLayerError(
-                    f"{label}: layer {iname!r} inside {name!r} is a model nested two levels deep; flatten it first"
+                    f"{label}: layer {iname!r} inside {name!r} is a model nested two levels deep;"
+                    " flatten it first"
                 )
             out.append(LayerSkeleton(iname, icls, icfg, scope=name))
     return out
@@ -148,7 +155,10 @@ def _config_layers(model_config: dict[str, Any], label: Path) -> list[tuple[dict
     """(entry, name, class, config) of a model config's layers (a Sequential's InputLayer left out)."""
     cfg = model_config.get("config", model_config)
     if not isinstance(cfg, dict) or "layers" not in cfg:
-        raise SourceFormatError(f"{label}: the stored model config has no layer list; is it a Functional/Sequential model?")
+        raise SourceFormatError(
+            f"{label}: the stored model config has no layer list; is it a Functional/Sequential"
+            " model?"
+        )
     is_sequential = model_config.get("class_name") == "Sequential"
     out = []
     for entry in cfg["layers"]:
@@ -215,15 +225,22 @@ def match_layer_names(raw_names: list[str], skel: list[LayerSkeleton]) -> dict[s
     used: set[int] = set()
     pending = []
     for n in raw_names:
-        if n in by_name and not (is_auto_name(n, skel[by_name[n]].class_name) and by_name[n] in used):
+        if n in by_name and not (
+            is_auto_name(n, skel[by_name[n]].class_name) and by_name[n] in used
+        ):
             out[n] = by_name[n]
             used.add(by_name[n])
         else:
             pending.append(n)
     for n in pending:
         base = re.sub(r"_\d+$", "", n)
-        cands = [i for i, s in enumerate(skel) if i not in used and snake_case(s.class_name) == base
-                 and is_auto_name(s.name, s.class_name)]
+        cands = [
+            i
+            for i, s in enumerate(skel)
+            if i not in used
+            and snake_case(s.class_name) == base
+            and is_auto_name(s.name, s.class_name)
+        ]
         if not cands:
             raise NoFit(n)
         out[n] = cands[0]
@@ -236,7 +253,9 @@ def _group_of(key: str) -> str:
     return key[len("layers/") : key.rindex("/vars/")]
 
 
-def _numbered_vars(raw: RawCheckpoint, skel: list[LayerSkeleton], group_index: dict[str, int]) -> dict[str, tuple[int, str]]:
+def _numbered_vars(
+    raw: RawCheckpoint, skel: list[LayerSkeleton], group_index: dict[str, int]
+) -> dict[str, tuple[int, str]]:
     groups: dict[str, list[str]] = {}
     for key in raw.tensors:
         groups.setdefault(_group_of(key), []).append(key)
@@ -294,7 +313,9 @@ def _scope_of_path(parts: list[str], skel: list[LayerSkeleton], what: str) -> st
 
 @RESOLVERS.register("keras")
 @RESOLVERS.register("weights.h5")
-def _resolve_weights_h5(raw: RawCheckpoint, skel: list[LayerSkeleton]) -> dict[str, tuple[int, str]]:
+def _resolve_weights_h5(
+    raw: RawCheckpoint, skel: list[LayerSkeleton]
+) -> dict[str, tuple[int, str]]:
     names = {}
     for g in {_group_of(k) for k in raw.tensors}:
         *outer, leaf = g.split("/layers/")
@@ -321,7 +342,9 @@ def _resolve_legacy_h5(raw: RawCheckpoint, skel: list[LayerSkeleton]) -> dict[st
     return {k: (index[k], var[k]) for k in raw.tensors}
 
 
-_OBJ = re.compile(r"^(?:.*/)?(?P<kind>_operations|layer_with_weights-|layer-)/?(?P<i>\d+)/(?P<attr>.+?)/\.ATTRIBUTES/VARIABLE_VALUE$")
+_OBJ = re.compile(
+    r"^(?:.*/)?(?P<kind>_operations|layer_with_weights-|layer-)/?(?P<i>\d+)/(?P<attr>.+?)/\.ATTRIBUTES/VARIABLE_VALUE$"
+)
 _FLAT = re.compile(r"^variables/(?P<i>\d+)/\.ATTRIBUTES/VARIABLE_VALUE$")  # model.variables order
 
 
@@ -364,7 +387,9 @@ def _resolve_tf(raw: RawCheckpoint, skel: list[LayerSkeleton]) -> dict[str, tupl
 def _n_vars(s: LayerSkeleton) -> int:
     if s.shapes is not None:
         return len(s.shapes)
-    return len(KERAS_LAYERS.get(s.class_name).names(s.config)) if s.class_name in KERAS_LAYERS else 0
+    return (
+        len(KERAS_LAYERS.get(s.class_name).names(s.config)) if s.class_name in KERAS_LAYERS else 0
+    )
 
 
 def _resolve_flat(raw: RawCheckpoint, skel: list[LayerSkeleton]) -> dict[str, tuple[int, str]]:
@@ -457,7 +482,8 @@ def resolve(
             layers = build_layers(raw, skel, "model")
         except NoFit as exc:
             raise UnknownArchitectureError(
-                f"{raw.path} does not fit the model from --source-model ({exc}); is it the same architecture?"
+                f"{raw.path} does not fit the model from --source-model ({exc}); is it the same"
+                " architecture?"
             ) from None
         return _described(raw, layers, manifests, heads, "model", getattr(skel, "nesting", None))
     if raw.model_config is not None:
@@ -465,16 +491,18 @@ def resolve(
         try:
             layers = build_layers(raw, skel, "file")
         except NoFit as exc:
-            raise SourceFormatError(f"{raw.path}: weights do not match the file's own model config ({exc})") from None
+            raise SourceFormatError(
+                f"{raw.path}: weights do not match the file's own model config ({exc})"
+            ) from None
         return _described(raw, layers, manifests, heads, "file", skel.nesting)
     for man in manifests:
         found = _fit_manifest(raw, man, heads.get(man["id"]))
         if found is not None:
             return found
     raise UnknownArchitectureError(
-        f"{raw.path} ({raw.format}, {len(raw.tensors)} tensors) stores no model config and matches no known "
-        f"architecture ({len(manifests)} tried); pass --source-model module:function that builds the Keras model, "
-        "or --mapping with a table for it"
+        f"{raw.path} ({raw.format}, {len(raw.tensors)} tensors) stores no model config and matches"
+        f" no known architecture ({len(manifests)} tried); pass --source-model module:function that"
+        " builds the Keras model, or --mapping with a table for it"
     )
 
 

@@ -22,7 +22,9 @@ from pathlib import Path
 
 from .errors import ConverterError
 
-SPEC_FORMS = "'torchvision:NAME', 'timm:NAME', 'path/to/file.py:factory' or 'package.module:factory'"
+SPEC_FORMS = (
+    "'torchvision:NAME', 'timm:NAME', 'path/to/file.py:factory' or 'package.module:factory'"
+)
 LIBRARIES = ("timm", "torchvision")
 FOREIGN = ("keras", "tensorflow", "tf", "tf_keras", "jax", "flax", "onnx")
 _IDENT = re.compile(r"[A-Za-z_]\w*")
@@ -58,7 +60,9 @@ class Spec:
         """What makes two specs the same model: the resolved file path for ``file`` specs."""
         if self.kind == "file":
             return f"{Path(self.location).expanduser().resolve()}:{self.name}"
-        return f"{self.location}:{self.name}" if self.kind == "module" else f"{self.kind}:{self.name}"
+        return (
+            f"{self.location}:{self.name}" if self.kind == "module" else f"{self.kind}:{self.name}"
+        )
 
     def __str__(self) -> str:
         return self.text
@@ -80,10 +84,14 @@ def parse_spec(text: str, what: str = "model spec") -> Spec:
     lib, _, rest = text.partition(":")
     if lib in LIBRARIES:
         if not rest or not re.fullmatch(r"[\w.\-]+", rest):
-            raise SpecError(f"{what} {text!r}: give a model name after '{lib}:', e.g. '{lib}:resnet50'")
+            raise SpecError(
+                f"{what} {text!r}: give a model name after '{lib}:', e.g. '{lib}:resnet50'"
+            )
         return Spec(text, lib, lib, rest)
     if lib in FOREIGN:
-        raise SpecError(f"{what} {text!r} names a {lib} model; a PyTorch model spec is one of {SPEC_FORMS}")
+        raise SpecError(
+            f"{what} {text!r} names a {lib} model; a PyTorch model spec is one of {SPEC_FORMS}"
+        )
     left, _, fn = text.rpartition(":")
     if not left or not _IDENT.fullmatch(fn or ""):
         raise SpecError(f"{what} {text!r} must end in ':function' and look like {SPEC_FORMS}")

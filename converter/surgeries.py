@@ -19,7 +19,10 @@ def resnet_v1_stride_on_1x1(model: Any) -> None:
     for name in ("layer2", "layer3", "layer4"):
         block = getattr(model, name)[0]
         if tuple(block.conv2.stride) != (2, 2):
-            raise MappingError(f"surgery resnet_v1_stride_on_1x1: {name}.0.conv2 has stride {block.conv2.stride}, expected 2")
+            raise MappingError(
+                f"surgery resnet_v1_stride_on_1x1: {name}.0.conv2 has stride {block.conv2.stride},"
+                " expected 2"
+            )
         block.conv1.stride = (2, 2)
         block.conv2.stride = (1, 1)
 
@@ -131,8 +134,9 @@ def global_max_pool(model: Any, module: str) -> None:
     size = getattr(pool, "output_size", None)
     if not isinstance(pool, torch.nn.AdaptiveAvgPool2d) or size not in (1, (1, 1)):
         raise MappingError(
-            f"surgery global_max_pool: {module!r} is {type(pool).__name__}, not a global "
-            "AdaptiveAvgPool2d(1); this target cannot take max pooling by surgery (try a timm target)"
+            f"surgery global_max_pool: {module!r} is {type(pool).__name__}, not a global"
+            " AdaptiveAvgPool2d(1); this target cannot take max pooling by surgery (try a timm"
+            " target)"
         )
     model.set_submodule(module, torch.nn.AdaptiveMaxPool2d(1))
 
@@ -206,8 +210,18 @@ def tf_same_padding(model: Any) -> None:
                     f"{conv.padding}) is not padded 'same'; map it without this surgery"
                 )
             c, w = conv, conv.weight
-            new = cls(c.in_channels, c.out_channels, c.kernel_size, c.stride, 0, c.dilation,
-                      c.groups, c.bias is not None, device=w.device, dtype=w.dtype)
+            new = cls(
+                c.in_channels,
+                c.out_channels,
+                c.kernel_size,
+                c.stride,
+                0,
+                c.dilation,
+                c.groups,
+                c.bias is not None,
+                device=w.device,
+                dtype=w.dtype,
+            )
             new.load_state_dict(conv.state_dict())
             setattr(parent, name, new)
             replaced += 1

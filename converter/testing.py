@@ -6,7 +6,9 @@ import os
 from typing import Any
 
 
-def assert_equivalent(src: str | os.PathLike | None, converted: str | os.PathLike, **kwargs: Any) -> Any:
+def assert_equivalent(
+    src: str | os.PathLike | None, converted: str | os.PathLike, **kwargs: Any
+) -> Any:
     """Assert the converted checkpoint computes what its Keras source computes, layer by layer.
 
     Keyword arguments go to :func:`converter.verify` (``inputs``, ``rtol``, ``train_step``,
@@ -21,8 +23,9 @@ def assert_equivalent(src: str | os.PathLike | None, converted: str | os.PathLik
         out = report.output
         out_err = f"{out['rel']:.3g}" if out.get("rel") is not None else out.get("reason", "n/a")
         raise AssertionError(
-            f"{converted} differs from {src or kwargs.get('against')}: first divergent layer "
-            f"{f.get('source_layer')} -> {f.get('target_module')} (rel error "
-            f"{f.get('rel', float('nan')):.3g}, tolerance {report.rtol:g}); output rel error {out_err}"
+            f"{converted} differs from {src or kwargs.get('against')}: first divergent layer"
+            f" {f.get('source_layer')} -> {f.get('target_module')} (rel error"
+            f" {f.get('rel', float('nan')):.3g}, tolerance {report.rtol:g}); output rel error"
+            f" {out_err}"
         )
     return report

@@ -114,12 +114,16 @@ def _r_momentum_keras(ctx: _Ctx) -> tuple[str, str] | None:
     m = getattr(ctx.module, "momentum", None) if is_bn(ctx.module) else None
     if isinstance(m, (int, float)) and 0.5 < m <= 1.0:
         return (
-            f"momentum={_fmt(m)} looks like the Keras/TF convention (weight of the old value); "
-            "PyTorch's momentum weighs the new batch, so every train-mode batch moves the "
-            f"running stats {m:.0%} of the way to that batch's statistics (torchvision MaxViT "
-            "shipped 0.99 until vision #8250)",
-            f"set momentum={_fmt(1.0 - m)} (= 1 - {_fmt(m)}); "
-            f"converter.bn.momentum_from_keras({_fmt(m)})",
+            (
+                f"momentum={_fmt(m)} looks like the Keras/TF convention (weight of the old value); "
+                "PyTorch's momentum weighs the new batch, so every train-mode batch moves the "
+                f"running stats {m:.0%} of the way to that batch's statistics (torchvision MaxViT "
+                "shipped 0.99 until vision #8250)"
+            ),
+            (
+                f"set momentum={_fmt(1.0 - m)} (= 1 - {_fmt(m)}); "
+                f"converter.bn.momentum_from_keras({_fmt(m)})"
+            ),
         )
     return None
 
@@ -143,10 +147,15 @@ def _r_momentum_range(ctx: _Ctx) -> tuple[str, str] | None:
 def _r_momentum_none(ctx: _Ctx) -> tuple[str, str] | None:
     if is_bn(ctx.module) and ctx.module.track_running_stats and ctx.module.momentum is None:
         return (
-            "momentum=None: running stats are the cumulative average over every train-mode batch "
-            "since num_batches_tracked was 0; fine for precise BN, surprising for fine-tuning",
-            "set a momentum (e.g. 0.1, or 1 - Keras momentum) unless a cumulative average is "
-            "intended",
+            (
+                "momentum=None: running stats are the cumulative average over every train-mode"
+                " batch since num_batches_tracked was 0; fine for precise BN, surprising for"
+                " fine-tuning"
+            ),
+            (
+                "set a momentum (e.g. 0.1, or 1 - Keras momentum) unless a cumulative average is "
+                "intended"
+            ),
         )
     return None
 
@@ -162,10 +171,14 @@ def _r_eps(ctx: _Ctx) -> tuple[str, str] | None:
         return None
     if not math.isclose(float(eps), float(src_eps), rel_tol=1e-6, abs_tol=0.0):
         return (
-            f"eps={_fmt(eps)} but the source layer used eps={_fmt(src_eps)}; outputs differ most "
-            "on low-variance channels",
-            f"set eps={_fmt(src_eps)} on this module (load with converter.load_model, which "
-            "applies it)",
+            (
+                f"eps={_fmt(eps)} but the source layer used eps={_fmt(src_eps)}; outputs differ"
+                " most on low-variance channels"
+            ),
+            (
+                f"set eps={_fmt(src_eps)} on this module (load with converter.load_model, which "
+                "applies it)"
+            ),
         )
     return None
 
@@ -195,8 +208,10 @@ def _r_affine(ctx: _Ctx) -> tuple[str, str] | None:
     had = [k for k in ("scale", "center") if src.get(k, src.get("affine", False))]
     if had:
         return (
-            f"affine=False but the source layer had {' and '.join(had)}=True: its learned "
-            f"{'gamma' if 'scale' in had else 'beta'} has nowhere to go",
+            (
+                f"affine=False but the source layer had {' and '.join(had)}=True: its learned "
+                f"{'gamma' if 'scale' in had else 'beta'} has nowhere to go"
+            ),
             "build the module with affine=True and load weight (gamma) and bias (beta)",
         )
     return None
@@ -212,9 +227,11 @@ def _r_var(ctx: _Ctx) -> tuple[str, str] | None:
     if bad.any():
         n = int(bad.sum())
         return (
-            f"running_var has {n} of {var.numel()} channels <= 0 (min "
-            f"{_fmt(float(var[bad].min()))}); a variance cannot be negative, and 0 divides by "
-            "sqrt(eps) alone: the checkpoint is damaged or mis-mapped",
+            (
+                f"running_var has {n} of {var.numel()} channels <= 0 (min "
+                f"{_fmt(float(var[bad].min()))}); a variance cannot be negative, and 0 divides by "
+                "sqrt(eps) alone: the checkpoint is damaged or mis-mapped"
+            ),
             "re-convert from the source, or recompute the stats: ckptport recalibrate",
         )
     return None
@@ -248,8 +265,10 @@ def _r_train(ctx: _Ctx) -> tuple[str, str] | None:
     ):
         return None
     return (
-        "in train mode: inference would normalize with batch statistics and overwrite the "
-        "running stats",
+        (
+            "in train mode: inference would normalize with batch statistics and overwrite the "
+            "running stats"
+        ),
         "call model.eval() before inference (or converter.bn.freeze(model) for fine-tuning)",
     )
 
@@ -262,10 +281,14 @@ def _r_nbt_init(ctx: _Ctx) -> tuple[str, str] | None:
     if n is None or st is None or n <= 0 or not _at_init(st):
         return None
     return (
-        f"num_batches_tracked={n} but running_mean is all 0 and running_var all 1 (their initial "
-        "values): batches were counted but the statistics never loaded or updated",
-        "load the real running_mean/running_var (check the key mapping), or recompute: ckptport "
-        "recalibrate",
+        (
+            f"num_batches_tracked={n} but running_mean is all 0 and running_var all 1 (their"
+            " initial values): batches were counted but the statistics never loaded or updated"
+        ),
+        (
+            "load the real running_mean/running_var (check the key mapping), or recompute: ckptport"
+            " recalibrate"
+        ),
     )
 
 
@@ -283,10 +306,14 @@ def _r_nbt_zero(ctx: _Ctx) -> tuple[str, str] | None:
     if n != 0 or st is None or _at_init(st):
         return None
     return (
-        "momentum=None with num_batches_tracked=0 while the running stats hold real values: the "
-        "first train-mode batch gets weight 1/1 and overwrites them",
-        "set a momentum (e.g. 1 - Keras momentum), or set num_batches_tracked to the number of "
-        "batches the stats average",
+        (
+            "momentum=None with num_batches_tracked=0 while the running stats hold real values: the"
+            " first train-mode batch gets weight 1/1 and overwrites them"
+        ),
+        (
+            "set a momentum (e.g. 1 - Keras momentum), or set num_batches_tracked to the number of "
+            "batches the stats average"
+        ),
     )
 
 
@@ -430,4 +457,6 @@ def audit_target(target: str, *, expect_eval: bool = True) -> AuditReport:
             f"wrote ({'/'.join(_CKPT_SUFFIXES)})"
         ) from None
     model = resolve_model_spec(spec.text)
-    return AuditReport(target, audit(model, expect_eval=expect_eval), len(bn_modules(model)), "spec")
+    return AuditReport(
+        target, audit(model, expect_eval=expect_eval), len(bn_modules(model)), "spec"
+    )

@@ -12,11 +12,23 @@ from .common import run_main
 # name -> (module, one-line help). Help text is here so `--help` needs no subcommand import.
 COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("converter.cli.convert", "Convert a Keras/TF checkpoint to a PyTorch state dict."),
-    "verify": ("converter.cli.verify", "Run source and converted model and compare layer by layer."),
-    "inspect": ("converter.cli.inspect", "List layers, tensors, shapes, dtypes and BN config of a file."),
-    "archs": ("converter.cli.archs", "List mapping tables: source architectures, targets, surgeries."),
+    "verify": (
+        "converter.cli.verify",
+        "Run source and converted model and compare layer by layer.",
+    ),
+    "inspect": (
+        "converter.cli.inspect",
+        "List layers, tensors, shapes, dtypes and BN config of a file.",
+    ),
+    "archs": (
+        "converter.cli.archs",
+        "List mapping tables: source architectures, targets, surgeries.",
+    ),
     "audit": ("converter.cli.audit", "Check a PyTorch model or checkpoint for BatchNorm mistakes."),
-    "recalibrate": ("converter.cli.recalibrate", "Recompute BN running stats as a true average (precise BN)."),
+    "recalibrate": (
+        "converter.cli.recalibrate",
+        "Recompute BN running stats as a true average (precise BN).",
+    ),
 }
 
 

@@ -17,12 +17,18 @@ def command(as_json) -> int:
     seen = set()  # across tables: convert's default is the first variant for a source in any table
     for table in builtin_tables():
         for v in table.variants:
-            rows.append({
-                "table": table.id, "version": table.version, "family": table.family,
-                "source": v.source or "(any covered)", "target": v.target,
-                "default": v.source not in seen, "surgeries": [s["name"] for s in v.surgeries],
-                "head": table.head.get("module"),
-            })
+            rows.append(
+                {
+                    "table": table.id,
+                    "version": table.version,
+                    "family": table.family,
+                    "source": v.source or "(any covered)",
+                    "target": v.target,
+                    "default": v.source not in seen,
+                    "surgeries": [s["name"] for s in v.surgeries],
+                    "head": table.head.get("module"),
+                }
+            )
             seen.add(v.source)
     if as_json:
         emit_json({"tables": rows})
@@ -31,6 +37,11 @@ def command(as_json) -> int:
 
     t = Table("table", "source", "target", "surgeries")
     for r in rows:
-        t.add_row(r["table"], r["source"], r["target"] + (" (default)" if r["default"] else ""), ", ".join(r["surgeries"]) or "-")
+        t.add_row(
+            r["table"],
+            r["source"],
+            r["target"] + (" (default)" if r["default"] else ""),
+            ", ".join(r["surgeries"]) or "-",
+        )
     stderr_console().print(t)
     return 0

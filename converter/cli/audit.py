@@ -46,7 +46,9 @@ def command(target: str, fail_on: str, as_json: bool) -> int:
 
 
 def _summary(report: Any, fail_on: str, failed: bool) -> str:
-    counts = {s: sum(f.severity == s for f in report.findings) for s in ("error", "warning", "info")}
+    counts = {
+        s: sum(f.severity == s for f in report.findings) for s in ("error", "warning", "info")
+    }
     found = ", ".join(f"{n} {s}{'s' if n != 1 else ''}" for s, n in counts.items() if n) or "clean"
     verdict = f"FAIL (--fail-on {fail_on})" if failed else "ok"
     return f"audit {report.target}: {report.modules_checked} BN modules checked, {found}: {verdict}"
@@ -61,7 +63,9 @@ def _grouped(findings: list[Any]) -> list[tuple[Any, list[str]]]:
         groups.setdefault(key, []).append(f.module or "(root)")
         first.setdefault(key, f)
     order = {"error": 0, "warning": 1, "info": 2}
-    return sorted(((first[k], mods) for k, mods in groups.items()), key=lambda r: order[r[0].severity])
+    return sorted(
+        ((first[k], mods) for k, mods in groups.items()), key=lambda r: order[r[0].severity]
+    )
 
 
 def _print_table(report: Any) -> None:
@@ -75,7 +79,9 @@ def _print_table(report: Any) -> None:
     table.add_column("rule / modules", max_width=34)
     table.add_column("why it matters / fix", ratio=1, overflow="fold")
     for f, mods in _grouped(report.findings):
-        shown = ", ".join(mods[:_SHOW_MODULES]) + (f", … ({len(mods)} in all)" if len(mods) > _SHOW_MODULES else "")
+        shown = ", ".join(mods[:_SHOW_MODULES]) + (
+            f", … ({len(mods)} in all)" if len(mods) > _SHOW_MODULES else ""
+        )
         table.add_row(
             f"[{_STYLE[f.severity]}]{f.severity}[/]",
             f"{f.rule}\n[dim]{escape(shown)}[/]",

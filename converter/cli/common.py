@@ -21,7 +21,9 @@ def stderr_console():
 
 
 def json_option(f: Callable) -> Callable:
-    return click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout.")(f)
+    return click.option(
+        "--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout."
+    )(f)
 
 
 def force_option(f: Callable) -> Callable:
@@ -66,10 +68,16 @@ def run_main(cli: click.Group, argv: list[str] | None) -> int:
         err.show()
         return ExitCode.ERROR
     except Terminated as sig:
-        return _fail(state, f"terminated (signal {sig.signum}); temporary files removed", sig.exit_code)
+        return _fail(
+            state, f"terminated (signal {sig.signum}); temporary files removed", sig.exit_code
+        )
     except Exception as exc:  # a bug: still one line, never the "mismatch"/"findings" code
-        return _fail(state, f"internal error: {type(exc).__name__}: {exc}; this is a bug in ckptport, "
-                            "rerun with -v and report the traceback", ExitCode.INTERNAL)
+        return _fail(
+            state,
+            f"internal error: {type(exc).__name__}: {exc}; this is a bug in ckptport, "
+            "rerun with -v and report the traceback",
+            ExitCode.INTERNAL,
+        )
     return int(rv) if isinstance(rv, int) else ExitCode.OK
 
 

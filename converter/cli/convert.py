@@ -34,42 +34,105 @@ def summary(result, out: Path | None) -> dict:
 
 @click.command("convert")
 @click.argument("src", type=click.Path(path_type=Path))
-@click.option("--to", "to", metavar="SPEC", help="Target, e.g. timm:tf_efficientnet_b0 (default: the table's for the detected architecture).")
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output file (.safetensors, or .pt). Default: ./<src>.safetensors")
-@click.option("--format", "src_format", metavar="NAME", help="Force the source format (see `ckptport inspect`).")
-@click.option("--mapping", type=click.Path(path_type=Path), help="Your own mapping table (TOML) instead of the built-in ones.")
-@click.option("--source-model", metavar="MODULE:FUNCTION", help="Your code that builds the Keras model, for files without config.")
-@click.option("--num-classes", type=int, help="Drop the source classifier; fresh head of this size, initialised the architecture's way.")
+@click.option(
+    "--to",
+    "to",
+    metavar="SPEC",
+    help=(
+        "Target, e.g. timm:tf_efficientnet_b0 (default: the table's for the detected architecture)."
+    ),
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    help="Output file (.safetensors, or .pt). Default: ./<src>.safetensors",
+)
+@click.option(
+    "--format",
+    "src_format",
+    metavar="NAME",
+    help="Force the source format (see `ckptport inspect`).",
+)
+@click.option(
+    "--mapping",
+    type=click.Path(path_type=Path),
+    help="Your own mapping table (TOML) instead of the built-in ones.",
+)
+@click.option(
+    "--source-model",
+    metavar="MODULE:FUNCTION",
+    help="Your code that builds the Keras model, for files without config.",
+)
+@click.option(
+    "--num-classes",
+    type=int,
+    help="Drop the source classifier; fresh head of this size, initialised the architecture's way.",
+)
 @click.option(
     "--pooling",
     type=click.Choice(["avg", "max", "none"]),
-    help="Pooling after a headless/nested base, for files that do not record it (TF checkpoint, "
-    "SavedModel).",
+    help=(
+        "Pooling after a headless/nested base, for files that do not record it (TF checkpoint, "
+        "SavedModel)."
+    ),
 )
-@click.option("--verify", "do_verify", is_flag=True, help="Run the layer-by-layer verification after converting.")
+@click.option(
+    "--verify",
+    "do_verify",
+    is_flag=True,
+    help="Run the layer-by-layer verification after converting.",
+)
 @force_option
 @json_option
 def command(
-    src, to, output, src_format, mapping, source_model, num_classes, pooling, do_verify, force, as_json
+    src,
+    to,
+    output,
+    src_format,
+    mapping,
+    source_model,
+    num_classes,
+    pooling,
+    do_verify,
+    force,
+    as_json,
 ) -> int:
     """Convert a Keras/TF checkpoint SRC to a PyTorch state dict."""
     from ..pipeline import convert
 
     from ..formats import check_output
 
-    out = check_output(output or Path.cwd() / (src.name.split(".")[0] + ".safetensors"), force, (src,))
+    out = check_output(
+        output or Path.cwd() / (src.name.split(".")[0] + ".safetensors"), force, (src,)
+    )
     console = stderr_console()
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    with Progress(TextColumn("converting"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-                  console=console, transient=True, disable=as_json or not console.is_terminal) as bar:
+    with Progress(
+        TextColumn("converting"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.description}"),
+        console=console,
+        transient=True,
+        disable=as_json or not console.is_terminal,
+    ) as bar:
         task = bar.add_task("", total=None)
 
         def progress(done: int, total: int, name: str) -> None:
             bar.update(task, completed=done, total=total, description=name)
 
-        result = convert(src, to, mapping=mapping, source_model=source_model, format=src_format,
-                         num_classes=num_classes, pooling=pooling, progress=progress)
+        result = convert(
+            src,
+            to,
+            mapping=mapping,
+            source_model=source_model,
+            format=src_format,
+            num_classes=num_classes,
+            pooling=pooling,
+            progress=progress,
+        )
         written = result.save(out, force=force)
     info = summary(result, written)
     rc = 0
@@ -85,21 +148,35 @@ def command(
         emit_json(info)
         return rc
     if to is None:
-        console.print(f"detected [bold]{result.source_arch or 'custom model'}[/]; default target [bold]{result.target}[/]")
-    console.print(f"wrote {written}: {info['tensors']} tensors for {result.target} (table {result.table_id})")
+        console.print(
+            f"detected [bold]{result.source_arch or 'custom model'}[/]; default target"
+            f" [bold]{result.target}[/]"
+        )
+    console.print(
+        f"wrote {written}: {info['tensors']} tensors for {result.target} (table {result.table_id})"
+    )
     console.print(f"  layer config from: {result.config_origin}")
     if result.bn_config:
-        console.print(f"  BatchNorm: {info['bn_modules']} modules, torch momentum {momenta_str(info['bn_momentum_torch'])} "
-                      f"(= 1 - Keras), eps {momenta_str(info['bn_eps'])}")
+        console.print(
+            f"  BatchNorm: {info['bn_modules']} modules, torch momentum"
+            f" {momenta_str(info['bn_momentum_torch'])} (= 1 - Keras), eps"
+            f" {momenta_str(info['bn_eps'])}"
+        )
     if info["surgeries"]:
-        console.print(f"  surgeries (applied by converter.load_model): {', '.join(info['surgeries'])}")
+        console.print(
+            f"  surgeries (applied by converter.load_model): {', '.join(info['surgeries'])}"
+        )
     if result.preprocessing["steps"]:
         s = result.preprocessing
-        console.print(f"  preprocessing moved out of the model: x_torch = x * {fmt_list(s['scale'])} + {fmt_list(s['offset'])}")
+        console.print(
+            f"  preprocessing moved out of the model: x_torch = x * {fmt_list(s['scale'])} +"
+            f" {fmt_list(s['offset'])}"
+        )
     if result.nesting:
         nest = result.nesting
         console.print(
-            f"  nested: the base is layer {nest['layer']!r} of the user's {nest['outer_class']} model"
+            f"  nested: the base is layer {nest['layer']!r} of the user's {nest['outer_class']}"
+            " model"
         )
     if result.source_head:
         from ..nesting import Head
@@ -108,7 +185,10 @@ def command(
     for note in result.notes:
         console.print(f"  note: {note}")
     if result.head_reset:
-        console.print(f"  head reset: {result.head_reset['num_classes']} classes, dropped {', '.join(result.head_reset['dropped_source_layers'])}")
+        console.print(
+            f"  head reset: {result.head_reset['num_classes']} classes, dropped"
+            f" {', '.join(result.head_reset['dropped_source_layers'])}"
+        )
     if do_verify:
         console.print(f"  verification: {'PASS' if rc == 0 else 'MISMATCH'}")
         for e in report.excluded:

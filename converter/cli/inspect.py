@@ -12,7 +12,9 @@ from .common import emit_json, json_option, stderr_console
 @click.command("inspect")
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--format", "src_format", metavar="NAME", help="Force the format.")
-@click.option("--tensors", "show_tensors", is_flag=True, help="List every tensor (default: layers).")
+@click.option(
+    "--tensors", "show_tensors", is_flag=True, help="List every tensor (default: layers)."
+)
 @json_option
 def command(path, src_format, show_tensors, as_json) -> int:
     """List layers, tensors, shapes, dtypes and BN config of a source file or of our output."""
@@ -31,16 +33,32 @@ def command(path, src_format, show_tensors, as_json) -> int:
             console.print(f"  {k}: {v}")
         bn = info.get("bn_config", {})
         if bn:
-            t = Table("module", "momentum (torch)", "Keras momentum", "eps", "source layer", title="BatchNorm")
+            t = Table(
+                "module",
+                "momentum (torch)",
+                "Keras momentum",
+                "eps",
+                "source layer",
+                title="BatchNorm",
+            )
             for mod, c in bn.items():
-                t.add_row(mod, f"{c['momentum']:g}", f"{c['keras_momentum']:g}", f"{c['eps']:g}", c["source_layer"])
+                t.add_row(
+                    mod,
+                    f"{c['momentum']:g}",
+                    f"{c['keras_momentum']:g}",
+                    f"{c['eps']:g}",
+                    c["source_layer"],
+                )
             console.print(t)
         return 0
     if info.get("layers") is None:
         console.print(f"  layers not resolved: {info.get('resolution_error')}")
         show_tensors = True
     else:
-        console.print(f"  architecture: {info['architecture'] or 'not a shipped one'}; layer config from: {info['config_origin']}")
+        console.print(
+            f"  architecture: {info['architecture'] or 'not a shipped one'}; layer config from:"
+            f" {info['config_origin']}"
+        )
         if info.get("family"):
             console.print(
                 f"  family: {info['family']} (table {info['table']}), variant {info['variant']}; "
@@ -58,7 +76,8 @@ def command(path, src_format, show_tensors, as_json) -> int:
                 else ""
             )
             console.print(
-                f"  nested: the base is layer {n['layer']!r} of the user's {n['outer_class']} model{frozen}"
+                f"  nested: the base is layer {n['layer']!r} of the user's {n['outer_class']}"
+                f" model{frozen}"
             )
     if show_tensors:
         t = Table("key", "shape", "dtype")

@@ -34,9 +34,13 @@ class RawTensor:
         except SourceFormatError:
             raise
         except Exception as exc:  # h5py / zip / IO errors on a damaged file
-            raise SourceFormatError(f"cannot read tensor {self.key!r}: {exc}; the file is damaged") from exc
+            raise SourceFormatError(
+                f"cannot read tensor {self.key!r}: {exc}; the file is damaged"
+            ) from exc
         if tuple(arr.shape) != tuple(self.shape):
-            raise SourceFormatError(f"tensor {self.key!r} has shape {arr.shape}, its header says {self.shape}")
+            raise SourceFormatError(
+                f"tensor {self.key!r} has shape {arr.shape}, its header says {self.shape}"
+            )
         return arr
 
 
@@ -120,7 +124,9 @@ def sniff(path: str | os.PathLike) -> str:
     for name, fmt in FORMATS.in_order():
         if fmt.can_read and fmt.sniff(p):
             return name
-    known = ", ".join(f"{f.name} ({'/'.join(f.extensions)})" for _, f in FORMATS.in_order() if f.can_read)
+    known = ", ".join(
+        f"{f.name} ({'/'.join(f.extensions)})" for _, f in FORMATS.in_order() if f.can_read
+    )
     raise SourceFormatError(f"{p} is not a format ckptport reads; known formats: {known}")
 
 
@@ -156,12 +162,17 @@ def write(
         raise SourceFormatError(f"cannot write {fmt.name}; output formats: safetensors, pt")
     check_output(p, force, inputs)
     arrays = {k: _to_numpy(v) for k, v in tensors.items()}
-    return write_atomic(p, lambda tmp: fmt.write(tmp, arrays, dict(metadata or {})), force=force, inputs=inputs)
+    return write_atomic(
+        p, lambda tmp: fmt.write(tmp, arrays, dict(metadata or {})), force=force, inputs=inputs
+    )
 
 
-def check_output(path: str | os.PathLike, force: bool, inputs: tuple[str | os.PathLike, ...] = ()) -> Path:
+def check_output(
+    path: str | os.PathLike, force: bool, inputs: tuple[str | os.PathLike, ...] = ()
+) -> Path:
     """The one output policy: refuse a path that is one of the inputs, a directory, in a missing
-    directory, or an existing file without ``force``. Called early (before long work) and at write."""
+    directory, or an existing file without ``force``. Called early (before long work) and at write.
+    """
     p = Path(path)
     for src in inputs:
         s = Path(src)
@@ -176,8 +187,12 @@ def check_output(path: str | os.PathLike, force: bool, inputs: tuple[str | os.Pa
     return p
 
 
-def write_atomic(path: str | os.PathLike, writer: Callable[[Path], None], force: bool = False,
-                 inputs: tuple[str | os.PathLike, ...] = ()) -> Path:
+def write_atomic(
+    path: str | os.PathLike,
+    writer: Callable[[Path], None],
+    force: bool = False,
+    inputs: tuple[str | os.PathLike, ...] = (),
+) -> Path:
     """Run ``writer(tmp)`` on a temporary file beside ``path`` and rename it into place. The output
     policy is :func:`check_output`; the temporary file never survives a failure or a catchable
     termination signal (SIGINT, SIGTERM, SIGHUP)."""

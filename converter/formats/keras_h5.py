@@ -31,7 +31,8 @@ def _open_h5(source: Any, label: Path):
         return h5py.File(source, "r")
     except OSError as exc:
         raise SourceFormatError(
-            f"{label} is truncated or not a valid HDF5 file ({str(exc).split(';')[0]}); re-copy or re-save it"
+            f"{label} is truncated or not a valid HDF5 file ({str(exc).split(';')[0]}); re-copy or"
+            " re-save it"
         ) from exc
 
 
@@ -70,7 +71,8 @@ def _read_layer_groups(
         if "layers" in group:
             if prefix:
                 raise SourceFormatError(
-                    f"{path}: layers/{where} is a model nested two levels deep; flatten it before saving"
+                    f"{path}: layers/{where} is a model nested two levels deep; flatten it before"
+                    " saving"
                 )
             _read_layer_groups(group["layers"], f"{where}/layers/", tensors, names, path)
         if "vars" not in group:
@@ -96,10 +98,14 @@ class KerasArchive(Format):
             with zipfile.ZipFile(path) as zf:
                 config = json.loads(zf.read("config.json"))
                 if "model.weights.h5" not in zf.namelist():
-                    raise SourceFormatError(f"{path} has no model.weights.h5 inside; re-save with model.save()")
+                    raise SourceFormatError(
+                        f"{path} has no model.weights.h5 inside; re-save with model.save()"
+                    )
                 data = zf.read("model.weights.h5")
         except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, EOFError) as exc:
-            raise SourceFormatError(f"{path} is a damaged .keras archive ({exc}); re-save it") from exc
+            raise SourceFormatError(
+                f"{path} is a damaged .keras archive ({exc}); re-save it"
+            ) from exc
         f = _open_h5(io.BytesIO(data), path)
         raw = _read_weights_h5(f, path, self.name)
         raw.model_config = config
@@ -161,20 +167,30 @@ class LegacyH5(Format):
             config = json.loads(cfg.decode() if isinstance(cfg, bytes) else cfg)
         root = f["model_weights"] if "model_weights" in f else f
         if "layer_names" not in root.attrs:
-            raise SourceFormatError(f"{path}: legacy HDF5 without layer_names; not a Keras weights file")
+            raise SourceFormatError(
+                f"{path}: legacy HDF5 without layer_names; not a Keras weights file"
+            )
         tensors: dict[str, RawTensor] = {}
         ignored = {k: "optimizer state (not model weights)" for k in f if k == "optimizer_weights"}
         for lname in _strs(root.attrs["layer_names"]):
             if lname not in root:
-                raise SourceFormatError(f"{path}: layer {lname!r} is listed but its group is missing (truncated file?)")
+                raise SourceFormatError(
+                    f"{path}: layer {lname!r} is listed but its group is missing (truncated file?)"
+                )
             g = root[lname]
             for wname in _strs(g.attrs.get("weight_names", [])):
                 if wname not in g:
-                    raise SourceFormatError(f"{path}: weight {lname}/{wname} is listed but missing (truncated file?)")
+                    raise SourceFormatError(
+                        f"{path}: weight {lname}/{wname} is listed but missing (truncated file?)"
+                    )
                 key = f"{root.name.strip('/')}/{lname}/{wname}".lstrip("/")
                 tensors[key] = _dataset_tensor(key, g[wname])
         return RawCheckpoint(path, self.name, tensors, model_config=config, ignored=ignored)
 
 
 def _strs(values: Any) -> list[str]:
-    return [v.decode() if isinstance(v, bytes) else str(v) for v in np.asarray(values).tolist()] if len(values) else []
+    return (
+        [v.decode() if isinstance(v, bytes) else str(v) for v in np.asarray(values).tolist()]
+        if len(values)
+        else []
+    )

@@ -25,24 +25,30 @@ def _bundle_tensors(prefix: Path, label: Path) -> tuple[dict[str, RawTensor], di
     for name, entry in entries.items():
         if name.startswith("_all_variables/") and not has_flat:
             raise SourceFormatError(
-                f"{label} numbers its variables only as _all_variables/<i>, an order that is not the "
-                "model's (measured: Keras 3 export); re-export it with model.export(), or convert the "
-                "Keras model's .keras/.weights.h5 instead"
+                f"{label} numbers its variables only as _all_variables/<i>, an order that is not"
+                " the model's (measured: Keras 3 export); re-export it with model.export(), or"
+                " convert the Keras model's .keras/.weights.h5 instead"
             )
         if entry.dtype == "string" or _NOT_STATE.search(name):
-            ignored[name] = "checkpoint bookkeeping, optimizer state, or a duplicate (_all_variables)"
+            ignored[name] = (
+                "checkpoint bookkeeping, optimizer state, or a duplicate (_all_variables)"
+            )
             continue
         tensors[name] = RawTensor(
             name, tuple(entry.shape), entry.dtype, lambda e=entry: tf_bundle.load_tensor(prefix, e)
         )
     if not tensors:
-        raise SourceFormatError(f"{label} holds no model variables (only {len(ignored)} bookkeeping entries)")
+        raise SourceFormatError(
+            f"{label} holds no model variables (only {len(ignored)} bookkeeping entries)"
+        )
     return tensors, ignored
 
 
 def _is_savedmodel(path: Path) -> bool:
-    return path.is_dir() and (path / "variables" / "variables.index").is_file() and (
-        (path / "saved_model.pb").is_file() or (path / "saved_model.pbtxt").is_file()
+    return (
+        path.is_dir()
+        and (path / "variables" / "variables.index").is_file()
+        and ((path / "saved_model.pb").is_file() or (path / "saved_model.pbtxt").is_file())
     )
 
 

@@ -438,12 +438,13 @@ def _handle(buf: bytes, pos: int = 0) -> tuple[tuple[int, int], int]:
 def _check_footer(data: bytes, index_path: Path) -> None:
     if not data:
         raise SourceFormatError(
-            f"{index_path} is empty (0 bytes), not a TensorFlow checkpoint index; the save or copy did not finish"
+            f"{index_path} is empty (0 bytes), not a TensorFlow checkpoint index; the save or copy"
+            " did not finish"
         )
     if len(data) < _FOOTER_SIZE or int.from_bytes(data[-8:], "little") != _TABLE_MAGIC:
         raise SourceFormatError(
-            f"{index_path} is not a TensorFlow checkpoint index (bad footer magic: truncated or another format); "
-            "pass the checkpoint prefix or its .index file"
+            f"{index_path} is not a TensorFlow checkpoint index (bad footer magic: truncated or"
+            " another format); pass the checkpoint prefix or its .index file"
         )
 
 
@@ -497,7 +498,8 @@ def _index(prefix: Path) -> _Index:
         st = index_path.stat()
     except FileNotFoundError:
         raise SourceFormatError(
-            f"{index_path} not found; pass an existing checkpoint prefix (the path without .index) or its .index file"
+            f"{index_path} not found; pass an existing checkpoint prefix (the path without .index)"
+            " or its .index file"
         ) from None
     return _parse_index(str(index_path), (st.st_mtime_ns, st.st_size, st.st_ino))
 
@@ -523,7 +525,8 @@ def _state_file_prefix(directory: Path) -> Path | None:
         if Path(str(cand) + ".index").is_file():
             return cand
     raise SourceFormatError(
-        f"{state} points to {raw!r}, which has no .index file next to it; pass the checkpoint prefix you want"
+        f"{state} points to {raw!r}, which has no .index file next to it; pass the checkpoint"
+        " prefix you want"
     )
 
 
@@ -541,8 +544,8 @@ def resolve_prefix(path: str | os.PathLike[str]) -> Path:
             prefix = p / "variables" / "variables"
             if not Path(str(prefix) + ".index").is_file():
                 raise SourceFormatError(
-                    f"SavedModel {p} has no variables/variables.index (a SavedModel without variables, or an "
-                    "incomplete copy); copy its variables/ directory too"
+                    f"SavedModel {p} has no variables/variables.index (a SavedModel without"
+                    " variables, or an incomplete copy); copy its variables/ directory too"
                 )
             return prefix
         from_state = _state_file_prefix(p)
@@ -560,8 +563,8 @@ def resolve_prefix(path: str | os.PathLike[str]) -> Path:
             ", ..." if len(indexes) > 5 else ""
         )
         raise SourceFormatError(
-            f"{p} holds {len(indexes)} checkpoints ({names}) and no checkpoint state file; pass one prefix, "
-            f"e.g. {p / indexes[-1].name[: -len('.index')]}"
+            f"{p} holds {len(indexes)} checkpoints ({names}) and no checkpoint state file; pass one"
+            f" prefix, e.g. {p / indexes[-1].name[: -len('.index')]}"
         )
     s = str(p)
     if s.endswith(".index"):
@@ -572,8 +575,8 @@ def resolve_prefix(path: str | os.PathLike[str]) -> Path:
         prefix = p
     if not Path(str(prefix) + ".index").is_file():
         raise SourceFormatError(
-            f"{prefix}.index not found; pass an existing checkpoint prefix (the path without .index), "
-            "its .index file or the checkpoint directory"
+            f"{prefix}.index not found; pass an existing checkpoint prefix (the path without"
+            " .index), its .index file or the checkpoint directory"
         )
     return prefix
 
@@ -631,13 +634,14 @@ def _numpy_dtype(entry: BundleEntry) -> np.dtype:
             import ml_dtypes
         except ImportError:
             raise SourceFormatError(
-                f"tensor {entry.name} has dtype {entry.dtype}; install ml_dtypes (pip install ml_dtypes) to read it"
+                f"tensor {entry.name} has dtype {entry.dtype}; install ml_dtypes (pip install"
+                " ml_dtypes) to read it"
             ) from None
         return np.dtype(getattr(ml_dtypes, entry.dtype))
     if entry.dtype not in _NUMPY:
         raise SourceFormatError(
-            f"tensor {entry.name} has dtype {entry.tf_dtype or entry.dtype}, which ckptport cannot read; "
-            "leave it out or cast it to a standard numeric dtype before saving"
+            f"tensor {entry.name} has dtype {entry.tf_dtype or entry.dtype}, which ckptport cannot"
+            " read; leave it out or cast it to a standard numeric dtype before saving"
         )
     return np.dtype(entry.dtype)
 
@@ -654,7 +658,8 @@ def load_tensor(prefix: Path, entry: BundleEntry, verify_crc: bool = True) -> np
     index = _index(prefix)
     if entry.tf_dtype in ("DT_RESOURCE", "DT_VARIANT"):
         raise SourceFormatError(
-            f"tensor {entry.name} in {prefix}.index has dtype {entry.tf_dtype}, which holds no weights; skip it"
+            f"tensor {entry.name} in {prefix}.index has dtype {entry.tf_dtype}, which holds no"
+            " weights; skip it"
         )
     if any(d < 0 for d in entry.shape):
         raise SourceFormatError(
@@ -673,21 +678,24 @@ def load_tensor(prefix: Path, entry: BundleEntry, verify_crc: bool = True) -> np
         value = index.slice_values.get(_slice_key(entry.name, extents))
         if value is None or len(extents) != len(entry.shape):
             raise SourceFormatError(
-                f"slice [{spec}] of partitioned tensor {entry.name} is missing from {prefix}.index: the index is "
-                "corrupt or was written by a TensorFlow version ckptport does not know; re-save it unpartitioned"
+                f"slice [{spec}] of partitioned tensor {entry.name} is missing from {prefix}.index:"
+                " the index is corrupt or was written by a TensorFlow version ckptport does not"
+                " know; re-save it unpartitioned"
             )
         part = _parse_entry(f"{entry.name}[{spec}]", value)
         region = tuple(slice(None) if n < 0 else slice(a, a + n) for a, n in extents)
         if out[region].shape != part.shape or part.slices:
             raise SourceFormatError(
-                f"slice [{spec}] of tensor {entry.name} in {prefix}.index has shape {part.shape}: the index is corrupt"
+                f"slice [{spec}] of tensor {entry.name} in {prefix}.index has shape {part.shape}:"
+                " the index is corrupt"
             )
         out[region] = _load_whole(prefix, index.header, part, verify_crc)
         covered += int(np.prod(part.shape, dtype=np.int64))
     if covered != out.size:
         raise SourceFormatError(
-            f"the {len(entry.slices)} slices of tensor {entry.name} in {prefix}.index cover {covered} of "
-            f"{out.size} elements; ckptport does not reassemble partial partitioned variables"
+            f"the {len(entry.slices)} slices of tensor {entry.name} in {prefix}.index cover"
+            f" {covered} of {out.size} elements; ckptport does not reassemble partial partitioned"
+            " variables"
         )
     return out
 
@@ -699,13 +707,13 @@ def _load_whole(
     count = int(np.prod(entry.shape, dtype=np.int64))
     if dtype is not None and count * dtype.itemsize != entry.size:
         raise SourceFormatError(
-            f"tensor {entry.name} in {prefix}.index has {entry.size} bytes for shape {entry.shape} {entry.dtype} "
-            f"(expected {count * dtype.itemsize}): the index is corrupt"
+            f"tensor {entry.name} in {prefix}.index has {entry.size} bytes for shape {entry.shape}"
+            f" {entry.dtype} (expected {count * dtype.itemsize}): the index is corrupt"
         )
     if not 0 <= entry.shard_id < header.num_shards:
         raise SourceFormatError(
-            f"tensor {entry.name} in {prefix}.index names shard {entry.shard_id} of {header.num_shards}: "
-            "the index is corrupt"
+            f"tensor {entry.name} in {prefix}.index names shard {entry.shard_id} of"
+            f" {header.num_shards}: the index is corrupt"
         )
     shard = Path(f"{prefix}.data-{entry.shard_id:05d}-of-{header.num_shards:05d}")
     raw = bytearray(entry.size)
@@ -714,15 +722,17 @@ def _load_whole(
             file_size = os.fstat(fh.fileno()).st_size
             if entry.offset < 0 or entry.offset + entry.size > file_size:
                 raise SourceFormatError(
-                    f"tensor {entry.name} needs bytes {entry.offset}..{entry.offset + entry.size} of {shard}, "
-                    f"which has only {file_size} bytes: the shard is truncated; copy it again"
+                    f"tensor {entry.name} needs bytes {entry.offset}..{entry.offset + entry.size}"
+                    f" of {shard}, which has only {file_size} bytes: the shard is truncated; copy"
+                    " it again"
                 )
             fh.seek(entry.offset)
             got = fh.readinto(raw)
     except FileNotFoundError:
         raise SourceFormatError(
-            f"checkpoint shard {shard} is missing (entry {entry.name} needs shard {entry.shard_id + 1} of "
-            f"{header.num_shards}); copy all {prefix.name}.data-* files next to the index"
+            f"checkpoint shard {shard} is missing (entry {entry.name} needs shard"
+            f" {entry.shard_id + 1} of {header.num_shards}); copy all {prefix.name}.data-* files"
+            " next to the index"
         ) from None
     if got != entry.size:
         raise SourceFormatError(
