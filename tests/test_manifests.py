@@ -146,6 +146,7 @@ def test_target_bn_defaults(mid):
     """timm tf_* ports and torchvision's inception_v3 (BasicConv2d) use TF's eps 1e-3; all targets
     ship PyTorch's default momentum 0.1 (the converter sets 1 - Keras momentum per module)."""
     eps = 1e-3 if ":tf_" in mid or mid == "torchvision:inception_v3" else 1e-5
+    eps = TARGETS[mid]["kwargs"].get("bn_eps", eps)  # built with the table's bn_eps (mobilenetv2)
     expected = set() if mid in BN_FREE_TARGETS else {(eps, 0.1, True, True)}
     assert {(b["eps"], b["momentum"], b["affine"], b["track_running_stats"])
             for b in TARGETS[mid]["bn_modules"].values()} == expected

@@ -225,9 +225,9 @@ def test_convert_inspect_and_keras_runner_resolve_through_resolve_source(tmp_pat
         keras_runner.run(args)
     assert direct.manifest_id == info["architecture"] == result.source_arch == "keras:ResNet50"
     assert len(calls) == 4 and all(call == calls[0] for call in calls)
-    assert calls[0][0] == [
-        m for t in builtin_tables() for m in dict.fromkeys(v.source for v in t.variants if v.source)
-    ]
+    assert calls[0][0] == list(
+        dict.fromkeys(v.source for t in builtin_tables() for v in t.variants if v.source)
+    )
 
 
 def test_resolve_source_refuses_pytorch_side_files(tmp_path):
