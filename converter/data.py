@@ -22,15 +22,7 @@ class ArrayData:
         self._array: Any = None
         p = self.path
         if p.is_dir():
-            self._files = sorted(f for f in p.iterdir() if f.suffix == ".npy" and f.is_file())
-            if not self._files:
-                raise SourceFormatError(
-                    f"--data {p}: folder holds no .npy files (one sample per file expected)"
-                )
-            first = self._load_file(self._files[0])
-            self.sample_shape: tuple[int, ...] = tuple(first.shape)
-            self.dtype = first.dtype
-            self.size = len(self._files)
+            self._open_folder(p)
         elif not p.exists():
             raise SourceFormatError(f"--data {p}: no such file or folder")
         elif p.suffix == ".npy":
@@ -40,32 +32,7 @@ class ArrayData:
                 raise SourceFormatError(f"--data {p}: not a readable .npy array ({exc})") from exc
             self._set_from_array()
         elif p.suffix == ".npz":
-            try:
-                npz = np.load(p, allow_pickle=False)
-                keys = list(npz.files)
-            except Exception as exc:
-                raise SourceFormatError(f"--data {p}: not a readable .npz archive ({exc})") from exc
-            if key is None:
-                found = [k for k in _NPZ_KEYS if k in keys]
-                if len(keys) == 1:
-                    key = keys[0]
-                elif found:
-                    key = found[0]
-                else:
-                    raise SourceFormatError(
-                        f"--data {p} holds arrays {', '.join(keys) or '(none)'}; name the input"
-                        " array with --key"
-                    )
-            if key not in keys:
-                raise SourceFormatError(
-                    f"--data {p} has no array {key!r}; it holds {', '.join(keys) or '(none)'}"
-                )
-            try:
-                self._array = npz[key]
-            except Exception as exc:
-                raise SourceFormatError(
-                    f"--data {p}: array {key!r} cannot be read ({exc})"
-                ) from exc
+            self._array = _npz_array(p, key)
             self._set_from_array()
         else:
             raise SourceFormatError(
@@ -76,6 +43,17 @@ class ArrayData:
                 f"--data {p} holds {self.dtype} values; give float inputs preprocessed exactly as"
                 " the model expects (scaled/normalized, channels first)"
             )
+
+    def _open_folder(self, p: Path) -> None:
+        self._files = sorted(f for f in p.iterdir() if f.suffix == ".npy" and f.is_file())
+        if not self._files:
+            raise SourceFormatError(
+                f"--data {p}: folder holds no .npy files (one sample per file expected)"
+            )
+        first = self._load_file(self._files[0])
+        self.sample_shape: tuple[int, ...] = tuple(first.shape)
+        self.dtype = first.dtype
+        self.size = len(self._files)
 
     def _set_from_array(self) -> None:
         arr = self._array
@@ -117,7 +95,8 @@ class ArrayData:
 def iter_batches(
     data: ArrayData, num_batches: int, batch_size: int, shuffle: bool, seed: int, dtype: Any
 ) -> Iterator[Any]:
-    """``num_batches`` full batches of ``batch_size`` distinct samples as torch tensors of ``dtype``."""
+    """``num_batches`` full batches of ``batch_size`` distinct samples as torch tensors of
+    ``dtype``."""
     import numpy as np
     import torch
 
@@ -127,3 +106,33 @@ def iter_batches(
             int(i) for i in order[b * batch_size : (b + 1) * batch_size]
         )  # sorted: faster reads
         yield torch.from_numpy(np.ascontiguousarray(data.take(idx))).to(dtype)
+
+
+def _npz_array(p: Path, key: str | None) -> Any:
+    """The input array of a .npz: ``key``, the only array, or the first conventional name."""
+    import numpy as np
+
+    try:
+        npz = np.load(p, allow_pickle=False)
+        keys = list(npz.files)
+    except Exception as exc:
+        raise SourceFormatError(f"--data {p}: not a readable .npz archive ({exc})") from exc
+    if key is None:
+        found = [k for k in _NPZ_KEYS if k in keys]
+        if len(keys) == 1:
+            key = keys[0]
+        elif found:
+            key = found[0]
+        else:
+            raise SourceFormatError(
+                f"--data {p} holds arrays {', '.join(keys) or '(none)'}; name the input"
+                " array with --key"
+            )
+    if key not in keys:
+        raise SourceFormatError(
+            f"--data {p} has no array {key!r}; it holds {', '.join(keys) or '(none)'}"
+        )
+    try:
+        return npz[key]
+    except Exception as exc:
+        raise SourceFormatError(f"--data {p}: array {key!r} cannot be read ({exc})") from exc

@@ -1,4 +1,5 @@
-"""One exception tree. Every message names the file, tensor or layer, what was found, and the fix."""
+"""One exception tree. Every message names the file, tensor or layer, what was found, and the
+fix."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ class ExitCode(IntEnum):
 
 
 class ConverterError(Exception):
-    """Base of every error ckptport raises on purpose. The CLI prints ``str(err)`` on one line, exit 2."""
+    """Base of every error ckptport raises on purpose. The CLI prints ``str(err)`` on one line, exit
+    2."""
 
     exit_code = ExitCode.ERROR
 

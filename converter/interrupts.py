@@ -20,7 +20,8 @@ SIGNALS = tuple(
 
 
 class Terminated(BaseException):
-    """A termination signal arrived (a BaseException, like KeyboardInterrupt: not an error to report)."""
+    """A termination signal arrived (a BaseException, like KeyboardInterrupt: not an error to
+    report)."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(f"terminated by signal {signum}")

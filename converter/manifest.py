@@ -39,7 +39,8 @@ _DROP_CONFIG = re.compile(r"_(initializer|regularizer|constraint)$")
 
 
 def slug(manifest_id: str) -> str:
-    """File stem for a manifest id: ``keras:MobileNetV3Small(alpha=0.75)`` -> ``keras.MobileNetV3Small.alpha0.75``."""
+    """File stem for a manifest id: ``keras:MobileNetV3Small(alpha=0.75)`` ->
+    ``keras.MobileNetV3Small.alpha0.75``."""
     s = manifest_id.replace(":", ".").replace("(", ".").replace(")", "").replace("=", "")
     s = s.replace(",", ".").replace(" ", "")
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", s)

@@ -40,8 +40,8 @@ def import_torch_side() -> None:
 
 
 def prefer_torch_first() -> None:
-    """Before running code that may import TensorFlow (a user's Keras factory), import torchvision if it
-    is installed, so that a PyTorch target can still be built in this process afterwards."""
+    """Before running code that may import TensorFlow (a user's Keras factory), import torchvision
+    if it is installed, so that a PyTorch target can still be built in this process afterwards."""
     if sys.modules.get("tensorflow") is None and sys.modules.get("torchvision") is None:
         try:
             import torchvision  # noqa: F401  (import order, see torch_side_hazard)
@@ -81,7 +81,8 @@ def _load_user_module(path: Path, spec: str, what: str) -> Any:
 
 
 def call_factory(spec: str | Spec, what: str = "model spec", **kwargs: Any) -> Any:
-    """Call a user's ``file.py:function`` or ``package.module:function`` (their own trusted code)."""
+    """Call a user's ``file.py:function`` or ``package.module:function`` (their own trusted
+    code)."""
     parsed = spec if isinstance(spec, Spec) else parse_spec(spec, what)
     if parsed.is_library:
         raise ConverterError(
@@ -199,7 +200,8 @@ def read_converted(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, s
 
 
 def apply_bn_config(model: Any, bn_config: dict[str, dict[str, Any]]) -> None:
-    """Set each BN module's momentum (PyTorch convention, 1 - Keras) and eps from the recorded config."""
+    """Set each BN module's momentum (PyTorch convention, 1 - Keras) and eps from the recorded
+    config."""
     modules = dict(model.named_modules())
     for name, cfg in bn_config.items():
         if name not in modules:

@@ -45,7 +45,8 @@ from .tables import Table, builtin_tables
 
 @dataclass
 class SourceLayer:
-    """One Keras layer: its given name, class, config (and where the config came from), variables."""
+    """One Keras layer: its given name, class, config (and where the config came from),
+    variables."""
 
     name: str
     class_name: str
@@ -152,7 +153,8 @@ def skeleton_from_config(model_config: dict[str, Any], label: Path) -> Skeleton:
 
 
 def _config_layers(model_config: dict[str, Any], label: Path) -> list[tuple[dict, str, str, Any]]:
-    """(entry, name, class, config) of a model config's layers (a Sequential's InputLayer left out)."""
+    """(entry, name, class, config) of a model config's layers (a Sequential's InputLayer left
+    out)."""
     cfg = model_config.get("config", model_config)
     if not isinstance(cfg, dict) or "layers" not in cfg:
         raise SourceFormatError(
@@ -249,7 +251,8 @@ def match_layer_names(raw_names: list[str], skel: list[LayerSkeleton]) -> dict[s
 
 
 def _group_of(key: str) -> str:
-    """``layers/<group>/vars/<i>`` -> ``<group>`` (``functional/layers/conv2d`` inside a nested model)."""
+    """``layers/<group>/vars/<i>`` -> ``<group>`` (``functional/layers/conv2d`` inside a nested
+    model)."""
     return key[len("layers/") : key.rindex("/vars/")]
 
 
@@ -343,7 +346,8 @@ def _resolve_legacy_h5(raw: RawCheckpoint, skel: list[LayerSkeleton]) -> dict[st
 
 
 _OBJ = re.compile(
-    r"^(?:.*/)?(?P<kind>_operations|layer_with_weights-|layer-)/?(?P<i>\d+)/(?P<attr>.+?)/\.ATTRIBUTES/VARIABLE_VALUE$"
+    r"^(?:.*/)?(?P<kind>_operations|layer_with_weights-|layer-)/?(?P<i>\d+)/(?P<attr>.+?)"
+    r"/\.ATTRIBUTES/VARIABLE_VALUE$"
 )
 _FLAT = re.compile(r"^variables/(?P<i>\d+)/\.ATTRIBUTES/VARIABLE_VALUE$")  # model.variables order
 
@@ -514,7 +518,8 @@ def _described(
     origin: str,
     nesting: Nesting | None,
 ) -> SourceModel:
-    """A source resolved from a config (the file's or the user's model): its manifest, head, nesting."""
+    """A source resolved from a config (the file's or the user's model): its manifest, head,
+    nesting."""
     base = [lay for lay in layers if lay.scope == nesting.layer] if nesting else layers
     manifest_id = _matching_manifest(base, manifests, heads)
     spec = heads.get(manifest_id) if manifest_id else None

@@ -37,8 +37,9 @@ class SpecError(ConverterError):
 
 @dataclass(frozen=True)
 class Spec:
-    """A parsed model spec. ``kind``: ``timm``, ``torchvision``, ``file`` or ``module``; ``location``:
-    the library, the file path or the module path; ``name``: the model or factory name."""
+    """A parsed model spec. ``kind``: ``timm``, ``torchvision``, ``file`` or ``module``;
+    ``location``: the library, the file path or the module path; ``name``: the model or factory
+    name."""
 
     text: str
     kind: str
@@ -69,7 +70,8 @@ class Spec:
 
 
 def looks_like_spec(text: str) -> bool:
-    """True when ``text`` parses as a model spec (used where a spec and a file path are both accepted)."""
+    """True when ``text`` parses as a model spec (used where a spec and a file path are both
+    accepted)."""
     try:
         parse_spec(text)
     except SpecError:

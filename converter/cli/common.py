@@ -51,7 +51,8 @@ def _json_default(o: Any) -> Any:
 
 def run_main(cli: click.Group, argv: list[str] | None) -> int:
     """Run the click group: the one place errors are caught. ConverterError -> one line on stderr,
-    exit 2; a bug -> one line, exit 70; SIGINT/SIGTERM/SIGHUP -> cleanup, exit 128+n. ``-v`` (parsed by
+    exit 2; a bug -> one line, exit 70; SIGINT/SIGTERM/SIGHUP -> cleanup, exit 128+n.
+    ``-v`` (parsed by
     the group into ``state``) adds the traceback."""
     from ..interrupts import Terminated, signals_raise
 

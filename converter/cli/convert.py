@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .common import emit_json, force_option, json_option, stderr_console
+from .common import EXIT_OK, emit_json, force_option, json_option, stderr_console
 
 
 def summary(result, out: Path | None) -> dict:
@@ -99,15 +99,39 @@ def command(
     as_json,
 ) -> int:
     """Convert a Keras/TF checkpoint SRC to a PyTorch state dict."""
-    from ..pipeline import convert
-
     from ..formats import check_output
 
     out = check_output(
         output or Path.cwd() / (src.name.split(".")[0] + ".safetensors"), force, (src,)
     )
     console = stderr_console()
+    options = dict(mapping=mapping, source_model=source_model, format=src_format)
+    result, written = _convert_with_progress(
+        console, as_json, src, to, out, force, num_classes=num_classes, pooling=pooling, **options
+    )
+    info = summary(result, written)
+    report = None
+    if do_verify:
+        from ..verification import VerifyOptions, verify
+
+        # the source options the conversion used; a head reset is read from the written metadata
+        report = verify(src, written, VerifyOptions(**options))
+        info["verification"] = report.to_dict()
+    rc = report.return_code if report else EXIT_OK
+    if as_json:
+        emit_json(info)
+    else:
+        _print_summary(console, result, info, written, detected=to is None)
+        if report is not None:
+            _print_verification(console, report)
+    return rc
+
+
+def _convert_with_progress(console, as_json: bool, src, to, out, force: bool, **kwargs):
+    """Run the conversion under a progress bar (terminal only) and write the output."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from ..pipeline import convert
 
     with Progress(
         TextColumn("converting"),
@@ -123,31 +147,12 @@ def command(
         def progress(done: int, total: int, name: str) -> None:
             bar.update(task, completed=done, total=total, description=name)
 
-        result = convert(
-            src,
-            to,
-            mapping=mapping,
-            source_model=source_model,
-            format=src_format,
-            num_classes=num_classes,
-            pooling=pooling,
-            progress=progress,
-        )
-        written = result.save(out, force=force)
-    info = summary(result, written)
-    rc = 0
-    if do_verify:
-        from ..verification import VerifyOptions, verify
+        result = convert(src, to, progress=progress, **kwargs)
+        return result, result.save(out, force=force)
 
-        # the source options the conversion used; a head reset is read from the written metadata
-        opts = VerifyOptions(mapping=mapping, source_model=source_model, format=src_format)
-        report = verify(src, written, opts)
-        info["verification"] = report.to_dict()
-        rc = report.return_code
-    if as_json:
-        emit_json(info)
-        return rc
-    if to is None:
+
+def _print_summary(console, result, info: dict, written: Path, detected: bool) -> None:
+    if detected:
         console.print(
             f"detected [bold]{result.source_arch or 'custom model'}[/]; default target"
             f" [bold]{result.target}[/]"
@@ -156,44 +161,49 @@ def command(
         f"wrote {written}: {info['tensors']} tensors for {result.target} (table {result.table_id})"
     )
     console.print(f"  layer config from: {result.config_origin}")
+    for line in _details(result, info):
+        console.print(f"  {line}")
+
+
+def _details(result, info: dict) -> list[str]:
+    """The summary's indented lines: BN settings, surgeries, preprocessing, head, nesting, notes."""
+    lines = []
     if result.bn_config:
-        console.print(
-            f"  BatchNorm: {info['bn_modules']} modules, torch momentum"
+        lines.append(
+            f"BatchNorm: {info['bn_modules']} modules, torch momentum"
             f" {momenta_str(info['bn_momentum_torch'])} (= 1 - Keras), eps"
             f" {momenta_str(info['bn_eps'])}"
         )
     if info["surgeries"]:
-        console.print(
-            f"  surgeries (applied by converter.load_model): {', '.join(info['surgeries'])}"
-        )
+        lines.append(f"surgeries (applied by converter.load_model): {', '.join(info['surgeries'])}")
     if result.preprocessing["steps"]:
         s = result.preprocessing
-        console.print(
-            f"  preprocessing moved out of the model: x_torch = x * {fmt_list(s['scale'])} +"
+        lines.append(
+            f"preprocessing moved out of the model: x_torch = x * {fmt_list(s['scale'])} +"
             f" {fmt_list(s['offset'])}"
         )
     if result.nesting:
         nest = result.nesting
-        console.print(
-            f"  nested: the base is layer {nest['layer']!r} of the user's {nest['outer_class']}"
-            " model"
+        lines.append(
+            f"nested: the base is layer {nest['layer']!r} of the user's {nest['outer_class']} model"
         )
     if result.source_head:
         from ..nesting import Head
 
-        console.print(f"  source head: {Head(**result.source_head).describe()}")
-    for note in result.notes:
-        console.print(f"  note: {note}")
+        lines.append(f"source head: {Head(**result.source_head).describe()}")
+    lines += [f"note: {note}" for note in result.notes]
     if result.head_reset:
-        console.print(
-            f"  head reset: {result.head_reset['num_classes']} classes, dropped"
+        lines.append(
+            f"head reset: {result.head_reset['num_classes']} classes, dropped"
             f" {', '.join(result.head_reset['dropped_source_layers'])}"
         )
-    if do_verify:
-        console.print(f"  verification: {'PASS' if rc == 0 else 'MISMATCH'}")
-        for e in report.excluded:
-            console.print(f"    not compared: {e['module']} ({e['reason']})")
-    return rc
+    return lines
+
+
+def _print_verification(console, report) -> None:
+    console.print(f"  verification: {'PASS' if report.passed else 'MISMATCH'}")
+    for e in report.excluded:
+        console.print(f"    not compared: {e['module']} ({e['reason']})")
 
 
 def momenta_str(values: list[float]) -> str:

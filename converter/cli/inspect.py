@@ -24,71 +24,87 @@ def command(path, src_format, show_tensors, as_json) -> int:
     if as_json:
         emit_json(info)
         return 0
-    from rich.table import Table
-
     console = stderr_console()
     console.print(f"{info['path']}: [bold]{info['format']}[/], {len(info['tensors'])} tensors")
     if "metadata" in info:
-        for k, v in info["metadata"].items():
-            console.print(f"  {k}: {v}")
-        bn = info.get("bn_config", {})
-        if bn:
-            t = Table(
-                "module",
-                "momentum (torch)",
-                "Keras momentum",
-                "eps",
-                "source layer",
-                title="BatchNorm",
-            )
-            for mod, c in bn.items():
-                t.add_row(
-                    mod,
-                    f"{c['momentum']:g}",
-                    f"{c['keras_momentum']:g}",
-                    f"{c['eps']:g}",
-                    c["source_layer"],
-                )
-            console.print(t)
+        _print_converted(console, info)
         return 0
     if info.get("layers") is None:
         console.print(f"  layers not resolved: {info.get('resolution_error')}")
         show_tensors = True
     else:
-        console.print(
-            f"  architecture: {info['architecture'] or 'not a shipped one'}; layer config from:"
-            f" {info['config_origin']}"
-        )
-        if info.get("family"):
-            console.print(
-                f"  family: {info['family']} (table {info['table']}), variant {info['variant']}; "
-                f"targets: {', '.join(info['targets'])}"
-            )
-        if info.get("head"):
-            from ..nesting import Head
+        for line in _source_lines(info):
+            console.print(f"  {line}")
+    console.print(_tensor_table(info) if show_tensors else _layer_table(info))
+    return 0
 
-            console.print(f"  head: {Head(**info['head']).describe()}")
-        if info.get("nesting"):
-            n = info["nesting"]
-            frozen = (
-                "; called with training=False (BN frozen while fine-tuning)"
-                if n["training"] is False
-                else ""
+
+def _print_converted(console, info: dict) -> None:
+    """One of our outputs: its metadata and the BN settings it carries."""
+    from rich.table import Table
+
+    for k, v in info["metadata"].items():
+        console.print(f"  {k}: {v}")
+    bn = info.get("bn_config", {})
+    if bn:
+        t = Table(
+            "module", "momentum (torch)", "Keras momentum", "eps", "source layer", title="BatchNorm"
+        )
+        for mod, c in bn.items():
+            t.add_row(
+                mod,
+                f"{c['momentum']:g}",
+                f"{c['keras_momentum']:g}",
+                f"{c['eps']:g}",
+                c["source_layer"],
             )
-            console.print(
-                f"  nested: the base is layer {n['layer']!r} of the user's {n['outer_class']}"
-                f" model{frozen}"
-            )
-    if show_tensors:
-        t = Table("key", "shape", "dtype")
-        for row in info["tensors"]:
-            t.add_row(row["key"], str(tuple(row["shape"])), row["dtype"])
         console.print(t)
-        return 0
+
+
+def _source_lines(info: dict) -> list[str]:
+    """Architecture, family, head and nesting of a resolved source."""
+    lines = [
+        f"architecture: {info['architecture'] or 'not a shipped one'}; layer config from:"
+        f" {info['config_origin']}"
+    ]
+    if info.get("family"):
+        lines.append(
+            f"family: {info['family']} (table {info['table']}), variant {info['variant']}; "
+            f"targets: {', '.join(info['targets'])}"
+        )
+    if info.get("head"):
+        from ..nesting import Head
+
+        lines.append(f"head: {Head(**info['head']).describe()}")
+    if info.get("nesting"):
+        n = info["nesting"]
+        frozen = (
+            "; called with training=False (BN frozen while fine-tuning)"
+            if n["training"] is False
+            else ""
+        )
+        lines.append(
+            f"nested: the base is layer {n['layer']!r} of the user's {n['outer_class']}"
+            f" model{frozen}"
+        )
+    return lines
+
+
+def _tensor_table(info: dict):
+    from rich.table import Table
+
+    t = Table("key", "shape", "dtype")
+    for row in info["tensors"]:
+        t.add_row(row["key"], str(tuple(row["shape"])), row["dtype"])
+    return t
+
+
+def _layer_table(info: dict):
+    from rich.table import Table
+
     t = Table("layer", "class", "variables", "BN config")
     for lay in info["layers"]:
         shapes = ", ".join(f"{v}{tuple(d['shape'])}" for v, d in lay["vars"].items())
         bn = ", ".join(f"{k}={v}" for k, v in lay.get("bn", {}).items())
         t.add_row(lay["name"], lay["class"], shapes, bn)
-    console.print(t)
-    return 0
+    return t

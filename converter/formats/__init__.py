@@ -46,7 +46,8 @@ class RawTensor:
 
 @dataclass
 class RawCheckpoint:
-    """What a reader returns: tensors by their key in the file, plus whatever config the file holds."""
+    """What a reader returns: tensors by their key in the file, plus whatever config the file
+    holds."""
 
     path: Path
     format: str

@@ -10,7 +10,8 @@ from ..errors import SourceFormatError
 from . import Format, RawCheckpoint, RawTensor, register
 
 _NOT_STATE = re.compile(
-    r"(^_CHECKPOINTABLE_OBJECT_GRAPH$)|(^save_counter/)|(^(.*/)?optimizer/)|(\.OPTIMIZER_SLOT/)|(^_all_variables/)"
+    r"(^_CHECKPOINTABLE_OBJECT_GRAPH$)|(^save_counter/)|(^(.*/)?optimizer/)|(\.OPTIMIZER_SLOT/)"
+    r"|(^_all_variables/)"
     r"|(^keras_api/)|(^signatures/)"
 )
 
