@@ -25,6 +25,7 @@ class HeadPlan:
     fresh_keys: list[str] = field(default_factory=list)
     dropped_layers: list[str] = field(default_factory=list)
     surgeries: list[dict[str, Any]] = field(default_factory=list)  # the target's, before its init
+    init_kwargs: dict[str, Any] = field(default_factory=dict)  # table [head] init_kwargs
 
     @property
     def target_kwargs(self) -> dict[str, Any]:
@@ -43,7 +44,7 @@ class HeadPlan:
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            model = build_target(self.target, **kwargs)
+            model = build_target(self.target, **{**kwargs, **self.init_kwargs})
         from .surgeries import apply_surgeries
 
         apply_surgeries(model, self.surgeries)
@@ -77,7 +78,11 @@ def head_plan(table: Any, variant: Any, num_classes: int) -> HeadPlan:
             f"table {table.id} declares no [head]; --num-classes is not available for it"
         )
     return HeadPlan(
-        num_classes, re.compile(table.head["source"]), table.head["module"], variant.target
+        num_classes,
+        re.compile(table.head["source"]),
+        table.head["module"],
+        variant.target,
+        init_kwargs=dict(table.head.get("init_kwargs", {})),
     )
 
 

@@ -297,7 +297,7 @@ def _drops(p: Path, data: dict[str, Any]) -> list[Drop]:
 
 
 HEAD_KEYS = {"source", "module"}
-HEAD_OPTIONAL = {"top", "top_modules", "pool"}
+HEAD_OPTIONAL = {"top", "top_modules", "pool", "init_kwargs"}
 
 
 def _head(p: Path, data: dict[str, Any]) -> dict[str, Any]:

@@ -17,7 +17,8 @@ from converter.model import build_target, load_model
 # (source, head module, does the architecture initialise its head unlike a bare nn.Linear?)
 # timm EfficientNet: uniform(+-1/sqrt(out)), zero bias; torchvision ResNet keeps nn.Linear's default.
 CASES = [("keras:EfficientNetB0", "classifier", True), ("keras:ResNet50", "fc", False),
-         ("keras:DenseNet121", "classifier", False)]  # torchvision DenseNet: nn.Linear weight init, bias 0
+         ("keras:DenseNet121", "classifier", False),  # torchvision DenseNet: nn.Linear weight init, bias 0
+         ("keras:InceptionV3", "fc", True)]  # torchvision Inception3: truncated normal std 0.1 (init_weights)
 
 
 def src_of(source_id):
@@ -47,16 +48,17 @@ def test_head_reset_architecture_init(source_id, head, own_init, tmp_path):
         fresh.append(build_target(result.target, num_classes=10).state_dict()[f"{head}.weight"].numpy())
     fresh_std = np.mean([f.std() for f in fresh])
     assert w.std() == pytest.approx(fresh_std, rel=0.15)
+    size = keras_build_args(source_id)[2]["size"]
     bare = torch.nn.Linear(w.shape[1], 10).weight.detach().numpy()
     if own_init:  # a bare nn.Linear would have been visibly wrong here
         assert abs(w.std() - bare.std()) > 0.3 * bare.std()
-        assert not b.any()  # zero bias, as the architecture initialises it
+        assert not b.any() or source_id == "keras:InceptionV3"  # zero bias, as the architecture sets it
     else:
         assert w.std() == pytest.approx(bare.std(), rel=0.15)
 
     model = load_model(result.save(tmp_path / "m.safetensors"))
     with torch.no_grad():
-        assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 10)
+        assert model(torch.zeros(1, 3, size, size)).shape == (1, 10)
 
 
 def test_head_reset_is_deterministic_and_cli_reports(tmp_path, capsys):
