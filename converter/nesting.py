@@ -63,6 +63,25 @@ class Nesting:
     def report(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def describe(self) -> str:
+        """One line for people; says so where the format does not store a name or class."""
+        base = (
+            f"layer {self.layer!r}"
+            if self.layer != "?"
+            else "a layer (name not stored in this format)"
+        )
+        outer = (
+            f"{self.outer_class} model"
+            if self.outer_class != "unknown"
+            else "model (its class is not stored in this format)"
+        )
+        frozen = (
+            "; called with training=False (BN frozen while fine-tuning)"
+            if self.training is False
+            else ""
+        )
+        return f"the base is {base} of the user's {outer}{frozen}"
+
 
 @dataclass
 class Head:

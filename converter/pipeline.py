@@ -17,7 +17,7 @@ from .errors import InvalidTensorError, MappingError, UnknownArchitectureError
 from .ledger import TargetLedger, check_finite, listing
 from .manifest import load_manifest, manifest_path, target_manifest_from_model
 from .preprocessing import preprocessing_spec
-from .specs import same_spec
+from .specs import parse_spec, same_spec
 from .source import SourceLayer, SourceModel, resolve_source
 from .tables import Drop, Rule, Table, Variant, load_tables, render
 from .transforms import Emitted, LayerContext
@@ -112,8 +112,11 @@ def select(tables: list[Table], source: SourceModel, to: str | None) -> tuple[Ta
             return t, v
     all_targets = sorted({v.target for t in tables for v in t.variants})
     if not any(same_spec(t, to) for t in all_targets):
+        parse_spec(to, "--to")  # a malformed or non-PyTorch spec says so first
         raise UnknownArchitectureError(
-            f"unknown target {to!r}; targets with tables: {listing(all_targets)}"
+            f"no table converts to {to!r}; targets for {label}: "
+            f"{', '.join(v.target for _, v in candidates)} (all targets: {listing(all_targets)}); "
+            "for your own module use --mapping, or --to file.py:factory with a table for it"
         )
     raise UnknownArchitectureError(
         f"{label} cannot be converted to {to}; targets for this source: "

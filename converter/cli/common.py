@@ -14,10 +14,14 @@ EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = ExitCode.OK, ExitCode.FINDINGS, ExitCode.ER
 
 
 def stderr_console():
-    """A rich console on stderr (rich is used only inside the CLI)."""
+    """A rich console on stderr (rich is used only inside the CLI). Off a terminal (a log, a pipe)
+    nothing is wrapped or truncated: names and messages come out whole."""
     from rich.console import Console
 
-    return Console(stderr=True, highlight=False)
+    console = Console(stderr=True, highlight=False)
+    if not console.is_terminal:
+        console = Console(stderr=True, highlight=False, width=100_000, soft_wrap=True)
+    return console
 
 
 def json_option(f: Callable) -> Callable:

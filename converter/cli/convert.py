@@ -183,10 +183,9 @@ def _details(result, info: dict) -> list[str]:
             f" {fmt_list(s['offset'])}"
         )
     if result.nesting:
-        nest = result.nesting
-        lines.append(
-            f"nested: the base is layer {nest['layer']!r} of the user's {nest['outer_class']} model"
-        )
+        from ..nesting import Nesting
+
+        lines.append(f"nested: {Nesting(**result.nesting).describe()}")
     if result.source_head:
         from ..nesting import Head
 

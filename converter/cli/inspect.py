@@ -77,16 +77,9 @@ def _source_lines(info: dict) -> list[str]:
 
         lines.append(f"head: {Head(**info['head']).describe()}")
     if info.get("nesting"):
-        n = info["nesting"]
-        frozen = (
-            "; called with training=False (BN frozen while fine-tuning)"
-            if n["training"] is False
-            else ""
-        )
-        lines.append(
-            f"nested: the base is layer {n['layer']!r} of the user's {n['outer_class']}"
-            f" model{frozen}"
-        )
+        from ..nesting import Nesting
+
+        lines.append(f"nested: {Nesting(**info['nesting']).describe()}")
     return lines
 
 
