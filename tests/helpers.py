@@ -170,3 +170,25 @@ def make_wrapped_fixture(
     ref = np.load(out / "reference.npz")
     info["x"], info["logits"], info["dir"] = ref["x"], ref["logits"], out
     return info
+
+
+# The tiny Flatten twin (fixtures/keras_tiny.py, fixtures/tiny_models.py:tiny_flatten) and its table.
+TINY_TARGET = f"{ROOT / 'fixtures' / 'tiny_models.py'}:tiny_flatten"
+
+
+def tiny_table(fc_transform: str = "dense_after_flatten") -> str:
+    """The mapping table of the tiny twin; ``fc_transform="dense"`` plants the Flatten-order bug."""
+    rules = [("conv", "conv2d", ""), ("bn", "batch_norm", ""),
+             ("fc", fc_transform, "args = { hwc = [8, 8, 4] }\n")]
+    text = (f'[table]\nid = "tiny-flatten"\nversion = 1\n[input]\nsize = 8\nrange = [0.0, 255.0]\n'
+            f'[[variants]]\ntarget = "{TINY_TARGET}"\n')
+    for name, transform, extra in rules:
+        text += f"[[rules]]\nsource = '{name}'\ntarget = '{name}'\ntransform = '{transform}'\n{extra}"
+    return text
+
+
+def make_tiny_keras(path: Path) -> Path:
+    """The randomized Keras twin saved as ``path`` (.keras), built in its own process."""
+    subprocess.run([sys.executable, str(ROOT / "fixtures" / "keras_tiny.py"), str(path)], check=True,
+                   capture_output=True)
+    return path

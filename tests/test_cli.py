@@ -109,19 +109,12 @@ def test_convert_head_reset_verify_compares_up_to_the_head(mnv3, tmp_path, capsy
 def test_convert_verify_passes_mapping_through(tmp_path, capsys):
     """`convert --mapping T --verify` verifies with T: the good table passes (exit 0), the table with
     the planted Flatten bug fails at fc (exit 1); without T verification could not even run (exit 2)."""
-    from helpers import ROOT
+    from helpers import make_tiny_keras, tiny_table
 
-    src = tmp_path / "tiny.keras"
-    subprocess.run([sys.executable, str(ROOT / "fixtures" / "keras_tiny.py"), str(src)], check=True,
-                   capture_output=True)
-    target = f"{ROOT / 'fixtures' / 'tiny_models.py'}:tiny_flatten"
-    rules = [("conv", "conv", "conv2d", ""), ("bn", "bn", "batch_norm", ""), ("fc", "fc", "{fc}", "args = { hwc = [8, 8, 4] }")]
-    table = (f'[table]\nid = "tiny-flatten"\nversion = 1\n[input]\nsize = 8\nrange = [0.0, 255.0]\n'
-             f'[[variants]]\ntarget = "{target}"\n')
-    table += "".join(f"[[rules]]\nsource = '{s}'\ntarget = '{t}'\ntransform = '{tr}'\n{extra}\n" for s, t, tr, extra in rules)
+    src = make_tiny_keras(tmp_path / "tiny.keras")
     for fc, expect_rc in (("dense_after_flatten", 0), ("dense", 1)):
         tbl = tmp_path / f"{fc}.toml"
-        tbl.write_text(table.replace("{fc}", fc))
+        tbl.write_text(tiny_table(fc))
         rc = main(["convert", str(src), "-o", str(tmp_path / f"{fc}.safetensors"), "--mapping", str(tbl),
                    "--verify", "--json"])
         v = json.loads(capsys.readouterr().out)["verification"]

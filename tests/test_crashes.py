@@ -15,46 +15,19 @@ from pathlib import Path
 import pytest
 
 from converter import formats
+from helpers import TINY_TARGET, make_tiny_keras, tiny_table
 from converter.cli import main
 from converter.errors import ExitCode, MappingError
 from converter.model import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_TARGET = f"{ROOT / 'fixtures' / 'tiny_models.py'}:tiny_flatten"
-TINY_TABLE = """
-[table]
-id = "tiny-flatten"
-version = 1
-[input]
-size = 8
-range = [0.0, 255.0]
-[[variants]]
-target = "{target}"
-[[rules]]
-source = 'conv'
-target = 'conv'
-transform = 'conv2d'
-[[rules]]
-source = 'bn'
-target = 'bn'
-transform = 'batch_norm'
-[[rules]]
-source = 'fc'
-target = 'fc'
-transform = 'dense_after_flatten'
-args = {{ hwc = [8, 8, 4] }}
-"""
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """The Keras twin of fixtures/tiny_models.py:tiny_flatten as .keras, its table, one conversion."""
     d = tmp_path_factory.mktemp("tiny")
-    src = d / "tiny.keras"
-    subprocess.run([sys.executable, str(ROOT / "fixtures" / "keras_tiny.py"), str(src)], check=True,
-                   capture_output=True)
+    src = make_tiny_keras(d / "tiny.keras")
     table = d / "tiny.toml"
-    table.write_text(TINY_TABLE.format(target=TINY_TARGET))
+    table.write_text(tiny_table())
     out = d / "tiny.safetensors"
     assert main(["convert", str(src), "--mapping", str(table), "-o", str(out)]) == 0
     return {"src": src, "table": table, "out": out, "dir": d}

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import converter
-from helpers import GENERATOR, ROOT, keras_build_args, make_keras_fixture
+from helpers import GENERATOR, ROOT, keras_build_args, make_keras_fixture, make_tiny_keras, tiny_table
 from converter import formats, preprocessing
 from converter.errors import (
     ConverterError,
@@ -361,32 +361,9 @@ def test_source_model_resolves_weights_like_the_file_config(tmp_path):
     import sys
 
     keras_file, weights_file = tmp_path / "tiny.keras", tmp_path / "tiny.weights.h5"
-    subprocess.run(
-        [sys.executable, str(ROOT / "fixtures" / "keras_tiny.py"), str(keras_file)],
-        check=True,
-        capture_output=True,
-    )
+    make_tiny_keras(keras_file)
     table = tmp_path / "tiny.toml"
-    table.write_text(f"""
-[table]
-id = "tiny"
-version = 1
-[[variants]]
-target = "{ROOT / 'fixtures' / 'tiny_models.py'}:tiny_flatten"
-[[rules]]
-source = 'conv'
-target = 'conv'
-transform = 'conv2d'
-[[rules]]
-source = 'bn'
-target = 'bn'
-transform = 'batch_norm'
-[[rules]]
-source = 'fc'
-target = 'fc'
-transform = 'dense_after_flatten'
-args = {{ hwc = [8, 8, 4] }}
-""")
+    table.write_text(tiny_table())
     factory = f"{ROOT / 'fixtures' / 'keras_tiny.py'}:build"
     proc = subprocess.run(
         [

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import converter
-from helpers import ROOT, keras_build_args, make_keras_fixture
+from helpers import ROOT, keras_build_args, make_keras_fixture, make_tiny_keras, tiny_table
 from converter import formats
 from converter.cli import main
 from converter.tables import builtin_tables
@@ -114,35 +114,10 @@ def test_planted_wrong_eps(tmp_path):
 
 
 def test_planted_dense_after_flatten_without_reorder(tmp_path):
-    src = tmp_path / "tiny.keras"
-    subprocess.run([sys.executable, str(ROOT / "fixtures" / "keras_tiny.py"), str(src)], check=True, capture_output=True)
-    target = f"{ROOT / 'fixtures' / 'tiny_models.py'}:tiny_flatten"
-    table = f'''
-[table]
-id = "tiny-flatten"
-version = 1
-[input]
-size = 8
-range = [0.0, 255.0]
-[[variants]]
-target = "{target}"
-[[rules]]
-source = 'conv'
-target = 'conv'
-transform = 'conv2d'
-[[rules]]
-source = 'bn'
-target = 'bn'
-transform = 'batch_norm'
-[[rules]]
-source = 'fc'
-target = 'fc'
-transform = '{{fc}}'
-args = {{ hwc = [8, 8, 4] }}
-'''
+    src = make_tiny_keras(tmp_path / "tiny.keras")
     good, bad = tmp_path / "good.toml", tmp_path / "bad.toml"
-    good.write_text(table.replace("{fc}", "dense_after_flatten"))
-    bad.write_text(table.replace("{fc}", "dense"))
+    good.write_text(tiny_table("dense_after_flatten"))
+    bad.write_text(tiny_table("dense"))
     for tbl, expect in ((good, True), (bad, False)):
         out = converter.convert(src, mapping=tbl).save(tmp_path / f"{tbl.stem}.safetensors")
         report = verify(src, out, mapping=tbl, device="cpu")
