@@ -37,7 +37,9 @@ class HeadPlan:
             return True
         return False
 
-    def fresh_tensors(self, tman: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, np.ndarray]:
+    def fresh_tensors(
+        self, target_manifest: dict[str, Any], kwargs: dict[str, Any]
+    ) -> dict[str, np.ndarray]:
         import torch
 
         from .model import build_target
