@@ -59,6 +59,8 @@ def command(path, src_format, show_tensors, as_json) -> int:
             f"  architecture: {info['architecture'] or 'not a shipped one'}; layer config from:"
             f" {info['config_origin']}"
         )
+        if info.get("refused"):
+            console.print(f"  recognised: {info['architecture']} (refused: {info['refused']})")
         if info.get("family"):
             console.print(
                 f"  family: {info['family']} (table {info['table']}), variant {info['variant']}; "
