@@ -93,3 +93,19 @@ def test_good_refusals_file_loads(tmp_path):
     refusals = load_refusals(path)
     assert list(refusals) == ["keras:ResNet50V2"]
     assert refusals.get("keras:ResNet50V2").closest == "timm:resnetv2_50"
+
+
+def test_a_users_table_takes_precedence_over_the_refusal(tmp_path, capsys):
+    """The refusal is what convert says when no table fits; a --mapping table for the refused
+    source is used instead (here one that maps nothing, so mapping fails later, differently)."""
+    fx = _fixture("keras:ResNet50V2")
+    table = tmp_path / "mine.toml"
+    table.write_text(
+        '[table]\nid = "mine"\nversion = 1\n[[variants]]\nsource = "keras:ResNet50V2"\n'
+        'target = "timm:resnetv2_50"\n'
+    )
+    for fmt in FORMATS:
+        out = tmp_path / f"{fmt}.safetensors"
+        rc, _, err = run_cli(["convert", fx["files"][fmt], "--mapping", table, "-o", out], capsys)
+        assert_clean_error(rc, err, "conv1_conv", out=out)
+        assert "no exact PyTorch twin" not in err
