@@ -8,6 +8,7 @@ from typing import Any
 
 from . import formats
 from .errors import ConverterError
+from .refusals import refusal_for
 from .source import resolve_source
 from .tables import builtin_tables
 
@@ -78,4 +79,11 @@ def _family(manifest_id: str | None) -> dict[str, Any]:
                 "variant": manifest_id,
                 "targets": targets,
             }
-    return {"family": None, "table": None, "variant": manifest_id, "targets": []}
+    refusal = refusal_for(manifest_id)
+    return {
+        "family": None,
+        "table": None,
+        "variant": manifest_id,
+        "targets": [],
+        **({"refused": refusal.reason} if refusal else {}),
+    }

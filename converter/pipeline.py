@@ -16,6 +16,7 @@ from .formats import RawCheckpoint, RawTensor
 from .errors import InvalidTensorError, MappingError, UnknownArchitectureError
 from .ledger import TargetLedger, check_finite, listing
 from .manifest import load_manifest, manifest_path, target_manifest_from_model
+from .refusals import refusal_for
 from .preprocessing import preprocessing_spec
 from .specs import parse_spec, same_spec
 from .source import SourceLayer, SourceModel, resolve_source
@@ -100,6 +101,9 @@ def select(tables: list[Table], source: SourceModel, to: str | None) -> tuple[Ta
         or (v.source is None and _covers(t, source))
     ]
     label = f"{source.raw.path} ({source.manifest_id or 'unrecognised architecture'})"
+    refusal = refusal_for(source.manifest_id)
+    if not candidates and refusal:
+        raise UnknownArchitectureError(refusal.message(label))
     if not candidates:
         raise UnknownArchitectureError(
             f"{label}: no mapping table fits this source; `ckptport archs` lists the tables, "

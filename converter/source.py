@@ -27,6 +27,7 @@ from .errors import (
 from .formats import RawCheckpoint, RawTensor
 from .keras_layers import KERAS_LAYERS, canonical_attr, var_names
 from .manifest import load_manifest
+from .refusals import refused_manifests
 from .nesting import (
     Head,
     HeadSpec,
@@ -633,6 +634,8 @@ def resolve_source(
         )
     tables = builtin_tables() if tables is None else tables
     manifests = source_manifests(tables)
+    known = {man["id"] for man in manifests}
+    manifests += [man for man in refused_manifests() if man["id"] not in known]  # tried last
     model_manifest = _source_model_manifest(source_model) if source_model else None
     return resolve(raw, manifests, model_manifest, head_specs(tables))
 

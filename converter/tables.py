@@ -324,9 +324,14 @@ def _head(p: Path, data: dict[str, Any]) -> dict[str, Any]:
 TABLES: Registry[Table] = Registry("mapping table")
 
 
+NOT_TABLES = (
+    "refusals.toml",
+)  # data beside the tables that is not a table (converter/refusals.py)
+
+
 def builtin_table_paths() -> list[Path]:
     root = Path(str(resources.files("converter.mappings")))
-    return sorted(root.glob("*.toml"))
+    return sorted(p for p in root.glob("*.toml") if p.name not in NOT_TABLES)
 
 
 @lru_cache(maxsize=1)

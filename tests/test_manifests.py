@@ -124,6 +124,7 @@ BN_FACTS = {
     "InceptionV3": (0.99, 1e-3, True, False),
     "DenseNet": (0.99, 1.001e-5, True, True),
     "VGG": None,  # no BatchNormalization at all
+    "NASNet": (0.9997, 1e-3, True, True),  # refused (mappings/refusals.toml), recognised
 }
 BN_FREE_TARGETS = {"torchvision:vgg16", "torchvision:vgg19"}
 

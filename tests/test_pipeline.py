@@ -25,6 +25,7 @@ from converter.ledger import TargetLedger
 from converter.pipeline import ConversionResult, dry_run
 from converter.preprocessing import PREPROCESSING, Affine, preprocessing_spec
 from converter.registry import Registry
+from converter.refusals import builtin_refusals
 from converter.source import SourceLayer, resolve_source
 from converter.tables import builtin_tables, load_table
 
@@ -225,9 +226,9 @@ def test_convert_inspect_and_keras_runner_resolve_through_resolve_source(tmp_pat
         keras_runner.run(args)
     assert direct.manifest_id == info["architecture"] == result.source_arch == "keras:ResNet50"
     assert len(calls) == 4 and all(call == calls[0] for call in calls)
-    assert calls[0][0] == list(
-        dict.fromkeys(v.source for t in builtin_tables() for v in t.variants if v.source)
-    )
+    tabled = list(dict.fromkeys(v.source for t in builtin_tables() for v in t.variants if v.source))
+    refused = [mid for mid in builtin_refusals() if mid not in tabled]  # recognised, tried last
+    assert refused and calls[0][0] == tabled + refused
 
 
 def test_resolve_source_refuses_pytorch_side_files(tmp_path):

@@ -67,6 +67,8 @@ def _source_lines(info: dict) -> list[str]:
         f"architecture: {info['architecture'] or 'not a shipped one'}; layer config from:"
         f" {info['config_origin']}"
     ]
+    if info.get("refused"):
+        lines.append(f"recognised: {info['architecture']} (refused: {info['refused']})")
     if info.get("family"):
         lines.append(
             f"family: {info['family']} (table {info['table']}), variant {info['variant']}; "
