@@ -30,8 +30,6 @@ def _configure_tf(device: str) -> None:
 
 
 def _build(source, manifest, source_model: str | None, size: int | None):
-    import keras
-
     from .errors import VerificationError
 
     if source_model:
@@ -39,12 +37,9 @@ def _build(source, manifest, source_model: str | None, size: int | None):
 
         return call_factory(source_model, "--source-model")
     if source.raw.model_config is not None:
-        try:
-            return keras.models.model_from_json(json.dumps(source.raw.model_config))
-        except Exception as exc:
-            raise VerificationError(
-                f"{source.raw.path}: Keras cannot rebuild the stored model config: {exc}"
-            ) from None
+        from .keras_config import rebuild
+
+        return rebuild(source.raw.model_config, source.raw.path)
     if manifest is None:
         raise VerificationError(
             f"{source.raw.path}: no model config and no manifest; pass --source-model"
