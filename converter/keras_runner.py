@@ -30,8 +30,6 @@ def _configure_tf(device: str) -> None:
 
 
 def _build(source, manifest, source_model: str | None, size: int | None):
-    import keras
-
     from .errors import VerificationError
 
     if source_model:
@@ -39,12 +37,9 @@ def _build(source, manifest, source_model: str | None, size: int | None):
 
         return call_factory(source_model, "--source-model")
     if source.raw.model_config is not None:
-        try:
-            return keras.models.model_from_json(json.dumps(source.raw.model_config))
-        except Exception as exc:
-            raise VerificationError(
-                f"{source.raw.path}: Keras cannot rebuild the stored model config: {exc}"
-            ) from None
+        from .keras_config import rebuild
+
+        return rebuild(source.raw.model_config, source.raw.path)
     if manifest is None:
         raise VerificationError(
             f"{source.raw.path}: no model config and no manifest; pass --source-model"
@@ -148,7 +143,43 @@ def _as_list(outs) -> list:
 
 
 def run(args: argparse.Namespace) -> None:
+    """Rebuild the source, load ckptport's weights into it, tap it (and take one training step
+    when asked) and write the reference file."""
     from . import formats
+
+    source, manifest = _resolve(args)
+    x = np.load(args.inputs).astype("float32")
+    taps = json.loads(Path(args.taps).read_text())
+    _configure_tf(args.device)
+    import keras
+
+    from .manifest import flat_layers
+
+    model = _build(source, manifest, args.source_model, x.shape[1])
+    live = _load_weights(model, source)
+    by_name = {layer.name: layer for _, layer in flat_layers(model)}
+    tensors, t_run = _inference_tensors(model, [by_name[live.get(src, src)] for src, _ in taps], x)
+    bn_info = {}
+    if args.train_step:
+        bn_info = _train_step(model, x, {v: k for k, v in live.items()}, tensors)
+    meta = {
+        "ckptport.reference": "1",
+        "taps": json.dumps(taps),
+        "source.file": source.raw.path.name,
+        "source.sha256": source.raw.sha256,
+        "source.arch": source.manifest_id or "",
+        "keras.version": keras.__version__,
+        "final_activation": str(_final_activation(model) or "linear"),
+        "train_step": json.dumps(bn_info) if args.train_step else "",
+        "timing.source_run_s": f"{t_run:.6f}",
+        "device": "cpu" if args.device == "cpu" else "auto",
+    }
+    formats.write(args.out, tensors, meta, format="safetensors", force=True)
+    assert "torchvision" not in sys.modules, "torchvision must never be imported next to Keras"
+
+
+def _resolve(args: argparse.Namespace):
+    """The source as ckptport resolves it (the same path for every format) and its manifest."""
     from .manifest import load_manifest
     from .source import resolve_source
     from .tables import load_tables
@@ -158,75 +189,60 @@ def run(args: argparse.Namespace) -> None:
     source = resolve_source(
         args.src, load_tables(args.mapping), source_model=args.source_model, format=args.format
     )
-    raw = source.raw
-    manifest = load_manifest(source.manifest_id) if source.manifest_id else None
-    x = np.load(args.inputs).astype("float32")
-    taps = json.loads(Path(args.taps).read_text())
-    _configure_tf(args.device)
-    import keras
+    return source, load_manifest(source.manifest_id) if source.manifest_id else None
 
-    model = _build(source, manifest, args.source_model, x.shape[1])
-    live = _load_weights(model, source)
-    from .manifest import flat_layers
 
-    by_name = {layer.name: layer for _, layer in flat_layers(model)}
-    tap_layers = [by_name[live.get(src, src)] for src, _ in taps]
+def _final_activation(model) -> str | None:
     last = model.layers[-1]
-    final_act = last.get_config().get("activation") if hasattr(last, "get_config") else None
+    return last.get_config().get("activation") if hasattr(last, "get_config") else None
+
+
+def _inference_tensors(model, tap_layers: list, x: np.ndarray) -> tuple[dict, float]:
+    """Input, logits and ``tap/<i>`` outputs (eval mode), and the seconds the run took."""
     t0 = time.perf_counter()
     outs = _tap_outputs(model, tap_layers, x)
     t_run = time.perf_counter() - t0
     tensors = {"input": x, "logits": np.asarray(outs[-1], np.float32)}
     for i, o in enumerate(outs[:-1]):
         tensors[f"tap/{i}"] = np.asarray(o, np.float32)
+    return tensors, t_run
+
+
+def _train_step(model, x: np.ndarray, file_names: dict[str, str], tensors: dict) -> dict:
+    """One training-mode forward pass (only BatchNorm in training mode: dropout off): each BN's
+    batch statistics and moving statistics before/after go to ``tensors`` under ``bn/<file
+    layer name>/``; returns each BN's count, momentum and epsilon."""
+    import keras
+
+    for lay in model.layers:
+        if hasattr(lay, "rate"):
+            lay.rate = 0.0
+    bns = [lay for lay in model.layers if type(lay).__name__ == "BatchNormalization"]
+    if not bns:  # a BN-free model (VGG): no update to compare
+        return {}
+    before = {b.name: (b.moving_mean.numpy().copy(), b.moving_variance.numpy().copy()) for b in bns}
+    step = keras.Model(model.inputs, [b.input for b in bns] + [b.output for b in bns])
+    feats = step(x, training=True)
     bn_info = {}
-    if args.train_step:
-        for lay in model.layers:  # only BatchNorm is in training mode: dropout off
-            if hasattr(lay, "rate"):
-                lay.rate = 0.0
-        bns = [lay for lay in model.layers if type(lay).__name__ == "BatchNormalization"]
-        before = {
-            b.name: (b.moving_mean.numpy().copy(), b.moving_variance.numpy().copy()) for b in bns
-        }
-        step = (
-            keras.Model(model.inputs, [b.input for b in bns] + [b.output for b in bns])
-            if bns
-            else None
+    for b, inp in zip(bns, feats[: len(bns)]):
+        a = np.asarray(inp, np.float64)
+        axes = tuple(range(a.ndim - 1))
+        name = file_names.get(b.name, b.name)
+        tensors[f"bn/{name}/batch_mean"] = a.mean(axis=axes).astype(np.float32)
+        tensors[f"bn/{name}/batch_var"] = a.var(axis=axes).astype(np.float32)  # biased, as Keras
+        mean, var = before[b.name]
+        tensors[f"bn/{name}/moving_mean_before"], tensors[f"bn/{name}/moving_var_before"] = (
+            mean,
+            var,
         )
-        feats = step(x, training=True) if bns else []  # a BN-free model (VGG): no update to compare
-        inv = {v: k for k, v in live.items()}
-        for b, inp in zip(bns, feats[: len(bns)]):
-            a = np.asarray(inp, np.float64)
-            axes = tuple(range(a.ndim - 1))
-            name = inv.get(b.name, b.name)
-            tensors[f"bn/{name}/batch_mean"] = a.mean(axis=axes).astype(np.float32)
-            tensors[f"bn/{name}/batch_var"] = a.var(axis=axes).astype(
-                np.float32
-            )  # biased: what Keras uses
-            tensors[f"bn/{name}/moving_mean_before"], tensors[f"bn/{name}/moving_var_before"] = (
-                before[b.name]
-            )
-            tensors[f"bn/{name}/moving_mean_after"] = b.moving_mean.numpy()
-            tensors[f"bn/{name}/moving_var_after"] = b.moving_variance.numpy()
-            bn_info[name] = {
-                "n": int(np.prod([a.shape[i] for i in axes])),
-                "momentum": float(b.momentum),
-                "epsilon": float(b.epsilon),
-            }
-    meta = {
-        "ckptport.reference": "1",
-        "taps": json.dumps(taps),
-        "source.file": raw.path.name,
-        "source.sha256": raw.sha256,
-        "source.arch": source.manifest_id or "",
-        "keras.version": keras.__version__,
-        "final_activation": str(final_act or "linear"),
-        "train_step": json.dumps(bn_info) if args.train_step else "",
-        "timing.source_run_s": f"{t_run:.6f}",
-        "device": "cpu" if args.device == "cpu" else "auto",
-    }
-    formats.write(args.out, tensors, meta, format="safetensors", force=True)
-    assert "torchvision" not in sys.modules, "torchvision must never be imported next to Keras"
+        tensors[f"bn/{name}/moving_mean_after"] = b.moving_mean.numpy()
+        tensors[f"bn/{name}/moving_var_after"] = b.moving_variance.numpy()
+        bn_info[name] = {
+            "n": int(np.prod([a.shape[i] for i in axes])),
+            "momentum": float(b.momentum),
+            "epsilon": float(b.epsilon),
+        }
+    return bn_info
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -164,7 +164,9 @@ def test_rich_user_head_refused(tmp_path, capsys):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("case,fmt", [("functional", "keras"), ("sequential", "tf-checkpoint")])
+@pytest.mark.parametrize(
+    "case,fmt", [("functional", "keras"), ("sequential", "tf-checkpoint"), ("sequential", "h5")]
+)
 def test_verify_nested(case, fmt, tmp_path):
     from converter.verification import verify
 

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import converter
-from helpers import ROOT, keras_build_args, make_keras_fixture, make_tiny_keras, tiny_table
+from helpers import (ROOT, assert_clean_error, keras_build_args, make_keras_fixture, make_tiny_keras, run_cli,
+                     tiny_table)
 from converter import formats
 from converter.cli import main
 from converter.tables import builtin_tables
@@ -242,3 +243,68 @@ except ConverterError as e:
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0 and "REFUSED True" in proc.stdout, proc.stderr[-2000:]
+
+
+# ------------------------------------------------ legacy .h5 (model.save("x.h5")): config rebuilt
+def legacy_h5(tmp_path: Path, edit=None) -> Path:
+    """A copy of the MobileNetV3Small legacy .h5 (saved by Keras 3), its stored model config edited
+    by ``edit(config)`` (the weights untouched)."""
+    import h5py
+
+    fn, kw, inp = keras_build_args("keras:MobileNetV3Small")
+    src = Path(make_keras_fixture(fn, kw, inp, ["keras", "weights.h5", "h5"])["files"]["h5"])
+    dst = tmp_path / "model.h5"
+    dst.write_bytes(src.read_bytes())
+    if edit:
+        with h5py.File(dst, "r+") as f:
+            config = json.loads(f.attrs["model_config"])
+            edit(config)
+            f.attrs["model_config"] = json.dumps(config).encode()
+    return dst
+
+
+def _as_keras_2_0(config: dict) -> None:
+    assert config["class_name"] == "Functional"
+    config["class_name"] = "Model"  # Keras 2.0-2.2 named functional models `Model`
+
+
+@pytest.mark.parametrize("edit", [None, _as_keras_2_0], ids=["keras3", "class-Model"])
+def test_verify_legacy_h5(edit, tmp_path):
+    """Keras 3 writes its functional ops (MobileNetV3's `x + 3.0`) to a legacy config without their
+    module: Keras' own legacy loader takes them for merge layers; verify rebuilds them as ops."""
+    src = legacy_h5(tmp_path, edit)
+    out = converter.convert(src).save(tmp_path / "m.safetensors")
+    report = verify(src, out, device="cpu")
+    assert report.passed and report.layers, report.first_divergent
+
+
+SENTINEL_CODE = "lambda x: open({path!r}, 'w').write('executed') and x"
+
+
+def _with_layer(class_name: str, sentinel: Path):
+    """Edit: the first Activation layer replaced by ``class_name`` holding Keras 2's marshalled
+    lambda (which would write ``sentinel`` if it were ever loaded and called)."""
+    import base64
+    import marshal
+
+    fn = eval(SENTINEL_CODE.format(path=str(sentinel)))
+    code = base64.encodebytes(marshal.dumps(fn.__code__)).decode("ascii")
+
+    def edit(config):
+        entry = next(e for e in config["config"]["layers"] if e["class_name"] == "Activation")
+        entry["class_name"] = class_name
+        entry["config"].pop("activation")
+        entry["config"].update(function=[code, None, None], function_type="lambda", arguments={})
+        return entry["name"]
+
+    return edit
+
+
+@pytest.mark.parametrize("class_name", ["Lambda", "MyCustomLayer"])
+def test_verify_legacy_h5_refuses_code_layers(class_name, tmp_path, capsys):
+    sentinel = tmp_path / "lambda-ran"
+    src = legacy_h5(tmp_path, _with_layer(class_name, sentinel))
+    out = converter.convert(src).save(tmp_path / "m.safetensors")
+    rc, _, err = run_cli(["verify", src, out, "--device", "cpu"], capsys)
+    assert_clean_error(rc, err, "layer 'activation'", f"({class_name})", "--source-model")
+    assert not sentinel.exists()
