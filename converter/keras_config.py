@@ -1,11 +1,12 @@
-"""Rebuild the Keras model a file's stored config describes, never executing model code. Keras side
-of verification only (imported by ``converter.keras_runner``, in its own process).
+"""Rebuild the Keras model a file's stored config describes, never executing model code. Keras side of
+verification only (imported by ``converter.keras_runner``, in its own process).
 
 A ``.keras`` config goes through Keras' deserializer; a legacy ``.h5`` config
 (``model.save("x.h5")`` in Keras 2 or 3) the way Keras' own legacy loader reads it
-(keras/src/legacy/saving: the legacy config scope and ``saving_utils.model_from_config``, which
-also knows Keras 2.0-2.2's ``Model``), both in Keras' safe mode. Before that every layer is checked: a layer that runs stored Python code
-or TensorFlow ops (Lambda, TFOpLambda) or a class Keras does not ship is refused, naming the layer.
+(keras/src/legacy/saving: the legacy config scope and ``saving_utils.model_from_config``, which also
+knows Keras 2.0-2.2's ``Model``), both in Keras' safe mode. Before that every layer is checked: a
+layer that runs stored Python code or TensorFlow ops (Lambda, TFOpLambda) or a class Keras does not
+ship is refused, naming the layer.
 
 One gap of Keras' legacy loader is filled: Keras 3 writes a functional op (``x + 3.0`` in
 MobileNetV3) to a legacy config without the module a ``.keras`` config records, so the legacy loader
