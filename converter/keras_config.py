@@ -1,5 +1,5 @@
-"""Rebuild the Keras model a file's stored config describes, never executing model code. Keras side of
-verification only (imported by ``converter.keras_runner``, in its own process).
+"""Rebuild the Keras model a file's stored config describes, never executing model code. Keras side
+of verification only (imported by ``converter.keras_runner``, in its own process).
 
 A ``.keras`` config goes through Keras' deserializer; a legacy ``.h5`` config
 (``model.save("x.h5")`` in Keras 2 or 3) the way Keras' own legacy loader reads it
