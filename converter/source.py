@@ -8,8 +8,10 @@ manifest: a shipped one found by structural match, or one made from a model the 
 
 from __future__ import annotations
 
+import json
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -597,15 +599,99 @@ def resolve(
                 f"{raw.path}: weights do not match the file's own model config ({exc})"
             ) from None
         return _described(raw, layers, manifests, heads, "file", skel.nesting)
-    for man in manifests:
+    for n, man in enumerate(manifests):
         found = _fit_manifest(raw, man, heads.get(man["id"]))
         if found is not None:
-            return found
+            return _disambiguated(raw, found, man, manifests[n + 1 :], heads)
     raise UnknownArchitectureError(
         f"{raw.path} ({raw.format}, {len(raw.tensors)} tensors) stores no model config and matches"
         f" no known architecture ({len(manifests)} tried); pass --source-model module:function that"
         " builds the Keras model, or --mapping with a table for it"
     )
+
+
+def computation_key(layers: list[Any]) -> list[tuple[str, str]]:
+    """What a manifest's layers compute besides their weights: each layer's class and config (its
+    name and the input layer aside). Two builds with the same weights can differ here
+    (EfficientNetV2 with and without its Rescaling/Normalization)."""
+    return [
+        (
+            lay.class_name,
+            json.dumps({k: v for k, v in lay.config.items() if k != "name"}, sort_keys=True),
+        )
+        for lay in layers
+        if lay.class_name != "InputLayer"
+    ]
+
+
+def _disambiguated(
+    raw: RawCheckpoint,
+    found: SourceModel,
+    man: dict[str, Any],
+    others: list[dict[str, Any]],
+    heads: dict[str, HeadSpec],
+) -> SourceModel:
+    """``found`` (the file read as ``man``), unless the file fits later shipped architectures too
+    that compute differently (the same weights, other layers or settings): then the one the file's
+    own layer list names (a ``.weights.h5`` lists every layer), else a refusal naming them, what
+    tells them apart and how to say which it is. Twins that compute the same are fine."""
+    skel = skeleton_from_manifest(man)
+    key, computes = structure_key(skel), computation_key(skel)
+    fits = [(man["id"], skel, found)]
+    for other_man in others:
+        other = skeleton_from_manifest(other_man)
+        if structure_key(other) != key or computation_key(other) == computes:
+            continue
+        fit = _fit_manifest(raw, other_man, heads.get(other_man["id"]))
+        if fit is not None:
+            fits.append((other_man["id"], other, fit))
+    if len(fits) == 1:
+        return found
+    listed = _by_listed_layers(raw, fits)
+    if listed is not None:
+        return listed
+    raise UnknownArchitectureError(
+        f"{raw.path} ({raw.format}) stores no model config and fits"
+        f" {', '.join(i for i, _, _ in fits)}: the same weights, computed differently"
+        f" ({_difference(*fits[0][:2], *fits[1][:2])}); convert the model's .keras file"
+        " (model.save) or pass --source-model module:function that builds it"
+    )
+
+
+def _by_listed_layers(
+    raw: RawCheckpoint, fits: list[tuple[str, list[LayerSkeleton], SourceModel]]
+) -> SourceModel | None:
+    """The one candidate whose layer classes agree with the layers a ``.weights.h5`` lists (its
+    group keys name every layer, weighted or not, by class: ``conv2d_3``), counted where the
+    candidates differ."""
+    if not raw.group_names or any("/" in g for g in raw.group_names):
+        return None
+    listed = Counter(re.sub(r"_\d+$", "", g) for g in raw.group_names)
+    counts = [Counter(snake_case(s.class_name) for s in skel) for _, skel, _ in fits]
+    differ = {c for cnt in counts for c in cnt if len({n[c] for n in counts}) > 1}
+    keep = [f for f, cnt in zip(fits, counts) if all(cnt[c] == listed[c] for c in differ)]
+    return keep[0][2] if len(keep) == 1 else None
+
+
+def _difference(a_id: str, a: list[LayerSkeleton], b_id: str, b: list[LayerSkeleton]) -> str:
+    """What two manifests with the same weights differ in: layers only one has, or the first
+    layer configured differently."""
+    names_a, names_b = {s.name for s in a}, {s.name for s in b}
+    only_a = [s.name for s in a if s.name not in names_b and s.class_name != "InputLayer"]
+    only_b = [s.name for s in b if s.name not in names_a and s.class_name != "InputLayer"]
+    if only_a or only_b:
+        return "; ".join(
+            f"only {i} has {', '.join(names)}"
+            for i, names in ((a_id, only_a), (b_id, only_b))
+            if names
+        )
+    by_name = {s.name: s for s in b}
+    for s in a:
+        if s.class_name != "InputLayer" and computation_key([s]) != computation_key(
+            [by_name[s.name]]
+        ):
+            return f"layer {s.name} is configured differently"
+    return "their layers differ"
 
 
 def _described(
@@ -704,12 +790,28 @@ def _matching_manifest(
     manifests: list[dict[str, Any]],
     heads: dict[str, HeadSpec] | None = None,
 ) -> str | None:
+    """The shipped manifest whose weighted layers the source's match; of several (the same weights,
+    other layers: EfficientNetV2 without its preprocessing), the one whose layer classes agree
+    with the source's longest from the input on."""
     heads = heads or {}
+    found = []
     for man in manifests:
         spec = heads.get(man["id"])
-        if structure_key(skeleton_from_manifest(man), spec) == structure_key(layers, spec):
-            return man["id"]
-    return None
+        skel = skeleton_from_manifest(man)
+        if structure_key(skel, spec) == structure_key(layers, spec):
+            found.append((_common_prefix(_classes(skel), _classes(layers)), -len(found), man["id"]))
+    return max(found)[2] if found else None
+
+
+def _classes(layers: list[Any]) -> list[str]:
+    return [lay.class_name for lay in layers if lay.class_name != "InputLayer"]
+
+
+def _common_prefix(a: list[str], b: list[str]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 # ------------------------------------------------------------------ one entry point
