@@ -21,6 +21,8 @@ from helpers import (
 from converter.model import load_model
 
 OFFSET_GENERATOR = ROOT / "fixtures" / "keras_offset.py"
+# with a config (renumbered), group keys + name attributes, legacy and TF1 names (rank-matched)
+OFFSET_FORMATS = ["keras", "h5", "weights.h5", "h5-weights", "tf-names"]
 CONFIGLESS = ["weights.h5", "h5-weights", "tf-checkpoint", "savedmodel"]
 
 
@@ -53,15 +55,13 @@ def test_auto_names_never_matched_by_position():
 @pytest.fixture(scope="module")
 def inception():
     fn, kwargs, inp = keras_build_args("keras:InceptionV3")
-    offset = make_keras_fixture(
-        fn, kwargs, inp, ["keras", "weights.h5", "h5"], generator=OFFSET_GENERATOR
-    )
+    offset = make_keras_fixture(fn, kwargs, inp, OFFSET_FORMATS, generator=OFFSET_GENERATOR)
     canonical = make_keras_fixture(fn, kwargs, inp, ["keras"])
     assert np.array_equal(offset["logits"], canonical["logits"])  # the same model, names aside
     return offset, converter.convert(canonical["files"]["keras"])
 
 
-@pytest.mark.parametrize("fmt", ["keras", "weights.h5", "h5"])
+@pytest.mark.parametrize("fmt", OFFSET_FORMATS)
 def test_offset_auto_names_convert_like_a_fresh_session(inception, fmt, tmp_path):
     offset, canonical = inception
     result = converter.convert(offset["files"][fmt])
@@ -69,7 +69,7 @@ def test_offset_auto_names_convert_like_a_fresh_session(inception, fmt, tmp_path
     assert result.state_dict.keys() == canonical.state_dict.keys()
     for key, value in canonical.state_dict.items():
         assert result.state_dict[key].tobytes() == value.tobytes(), key
-    assert result.config_origin == ("manifest" if fmt == "weights.h5" else "file")
+    assert result.config_origin == ("file" if fmt in ("keras", "h5") else "manifest")
 
     def settings(bn: dict) -> dict:
         return {k: {**v, "config_origin": None} for k, v in bn.items()}
