@@ -114,3 +114,13 @@ def test_twin_told_apart_by_the_file(effv2_no_preprocessing, fmt):
     result = converter.convert(effv2_no_preprocessing["files"][fmt])
     assert result.source_arch == "keras:EfficientNetV2B0(include_preprocessing=False)"
     assert result.preprocessing["steps"] == []  # the default manifest would record two
+
+
+def test_offset_keras_verifies_layer_by_layer(inception, capsys, tmp_path):
+    # the Keras runner rebuilds the file's own model (offset names) and taps it by the canonical
+    # names the conversion used: auto names rank-matched, not by name (which would be off by one)
+    offset, _ = inception
+    out = converter.convert(offset["files"]["keras"]).save(tmp_path / "m.safetensors")
+    rc, stdout, err = run_cli(["verify", offset["files"]["keras"], out, "--rtol", "2e-3"], capsys)
+    assert rc == 0, err + stdout
+    assert "PASS: 189 layer pairs" in stdout + err
