@@ -198,9 +198,9 @@ def convert(
         head,
         progress,
     )
-    result.notes = source_head.notes
-    if source_head.notes:
-        result.metadata["notes"] = json.dumps(source_head.notes)
+    result.notes = source.notes + source_head.notes
+    if result.notes:
+        result.metadata["notes"] = json.dumps(result.notes)
     return result
 
 

@@ -8,8 +8,10 @@ manifest: a shipped one found by structural match, or one made from a model the 
 
 from __future__ import annotations
 
+import json
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -57,6 +59,7 @@ class SourceLayer:
     keys: dict[str, str] = field(default_factory=dict)  # var name -> key in the file
     index: int = 0
     scope: str = ""  # "": a layer of the model itself; else the nested model layer it is inside
+    file_name: str = ""  # the name the file gives it, when auto names were renumbered (else "")
 
     def load(self, var: str) -> np.ndarray:
         return self.weights[var].load()
@@ -82,6 +85,28 @@ class SourceModel:
     def head_layers(self) -> list[SourceLayer]:
         """The user's layers around a nested base (they are the head), else none."""
         return [lay for lay in self.layers if lay.scope == ""] if self.nesting else []
+
+    @property
+    def renamed(self) -> dict[str, str]:
+        """The file's auto names renumbered to the architecture's (file name -> name used)."""
+        return {lay.file_name: lay.name for lay in self.layers if lay.file_name}
+
+    @property
+    def notes(self) -> list[str]:
+        """What the user should know about how the source was read."""
+        if not self.renamed:
+            return []
+        by_base: dict[str, list[tuple[str, str]]] = {}
+        for old, new in self.renamed.items():
+            by_base.setdefault(re.sub(r"_\d+$", "", new), []).append((old, new))
+        shown = []
+        for pairs in by_base.values():
+            old, new = min(pairs, key=lambda p: auto_number(p[1]))
+            shown.append(f"{old} -> {new}" + (f" (+{len(pairs) - 1})" if len(pairs) > 1 else ""))
+        return [
+            "auto names renumbered (the model was built after other layers in its session):"
+            f" {', '.join(shown)}"
+        ]
 
     def layer(self, name: str) -> SourceLayer:
         for lay in self.layers:
@@ -124,6 +149,30 @@ def snake_case(name: str) -> str:
 
 def is_auto_name(name: str, class_name: str) -> bool:
     return re.fullmatch(re.escape(snake_case(class_name)) + r"(_\d+)?", name) is not None
+
+
+def auto_number(name: str) -> int:
+    """The number of an auto name: ``conv2d`` 0, ``conv2d_7`` 7 (Keras numbers the auto names of a
+    class session-wide, in creation order)."""
+    m = re.search(r"_(\d+)$", name)
+    return int(m[1]) if m else 0
+
+
+def canonical_auto_names(layers: list[Any]) -> dict[str, str]:
+    """Auto name -> the name it has in a fresh session, for ``layers`` (name, class_name): per
+    class, by number (creation order, not model order): ``conv2d_2, conv2d_3`` -> ``conv2d,
+    conv2d_1``. Only the names that change."""
+    by_base: dict[str, list[str]] = {}
+    for lay in layers:
+        if is_auto_name(lay.name, lay.class_name):
+            by_base.setdefault(snake_case(lay.class_name), []).append(lay.name)
+    out = {}
+    for base, names in by_base.items():
+        for k, name in enumerate(sorted(names, key=auto_number)):
+            new = base if k == 0 else f"{base}_{k}"
+            if new != name:
+                out[name] = new
+    return out
 
 
 def skeleton_from_config(model_config: dict[str, Any], label: Path) -> Skeleton:
@@ -204,6 +253,15 @@ class NoFit(Exception):
     """The skeleton does not fit the file (detection tries the next candidate)."""
 
 
+class Assignment(dict):
+    """What a resolver returns: tensor key -> (layer index, variable name), plus the file's auto
+    names it renumbered (file name -> skeleton name, see match_layer_names)."""
+
+    def __init__(self, items: dict[str, tuple[int, str]], renamed: dict[str, str] | None = None):
+        super().__init__(items)
+        self.renamed = renamed or {}
+
+
 def _by_name(skel: list[LayerSkeleton]) -> dict[str, int]:
     return {s.name: i for i, s in enumerate(skel)}
 
@@ -219,35 +277,56 @@ def _auto_names(skel: list[LayerSkeleton]) -> dict[str, int]:
     return out
 
 
-def match_layer_names(raw_names: list[str], skel: list[LayerSkeleton]) -> dict[str, int]:
-    """Layer names from a file -> skeleton indices. Given names match by name; Keras auto names
-    (``conv2d_3``) match by class, in order, so a file saved in another session still fits.
-    Raises NoFit for a name that fits no layer."""
+def match_layer_names(
+    raw_names: list[str], skel: list[LayerSkeleton], renamed: dict[str, str] | None = None
+) -> dict[str, int]:
+    """Layer names from a file -> skeleton indices. Given names match by name. Keras auto names
+    (``conv2d_3``) are numbered per class in creation order, session-wide: a class's auto names
+    match by name when the skeleton has them all, else by rank of their number when the counts
+    agree (a file saved after other layers were built in its session: ``conv2d_2`` -> ``conv2d``;
+    recorded in ``renamed``), else raise NoFit; never by position in the model's layer order."""
     by_name = _by_name(skel)
+    auto = _auto_indices(skel)
     out: dict[str, int] = {}
-    used: set[int] = set()
-    pending = []
+    pending: dict[str, list[str]] = {}
     for n in raw_names:
-        if n in by_name and not (
-            is_auto_name(n, skel[by_name[n]].class_name) and by_name[n] in used
-        ):
-            out[n] = by_name[n]
-            used.add(by_name[n])
-        else:
-            pending.append(n)
-    for n in pending:
         base = re.sub(r"_\d+$", "", n)
-        cands = [
-            i
-            for i, s in enumerate(skel)
-            if i not in used
-            and snake_case(s.class_name) == base
-            and is_auto_name(s.name, s.class_name)
-        ]
-        if not cands:
+        if base in auto:
+            pending.setdefault(base, []).append(n)
+        elif n in by_name:
+            out[n] = by_name[n]
+        else:
             raise NoFit(n)
-        out[n] = cands[0]
-        used.add(cands[0])
+    for base, names in pending.items():
+        out.update(_match_auto_names(base, names, auto[base], skel, renamed))
+    return out
+
+
+def _auto_indices(skel: list[LayerSkeleton]) -> dict[str, list[int]]:
+    """Auto-name base -> the skeleton's auto-named layers of that class, by number."""
+    out: dict[str, list[int]] = {}
+    for i, s in enumerate(skel):
+        if is_auto_name(s.name, s.class_name):
+            out.setdefault(snake_case(s.class_name), []).append(i)
+    return {b: sorted(idx, key=lambda i: auto_number(skel[i].name)) for b, idx in out.items()}
+
+
+def _match_auto_names(
+    base: str,
+    names: list[str],
+    indices: list[int],
+    skel: list[LayerSkeleton],
+    renamed: dict[str, str] | None,
+) -> dict[str, int]:
+    """One class's auto names from a file -> skeleton indices: by name, or by number rank."""
+    by_name = {skel[i].name: i for i in indices}
+    if all(n in by_name for n in names):
+        return {n: by_name[n] for n in names}
+    if len(names) != len(indices):
+        raise NoFit(f"{len(names)} {base} layers in the file, {len(indices)} in the model")
+    out = dict(zip(sorted(names, key=auto_number), indices))
+    if renamed is not None:
+        renamed.update({n: skel[i].name for n, i in out.items() if n != skel[i].name})
     return out
 
 
@@ -280,10 +359,14 @@ def _numbered_vars(
 
 
 def _match_scoped(
-    names: dict[str, tuple[str, str]], skel: list[LayerSkeleton], auto: bool = False
+    names: dict[str, tuple[str, str]],
+    skel: list[LayerSkeleton],
+    auto: bool = False,
+    renamed: dict[str, str] | None = None,
 ) -> dict[str, int]:
     """Item -> skeleton index, for items given as (scope, layer name): names are matched within
-    their scope (the model's own layers, or the nested model's); ``auto``: by Keras auto name."""
+    their scope (the model's own layers, or the nested model's); ``auto``: by Keras auto name
+    (the ``.weights.h5`` group keys: numbered per class in the model's layer order)."""
     out: dict[str, int] = {}
     for scope in sorted({sc for sc, _ in names.values()}):
         sub = [i for i, s in enumerate(skel) if s.scope == scope]
@@ -292,7 +375,7 @@ def _match_scoped(
             index = _auto_names([skel[i] for i in sub])
             out.update({k: sub[index[n]] for k, n in items.items() if n in index})
         else:
-            index = match_layer_names(sorted(set(items.values())), [skel[i] for i in sub])
+            index = match_layer_names(sorted(set(items.values())), [skel[i] for i in sub], renamed)
             out.update({k: sub[index[n]] for k, n in items.items()})
     return out
 
@@ -320,12 +403,27 @@ def _scope_of_path(parts: list[str], skel: list[LayerSkeleton], what: str) -> st
 def _resolve_weights_h5(
     raw: RawCheckpoint, skel: list[LayerSkeleton]
 ) -> dict[str, tuple[int, str]]:
-    names = {}
+    names, keys = {}, {}
     for g in {_group_of(k) for k in raw.tensors}:
         *outer, leaf = g.split("/layers/")
-        given = raw.group_names.get(g, leaf) if raw.group_names else leaf
-        names[g] = (_scope_of_path(outer, skel, g), given)
-    return _numbered_vars(raw, skel, _match_scoped(names, skel, auto=not raw.group_names))
+        scope = _scope_of_path(outer, skel, g)
+        names[g] = (scope, raw.group_names.get(g, leaf) if raw.group_names else leaf)
+        keys[g] = (scope, leaf)
+    renamed: dict[str, str] = {}
+    index = _match_scoped(names, skel, auto=not raw.group_names, renamed=renamed)
+    if renamed:
+        _check_group_keys(index, _match_scoped(keys, skel, auto=True), names)
+    return Assignment(_numbered_vars(raw, skel, index), renamed)
+
+
+def _check_group_keys(
+    by_name: dict[str, int], by_key: dict[str, int], names: dict[str, tuple[str, str]]
+) -> None:
+    """Renumbered auto names must land where the file's group keys (numbered per class in the
+    model's layer order) say: two independent readings of the same file, or NoFit."""
+    for g, i in by_name.items():
+        if by_key.get(g, i) != i:
+            raise NoFit(f"layers/{g} (named {names[g][1]}): name and group key disagree")
 
 
 @RESOLVERS.register("h5")
@@ -342,8 +440,9 @@ def _resolve_legacy_h5(raw: RawCheckpoint, skel: list[LayerSkeleton]) -> dict[st
         else:
             names[k] = ("", p[0])
         var[k] = p[-1].split(":")[0]
-    index = _match_scoped(names, skel)
-    return {k: (index[k], var[k]) for k in raw.tensors}
+    renamed: dict[str, str] = {}
+    index = _match_scoped(names, skel, renamed=renamed)
+    return Assignment({k: (index[k], var[k]) for k in raw.tensors}, renamed)
 
 
 _OBJ = re.compile(
@@ -383,9 +482,11 @@ def _resolve_tf(raw: RawCheckpoint, skel: list[LayerSkeleton]) -> dict[str, tupl
             raise NoFit(k)
     if named:
         layer_of = {k: k.rsplit("/", 1)[0] for k in named}
-        index = match_layer_names(sorted(set(layer_of.values())), skel)
+        renamed: dict[str, str] = {}
+        index = match_layer_names(sorted(set(layer_of.values())), skel, renamed)
         for k in named:
             out[k] = (index[layer_of[k]], k.rsplit("/", 1)[1].split(":")[0])
+        return Assignment(out, renamed)
     return out
 
 
@@ -437,6 +538,9 @@ def build_layers(raw: RawCheckpoint, skel: list[LayerSkeleton], origin: str) -> 
         SourceLayer(s.name, s.class_name, s.config, origin, index=i, scope=s.scope)
         for i, s in enumerate(skel)
     ]
+    file_names = {new: old for old, new in getattr(assignment, "renamed", {}).items()}
+    for s, lay in zip(skel, layers):
+        lay.file_name = file_names.get(s.name, "")
     for key in raw.tensors:
         if key not in assignment:
             raw.ignored.setdefault(key, "not a layer weight (e.g. a Dropout seed generator state)")
@@ -500,15 +604,99 @@ def resolve(
                 f"{raw.path}: weights do not match the file's own model config ({exc})"
             ) from None
         return _described(raw, layers, manifests, heads, "file", skel.nesting)
-    for man in manifests:
+    for n, man in enumerate(manifests):
         found = _fit_manifest(raw, man, heads.get(man["id"]))
         if found is not None:
-            return found
+            return _disambiguated(raw, found, man, manifests[n + 1 :], heads)
     raise UnknownArchitectureError(
         f"{raw.path} ({raw.format}, {len(raw.tensors)} tensors) stores no model config and matches"
         f" no known architecture ({len(manifests)} tried); pass --source-model module:function that"
         " builds the Keras model, or --mapping with a table for it"
     )
+
+
+def computation_key(layers: list[Any]) -> list[tuple[str, str]]:
+    """What a manifest's layers compute besides their weights: each layer's class and config (its
+    name and the input layer aside). Two builds with the same weights can differ here
+    (EfficientNetV2 with and without its Rescaling/Normalization)."""
+    return [
+        (
+            lay.class_name,
+            json.dumps({k: v for k, v in lay.config.items() if k != "name"}, sort_keys=True),
+        )
+        for lay in layers
+        if lay.class_name != "InputLayer"
+    ]
+
+
+def _disambiguated(
+    raw: RawCheckpoint,
+    found: SourceModel,
+    man: dict[str, Any],
+    others: list[dict[str, Any]],
+    heads: dict[str, HeadSpec],
+) -> SourceModel:
+    """``found`` (the file read as ``man``), unless the file fits later shipped architectures too
+    that compute differently (the same weights, other layers or settings): then the one the file's
+    own layer list names (a ``.weights.h5`` lists every layer), else a refusal naming them, what
+    tells them apart and how to say which it is. Twins that compute the same are fine."""
+    skel = skeleton_from_manifest(man)
+    key, computes = structure_key(skel), computation_key(skel)
+    fits = [(man["id"], skel, found)]
+    for other_man in others:
+        other = skeleton_from_manifest(other_man)
+        if structure_key(other) != key or computation_key(other) == computes:
+            continue
+        fit = _fit_manifest(raw, other_man, heads.get(other_man["id"]))
+        if fit is not None:
+            fits.append((other_man["id"], other, fit))
+    if len(fits) == 1:
+        return found
+    listed = _by_listed_layers(raw, fits)
+    if listed is not None:
+        return listed
+    raise UnknownArchitectureError(
+        f"{raw.path} ({raw.format}) stores no model config and fits"
+        f" {', '.join(i for i, _, _ in fits)}: the same weights, computed differently"
+        f" ({_difference(*fits[0][:2], *fits[1][:2])}); convert the model's .keras file"
+        " (model.save) or pass --source-model module:function that builds it"
+    )
+
+
+def _by_listed_layers(
+    raw: RawCheckpoint, fits: list[tuple[str, list[LayerSkeleton], SourceModel]]
+) -> SourceModel | None:
+    """The one candidate whose layer classes agree with the layers a ``.weights.h5`` lists (its
+    group keys name every layer, weighted or not, by class: ``conv2d_3``), counted where the
+    candidates differ."""
+    if not raw.group_names or any("/" in g for g in raw.group_names):
+        return None
+    listed = Counter(re.sub(r"_\d+$", "", g) for g in raw.group_names)
+    counts = [Counter(snake_case(s.class_name) for s in skel) for _, skel, _ in fits]
+    differ = {c for cnt in counts for c in cnt if len({n[c] for n in counts}) > 1}
+    keep = [f for f, cnt in zip(fits, counts) if all(cnt[c] == listed[c] for c in differ)]
+    return keep[0][2] if len(keep) == 1 else None
+
+
+def _difference(a_id: str, a: list[LayerSkeleton], b_id: str, b: list[LayerSkeleton]) -> str:
+    """What two manifests with the same weights differ in: layers only one has, or the first
+    layer configured differently."""
+    names_a, names_b = {s.name for s in a}, {s.name for s in b}
+    only_a = [s.name for s in a if s.name not in names_b and s.class_name != "InputLayer"]
+    only_b = [s.name for s in b if s.name not in names_a and s.class_name != "InputLayer"]
+    if only_a or only_b:
+        return "; ".join(
+            f"only {i} has {', '.join(names)}"
+            for i, names in ((a_id, only_a), (b_id, only_b))
+            if names
+        )
+    by_name = {s.name: s for s in b}
+    for s in a:
+        if s.class_name != "InputLayer" and computation_key([s]) != computation_key(
+            [by_name[s.name]]
+        ):
+            return f"layer {s.name} is configured differently"
+    return "their layers differ"
 
 
 def _described(
@@ -524,9 +712,40 @@ def _described(
     base = [lay for lay in layers if lay.scope == nesting.layer] if nesting else layers
     manifest_id = _matching_manifest(base, manifests, heads)
     spec = heads.get(manifest_id) if manifest_id else None
+    if manifest_id:
+        man = next(m for m in manifests if m["id"] == manifest_id)
+        _renumber_auto_names(raw, base, skeleton_from_manifest(man), spec, manifest_id)
     outer = [lay for lay in layers if lay.scope == ""] if nesting else base
     head = describe_head(outer, spec, nesting is not None, True)
     return SourceModel(raw, layers, manifest_id, origin, head, nesting)
+
+
+def _renumber_auto_names(
+    raw: RawCheckpoint,
+    layers: list[SourceLayer],
+    manifest: list[LayerSkeleton],
+    spec: HeadSpec | None,
+    manifest_id: str,
+) -> None:
+    """Give a source that matches a shipped architecture its canonical auto names (a model built
+    after other layers in its session has ``conv2d_2`` where the architecture has ``conv2d``): the
+    tables map by them. Renumbered per class by number (creation order); the weighted layers must
+    then carry the architecture's names in its order, else the mapping by name cannot be trusted."""
+    renamed = canonical_auto_names(layers)
+    got = [(renamed.get(lay.name, lay.name)) for lay in layers if lay.weights]
+    got = [n for n in got if not (spec and spec.is_top(n))]
+    want = [s.name for s in manifest if s.shapes and not (spec and spec.is_top(s.name))]
+    wrong = [(g, w) for g, w in zip(got, want) if g != w]
+    if wrong:
+        raise UnknownArchitectureError(
+            f"{raw.path}: matches {manifest_id} by structure, but its auto-named layers are not in"
+            f" its order ({wrong[0][0]} where {wrong[0][1]} is expected, renumbered); the tables"
+            " map by name: pass --source-model module:function, or --mapping with a table for it"
+        )
+    for lay in layers:
+        if lay.name in renamed:
+            lay.file_name, lay.name = lay.name, renamed[lay.name]
+            lay.config = {**lay.config, "name": lay.name}
 
 
 def _fit_manifest(
@@ -577,12 +796,28 @@ def _matching_manifest(
     manifests: list[dict[str, Any]],
     heads: dict[str, HeadSpec] | None = None,
 ) -> str | None:
+    """The shipped manifest whose weighted layers the source's match; of several (the same weights,
+    other layers: EfficientNetV2 without its preprocessing), the one whose layer classes agree
+    with the source's longest from the input on."""
     heads = heads or {}
+    found = []
     for man in manifests:
         spec = heads.get(man["id"])
-        if structure_key(skeleton_from_manifest(man), spec) == structure_key(layers, spec):
-            return man["id"]
-    return None
+        skel = skeleton_from_manifest(man)
+        if structure_key(skel, spec) == structure_key(layers, spec):
+            found.append((_common_prefix(_classes(skel), _classes(layers)), -len(found), man["id"]))
+    return max(found)[2] if found else None
+
+
+def _classes(layers: list[Any]) -> list[str]:
+    return [lay.class_name for lay in layers if lay.class_name != "InputLayer"]
+
+
+def _common_prefix(a: list[str], b: list[str]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 # ------------------------------------------------------------------ one entry point

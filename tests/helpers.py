@@ -24,8 +24,9 @@ GENERATOR = ROOT / "fixtures" / "keras_models.py"
 CACHE = Path(os.environ.get("CKPTPORT_TEST_CACHE", ROOT / ".pytest_cache" / "keras-fixtures"))
 
 
-def _gen_version() -> str:
-    return hashlib.sha256(GENERATOR.read_bytes()).hexdigest()[:12]
+def _gen_version(generator: Path = GENERATOR) -> str:
+    extra = generator.read_bytes() if generator != GENERATOR else b""
+    return hashlib.sha256(GENERATOR.read_bytes() + extra).hexdigest()[:12]
 
 
 def keras_build_args(manifest_id: str) -> tuple[str, dict, dict]:
@@ -42,18 +43,26 @@ def keras_build_args(manifest_id: str) -> tuple[str, dict, dict]:
 
 
 def make_keras_fixture(
-    fn: str, kwargs: dict, input_spec: dict, formats: list[str], seed: int = 0
+    fn: str,
+    kwargs: dict,
+    input_spec: dict,
+    formats: list[str],
+    seed: int = 0,
+    generator: Path = GENERATOR,
 ) -> dict:
     """Build (or reuse) a randomized Keras model saved in ``formats``; returns files.json plus the
-    reference input and logits. ``input_spec`` is the table's [input] (size, value range)."""
+    reference input and logits. ``input_spec`` is the table's [input] (size, value range);
+    ``generator``: a script taking keras_models.py's arguments (fixtures/keras_offset.py)."""
     size, (lo, hi) = input_spec["size"], input_spec["range"]
-    spec = [fn, kwargs, sorted(formats), size, lo, hi, seed, _gen_version()]
+    spec = [fn, kwargs, sorted(formats), size, lo, hi, seed, _gen_version(generator)]
+    if generator != GENERATOR:
+        spec.append(generator.name)
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     out = CACHE / f"{fn}-{key}"
     CACHE.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out) + ".lock"):
         if not (out / "files.json").exists():
-            cmd = [sys.executable, str(GENERATOR), "--build", fn, "--out", str(out)]
+            cmd = [sys.executable, str(generator), "--build", fn, "--out", str(out)]
             cmd += ["--size", str(size), "--seed", str(seed), "--formats", ",".join(formats)]
             cmd += [f"--range={lo},{hi}", *(f"--kw={k}={json.dumps(v)}" for k, v in kwargs.items())]
             proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -20,6 +20,7 @@ SOURCES = {m["id"]: m for m in (json.loads(p.read_text()) for p in FILES) if m.g
 SLOW = {f"keras:EfficientNetB{i}" for i in range(4, 8)} | {"keras:ResNet152", "keras:DenseNet201", "keras:VGG19"}
 SLOW |= {f"keras:EfficientNetV2{v}" for v in "SML"}
 SLOW |= {"keras:ResNet152V2", "keras:NASNetLarge"}  # refused sources (mappings/refusals.toml)
+SLOW |= {f"keras:EfficientNetV2{v}(include_preprocessing=False)" for v in "SML"}
 BN_KEYS = ("momentum", "epsilon", "center", "scale")
 PARAMS = [pytest.param(mid, marks=[pytest.mark.slow] if mid in SLOW else [], id=mid) for mid in sorted(SOURCES)]
 
