@@ -124,8 +124,11 @@ BN_FACTS = {
     "InceptionV3": (0.99, 1e-3, True, False),
     "DenseNet": (0.99, 1.001e-5, True, True),
     "VGG": None,  # no BatchNormalization at all
+    "ConvNeXt": None,  # LayerNormalization only (eps 1e-6 on both sides)
 }
 BN_FREE_TARGETS = {"torchvision:vgg16", "torchvision:vgg19"}
+BN_FREE_TARGETS |= {f"torchvision:convnext_{v}" for v in ("tiny", "small", "base", "large")}
+BN_FREE_TARGETS |= {f"timm:convnext_{v}" for v in ("tiny", "small", "base", "large", "xlarge")}
 
 
 @pytest.mark.parametrize("mid", sorted(SOURCES))
