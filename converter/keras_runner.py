@@ -91,7 +91,7 @@ def _load_weights(model, source) -> dict[str, str]:
     """Assign the resolved weights to the live model (a nested base's layers included); returns
     file layer name -> live layer name."""
     from .manifest import flat_layers, source_manifest_from_model
-    from .source import match_scoped_layers, skeleton_from_manifest
+    from .source import match_scoped_layers, skeleton_from_manifest, unnumbered_var
 
     live = skeleton_from_manifest(source_manifest_from_model(model, "live"))
     live_layers = [layer for _, layer in flat_layers(model)]
@@ -103,11 +103,11 @@ def _load_weights(model, source) -> dict[str, str]:
         klayer = live_layers[index[lay.name]]
         mapping[lay.name] = klayer.name
         for v in list(klayer._trainable_variables) + list(klayer._non_trainable_variables):
-            if v.name not in lay.weights:
+            if unnumbered_var(v.name) not in lay.weights:
                 from .errors import VerificationError
 
                 raise VerificationError(f"layer {lay.name}: the file has no variable {v.name}")
-            v.assign(lay.load(v.name).astype(v.dtype))
+            v.assign(lay.load(unnumbered_var(v.name)).astype(v.dtype))
         if hasattr(klayer, "finalize_state"):
             klayer.finalize_state()  # Normalization computes with a snapshot of its variables
     return mapping

@@ -19,6 +19,7 @@ TOL = 1e-4  # max abs error on logits, relative to the logits' standard deviatio
 SLOW_SOURCES = {f"keras:EfficientNetB{i}" for i in range(3, 8)} | {"keras:ResNet101", "keras:ResNet152"}
 SLOW_SOURCES |= {"keras:DenseNet201", "keras:VGG19"}  # the biggest; VGG19: 144M parameters, 575 MB
 SLOW_SOURCES |= {f"keras:EfficientNetV2{v}" for v in ("B3", "S", "M", "L")}
+SLOW_SOURCES |= {f"keras:ConvNeXt{v}" for v in ("Small", "Base", "Large", "XLarge")}  # 50M-350M params
 # Randomly initialised deep BN networks are chaotic: a 1e-7 perturbation (float32 rounding of
 # Keras' own Rescaling scale, of a folded BN mean) grows ~1000x by the logits. Measured on these
 # fixtures, PyTorch float32 vs float64 alone: ResNet152 1.2e-3, EfficientNet-B7 2.1e-4 of the logits'
@@ -55,7 +56,17 @@ FAMILY_REPRESENTATIVES = [
     "keras:DenseNet121",
     "keras:MobileNetV2",
     "keras:EfficientNetV2B0",
+    "keras:ConvNeXtTiny",
 ]
+# Known gaps (issue 8), held as strict xfails so that they are noticed once fixed. ConvNeXt nests its
+# stem and downsampling layers as Sequentials: a TF object checkpoint stores their layers at
+# model/_operations/<block op>/_functional/_operations/<j>, which the manifests (op_index inside the
+# block only) cannot place yet; the tf-names / tf-layer-with-weights fixtures are written from the
+# top-level layers only, so they lack the blocks' 16 tensors.
+KNOWN_GAPS = {
+    ("keras:ConvNeXtTiny", fmt): "ConvNeXt's nested Sequential blocks in TF checkpoints"
+    for fmt in ("tf-checkpoint", "tf-names", "tf-layer-with-weights")
+}
 FORMATS = ["keras", "weights.h5", "h5", "h5-weights", "tf-checkpoint", "tf-names", "tf-layer-with-weights", "savedmodel"]
 
 
@@ -114,8 +125,15 @@ def test_variant_end_to_end(table, variant, tmp_path):
         assert err < tol
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("source_id", FAMILY_REPRESENTATIVES)
+def _format_params():
+    for source_id in FAMILY_REPRESENTATIVES:
+        for fmt in FORMATS:
+            gap = KNOWN_GAPS.get((source_id, fmt))
+            marks = [pytest.mark.xfail(strict=True, reason=gap)] if gap else []
+            yield pytest.param(source_id, fmt, id=f"{source_id}-{fmt}", marks=marks)
+
+
+@pytest.mark.parametrize("source_id,fmt", list(_format_params()))
 def test_every_source_format(source_id, fmt, tmp_path):
     fn, kwargs, inp = keras_build_args(source_id)
     fx = make_keras_fixture(fn, kwargs, inp, FORMATS)
