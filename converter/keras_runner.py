@@ -121,7 +121,8 @@ def _tap_outputs(model, tap_layers: list, x: np.ndarray) -> list:
 
     from .manifest import flat_layers
 
-    inside = {id(layer) for scope, layer in flat_layers(model) if scope}
+    blocks = {lay.name for lay in model.layers if isinstance(lay, keras.Sequential)}
+    inside = {id(layer) for scope, layer in flat_layers(model) if scope and scope not in blocks}
     outer = [lay for lay in tap_layers if id(lay) not in inside]
     inner = [lay for lay in tap_layers if id(lay) in inside]
     outs = _as_list(
@@ -131,7 +132,9 @@ def _tap_outputs(model, tap_layers: list, x: np.ndarray) -> list:
     )
     got = dict(zip(map(id, outer), outs[:-1]))
     if inner:
-        base = next(lay for lay in model.layers if isinstance(lay, keras.Model))
+        base = next(
+            lay for lay in model.layers if isinstance(lay, keras.Model) and lay.name not in blocks
+        )
         got.update(
             zip(
                 map(id, inner),
@@ -169,7 +172,9 @@ def run(args: argparse.Namespace) -> None:
     live = _load_weights(model, source)
     from .manifest import flat_layers
 
-    by_name = {layer.name: layer for _, layer in flat_layers(model)}
+    # a nested Sequential block (ConvNeXt's stem) is tapped whole, by its own name
+    by_name = {layer.name: layer for layer in model.layers}
+    by_name.update({layer.name: layer for _, layer in flat_layers(model)})
     tap_layers = [by_name[live.get(src, src)] for src, _ in taps]
     last = model.layers[-1]
     final_act = last.get_config().get("activation") if hasattr(last, "get_config") else None

@@ -318,9 +318,12 @@ def _match_scoped(
 def match_scoped_layers(layers: list[SourceLayer], skel: list[LayerSkeleton]) -> dict[str, int]:
     """Source layer name -> skeleton index, the nested base's layers matched among the skeleton's
     nested layers and the user's among its own (what the Keras runner loads weights with)."""
-    nesting = getattr(skel, "nesting", None)
+    nesting, blocks = getattr(skel, "nesting", None), getattr(skel, "blocks", {})
     inner = nesting.layer if nesting else ""
-    return _match_scoped({lay.name: (inner if lay.scope else "", lay.name) for lay in layers}, skel)
+    scopes = {
+        lay.name: lay.scope if lay.scope in blocks else inner if lay.scope else "" for lay in layers
+    }
+    return _match_scoped({lay.name: (scopes[lay.name], lay.name) for lay in layers}, skel)
 
 
 def _scope_of_path(parts: list[str], skel: list[LayerSkeleton], what: str) -> str:
