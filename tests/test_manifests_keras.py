@@ -19,6 +19,7 @@ FILES = sorted(manifest_dir().glob("keras.*.json"))
 SOURCES = {m["id"]: m for m in (json.loads(p.read_text()) for p in FILES) if m.get("framework") == "keras"}
 SLOW = {f"keras:EfficientNetB{i}" for i in range(4, 8)} | {"keras:ResNet152", "keras:DenseNet201", "keras:VGG19"}
 SLOW |= {f"keras:EfficientNetV2{v}" for v in "SML"}
+SLOW |= {f"keras:ConvNeXt{v}" for v in ("Small", "Base", "Large", "XLarge")}  # 50M-350M parameters
 BN_KEYS = ("momentum", "epsilon", "center", "scale")
 PARAMS = [pytest.param(mid, marks=[pytest.mark.slow] if mid in SLOW else [], id=mid) for mid in sorted(SOURCES)]
 
