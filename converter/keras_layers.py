@@ -66,7 +66,8 @@ KERAS_LAYERS.add(
     "Normalization",
     LayerVars(_norm_vars, {"adapt_mean": "mean", "adapt_variance": "variance"}),
 )
-KERAS_LAYERS.add("LayerScale", LayerVars(lambda c: ["gamma"]))
+# keras.applications ConvNeXt's LayerScale (Keras 3) adds its one weight without a name
+KERAS_LAYERS.add("LayerScale", LayerVars(lambda c: ["variable"]))
 
 
 def var_names(class_name: str, config: dict[str, Any], n_found: int) -> list[str] | None:

@@ -86,7 +86,7 @@ def _load_weights(model, source) -> dict[str, str]:
     """Assign the resolved weights to the live model (a nested base's layers included); returns
     file layer name -> live layer name."""
     from .manifest import flat_layers, source_manifest_from_model
-    from .source import match_scoped_layers, skeleton_from_manifest
+    from .source import match_scoped_layers, skeleton_from_manifest, unnumbered_var
 
     live = skeleton_from_manifest(source_manifest_from_model(model, "live"))
     live_layers = [layer for _, layer in flat_layers(model)]
@@ -98,11 +98,11 @@ def _load_weights(model, source) -> dict[str, str]:
         klayer = live_layers[index[lay.name]]
         mapping[lay.name] = klayer.name
         for v in list(klayer._trainable_variables) + list(klayer._non_trainable_variables):
-            if v.name not in lay.weights:
+            if unnumbered_var(v.name) not in lay.weights:
                 from .errors import VerificationError
 
                 raise VerificationError(f"layer {lay.name}: the file has no variable {v.name}")
-            v.assign(lay.load(v.name).astype(v.dtype))
+            v.assign(lay.load(unnumbered_var(v.name)).astype(v.dtype))
         if hasattr(klayer, "finalize_state"):
             klayer.finalize_state()  # Normalization computes with a snapshot of its variables
     return mapping
@@ -116,7 +116,8 @@ def _tap_outputs(model, tap_layers: list, x: np.ndarray) -> list:
 
     from .manifest import flat_layers
 
-    inside = {id(layer) for scope, layer in flat_layers(model) if scope}
+    blocks = {lay.name for lay in model.layers if isinstance(lay, keras.Sequential)}
+    inside = {id(layer) for scope, layer in flat_layers(model) if scope and scope not in blocks}
     outer = [lay for lay in tap_layers if id(lay) not in inside]
     inner = [lay for lay in tap_layers if id(lay) in inside]
     outs = _as_list(
@@ -126,7 +127,9 @@ def _tap_outputs(model, tap_layers: list, x: np.ndarray) -> list:
     )
     got = dict(zip(map(id, outer), outs[:-1]))
     if inner:
-        base = next(lay for lay in model.layers if isinstance(lay, keras.Model))
+        base = next(
+            lay for lay in model.layers if isinstance(lay, keras.Model) and lay.name not in blocks
+        )
         got.update(
             zip(
                 map(id, inner),
@@ -157,7 +160,9 @@ def run(args: argparse.Namespace) -> None:
 
     model = _build(source, manifest, args.source_model, x.shape[1])
     live = _load_weights(model, source)
-    by_name = {layer.name: layer for _, layer in flat_layers(model)}
+    # a nested Sequential block (ConvNeXt's stem) is tapped whole, by its own name
+    by_name = {layer.name: layer for layer in model.layers}
+    by_name.update({layer.name: layer for _, layer in flat_layers(model)})
     tensors, t_run = _inference_tensors(model, [by_name[live.get(src, src)] for src, _ in taps], x)
     bn_info = {}
     if args.train_step:

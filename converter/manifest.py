@@ -129,7 +129,7 @@ def source_manifest_from_model(
                 "name": layer.name,
                 "class_name": type(layer).__name__,
                 "op_index": op_index.get((owner, id(layer))),
-                **({"scope": scope} if scope else {}),
+                **({"scope": scope, "scope_class": type(nested[scope]).__name__} if scope else {}),
                 "config": clean_config(layer.get_config()),
                 "vars": [
                     {"name": v.name, "shape": list(v.shape), "dtype": str(v.dtype)}

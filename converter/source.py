@@ -137,6 +137,9 @@ class Skeleton(list):
 
     flat: list[tuple[int, str]] | None = None
     nesting: Nesting | None = None
+    blocks: dict[str, str] = (
+        {}
+    )  # the model's own nested Sequentials (ConvNeXt's stem): name -> class
 
 
 def snake_case(name: str) -> str:
@@ -183,6 +186,13 @@ def skeleton_from_config(model_config: dict[str, Any], label: Path) -> Skeleton:
         if not (isinstance(lcfg, dict) and "layers" in lcfg):
             out.append(LayerSkeleton(name, cls, lcfg))
             continue
+        if cls == "Sequential":  # a block of the model itself, flattened in place
+            out.blocks = {**out.blocks, name: cls}
+            out += [
+                LayerSkeleton(n, c, cfg, scope=name)
+                for _, n, c, cfg in _config_layers(entry, label)
+            ]
+            continue
         if out.nesting is not None:
             raise UnsupportedLayerError(
                 f"{label}: layers {out.nesting.layer!r} and {name!r} are both nested models; one"
@@ -222,23 +232,35 @@ def _config_layers(model_config: dict[str, Any], label: Path) -> list[tuple[dict
     return out
 
 
+def unnumbered_var(name: str) -> str:
+    """A weight added without a name (Keras 3's ConvNeXt LayerScale) is auto-named ``variable``,
+    ``variable_1``, ... in the order of the process that built it: one name for all of them."""
+    return re.sub(r"^variable_\d+$", "variable", name)
+
+
 def skeleton_from_manifest(manifest: dict[str, Any]) -> list[LayerSkeleton]:
     skel = Skeleton(
         LayerSkeleton(
             lay["name"],
             lay["class_name"],
             lay["config"],
-            [(v["name"], tuple(v["shape"])) for v in lay["vars"]],
+            [(unnumbered_var(v["name"]), tuple(v["shape"])) for v in lay["vars"]],
             lay.get("op_index"),
             lay.get("scope", ""),
         )
         for lay in manifest["layers"]
     )
     if manifest.get("flat_variables") is not None:
-        skel.flat = [(int(i), str(n)) for i, n in manifest["flat_variables"]]
-    scopes = sorted({lay.scope for lay in skel if lay.scope})
-    if scopes:
-        skel.nesting = Nesting("Functional", scopes[0])
+        skel.flat = [(int(i), unnumbered_var(str(n))) for i, n in manifest["flat_variables"]]
+    scopes = {
+        lay["scope"]: lay.get("scope_class", "Functional")
+        for lay in manifest["layers"]
+        if lay.get("scope")
+    }
+    skel.blocks = {n: c for n, c in scopes.items() if c == "Sequential"}
+    nested = sorted(n for n, c in scopes.items() if c != "Sequential")
+    if nested:
+        skel.nesting = Nesting("Functional", nested[0])
     return skel
 
 
@@ -383,19 +405,38 @@ def _match_scoped(
 def match_scoped_layers(layers: list[SourceLayer], skel: list[LayerSkeleton]) -> dict[str, int]:
     """Source layer name -> skeleton index, the nested base's layers matched among the skeleton's
     nested layers and the user's among its own (what the Keras runner loads weights with)."""
-    nesting = getattr(skel, "nesting", None)
+    nesting, blocks = getattr(skel, "nesting", None), getattr(skel, "blocks", {})
     inner = nesting.layer if nesting else ""
-    return _match_scoped({lay.name: (inner if lay.scope else "", lay.name) for lay in layers}, skel)
+    scopes = {
+        lay.name: lay.scope if lay.scope in blocks else inner if lay.scope else "" for lay in layers
+    }
+    return _match_scoped({lay.name: (scopes[lay.name], lay.name) for lay in layers}, skel)
 
 
 def _scope_of_path(parts: list[str], skel: list[LayerSkeleton], what: str) -> str:
     """The skeleton scope of a file path's leading nested-model parts (none: the model's own)."""
     if not parts:
         return ""
+    blocks = getattr(skel, "blocks", {})
+    auto = _block_auto_names(blocks)
+    if len(parts) == 1 and (parts[0] in blocks or parts[0] in auto):
+        return parts[0] if parts[0] in blocks else auto[parts[0]]
     nesting = getattr(skel, "nesting", None)
     if nesting is None or len(parts) > 1:
         raise NoFit(f"{what}: nested layers the model config does not have")
     return nesting.layer
+
+
+def _block_auto_names(blocks: dict[str, str]) -> dict[str, str]:
+    """Keras auto name (``sequential_1``, what a ``.weights.h5`` path says) -> block name."""
+    counts: dict[str, int] = {}
+    out = {}
+    for name, cls in blocks.items():
+        base = snake_case(cls)
+        n = counts.get(base, 0)
+        counts[base] = n + 1
+        out[base if n == 0 else f"{base}_{n}"] = name
+    return out
 
 
 @RESOLVERS.register("keras")
@@ -437,6 +478,8 @@ def _resolve_legacy_h5(raw: RawCheckpoint, skel: list[LayerSkeleton]) -> dict[st
         p = p[1:] if p[0] == "model_weights" else p
         if nesting is not None and p[0] == nesting.layer and len(p) > 2:
             names[k] = (nesting.layer, p[1])
+        elif p[0] in getattr(skel, "blocks", {}) and len(p) > 3:  # <block>/<block>/<layer>/<var>
+            names[k] = (p[0], p[2])
         else:
             names[k] = ("", p[0])
         var[k] = p[-1].split(":")[0]
@@ -545,7 +588,7 @@ def build_layers(raw: RawCheckpoint, skel: list[LayerSkeleton], origin: str) -> 
         if key not in assignment:
             raw.ignored.setdefault(key, "not a layer weight (e.g. a Dropout seed generator state)")
     for key, (i, var) in assignment.items():
-        lay = layers[i]
+        lay, var = layers[i], unnumbered_var(var)
         if var in lay.weights:
             raise NoFit(f"{key}: layer {lay.name} variable {var} appears twice")
         lay.weights[var] = raw.tensors[key]

@@ -403,17 +403,22 @@ class LayerScaleTransform(LayerTransform):
     params = {"gamma": ("gamma", IDENTITY)}
 
     def apply(self, ctx: LayerContext) -> Emitted:
+        """Table arg ``param``: the target parameter (default gamma). The source variable is
+        ``gamma``, or the layer's only variable: Keras 3's ConvNeXt LayerScale adds it unnamed,
+        auto-named ``variable``, ``variable_1``, ... per process."""
         out = Emitted()
-        param = ctx.args.get("param", "gamma")
+        param, var = ctx.args.get("param", "gamma"), "gamma"
+        if var not in ctx.layer.weights and len(ctx.layer.weights) == 1:
+            (var,) = ctx.layer.weights
         key = f"{ctx.target}.{param}" if ctx.target else param
-        g = ctx.var("gamma")
+        g = ctx.var(var)
         shape = ctx.target_shapes.get(key, g.shape)
         out.tensors[key] = (
             g.reshape(shape),
-            ctx.layer.keys.get("gamma", "gamma"),
+            ctx.layer.keys.get(var, var),
             f"reshape {g.shape}->{tuple(shape)}",
         )
-        out.consumed.add("gamma")
+        out.consumed.add(var)
         return out
 
 

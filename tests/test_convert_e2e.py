@@ -23,6 +23,7 @@ SLOW_SOURCES |= {f"keras:EfficientNetV2{v}" for v in ("B3", "S", "M", "L")}
 SLOW_SOURCES |= {  # include_preprocessing=False: B0 runs fast (the same net without preprocessing)
     f"keras:EfficientNetV2{v}(include_preprocessing=False)" for v in ("B1", "B2", "B3", "S", "M", "L")
 }
+SLOW_SOURCES |= {f"keras:ConvNeXt{v}" for v in ("Small", "Base", "Large", "XLarge")}  # 50M-350M params
 # Randomly initialised deep BN networks are chaotic: a 1e-7 perturbation (float32 rounding of
 # Keras' own Rescaling scale, of a folded BN mean) grows ~1000x by the logits. Measured on these
 # fixtures, PyTorch float32 vs float64 alone: ResNet152 1.2e-3, EfficientNet-B7 2.1e-4 of the logits'
@@ -60,10 +61,20 @@ FAMILY_REPRESENTATIVES = [
     "keras:DenseNet121",
     "keras:MobileNetV2",
     "keras:EfficientNetV2B0",
+    "keras:ConvNeXtTiny",
 ]
 # Formats that do not tell EfficientNetV2 from its include_preprocessing=False twin (the same
 # weights; .weights.h5 lists every layer, TF object checkpoints number them): refused as ambiguous.
 AMBIGUOUS = {("keras:EfficientNetV2B0", f) for f in ("h5-weights", "tf-names", "tf-layer-with-weights", "savedmodel")}
+# Known gaps (issue 8), held as strict xfails so that they are noticed once fixed. ConvNeXt nests its
+# stem and downsampling layers as Sequentials: a TF object checkpoint stores their layers at
+# model/_operations/<block op>/_functional/_operations/<j>, which the manifests (op_index inside the
+# block only) cannot place yet; the tf-names / tf-layer-with-weights fixtures are written from the
+# top-level layers only, so they lack the blocks' 16 tensors.
+KNOWN_GAPS = {
+    ("keras:ConvNeXtTiny", fmt): "ConvNeXt's nested Sequential blocks in TF checkpoints"
+    for fmt in ("tf-checkpoint", "tf-names", "tf-layer-with-weights")
+}
 FORMATS = ["keras", "weights.h5", "h5", "h5-weights", "tf-checkpoint", "tf-names", "tf-layer-with-weights", "savedmodel"]
 
 
@@ -122,8 +133,15 @@ def test_variant_end_to_end(table, variant, tmp_path):
         assert err < tol
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("source_id", FAMILY_REPRESENTATIVES)
+def _format_params():
+    for source_id in FAMILY_REPRESENTATIVES:
+        for fmt in FORMATS:
+            gap = KNOWN_GAPS.get((source_id, fmt))
+            marks = [pytest.mark.xfail(strict=True, reason=gap)] if gap else []
+            yield pytest.param(source_id, fmt, id=f"{source_id}-{fmt}", marks=marks)
+
+
+@pytest.mark.parametrize("source_id,fmt", list(_format_params()))
 def test_every_source_format(source_id, fmt, tmp_path):
     fn, kwargs, inp = keras_build_args(source_id)
     fx = make_keras_fixture(fn, kwargs, inp, FORMATS)

@@ -125,8 +125,11 @@ BN_FACTS = {
     "DenseNet": (0.99, 1.001e-5, True, True),
     "VGG": None,  # no BatchNormalization at all
     "NASNet": (0.9997, 1e-3, True, True),  # refused (mappings/refusals.toml), recognised
+    "ConvNeXt": None,  # LayerNormalization only (eps 1e-6 on both sides)
 }
 BN_FREE_TARGETS = {"torchvision:vgg16", "torchvision:vgg19"}
+BN_FREE_TARGETS |= {f"torchvision:convnext_{v}" for v in ("tiny", "small", "base", "large")}
+BN_FREE_TARGETS |= {f"timm:convnext_{v}" for v in ("tiny", "small", "base", "large", "xlarge")}
 
 
 @pytest.mark.parametrize("mid", sorted(SOURCES))

@@ -21,6 +21,7 @@ SLOW = {f"keras:EfficientNetB{i}" for i in range(4, 8)} | {"keras:ResNet152", "k
 SLOW |= {f"keras:EfficientNetV2{v}" for v in "SML"}
 SLOW |= {"keras:ResNet152V2", "keras:NASNetLarge"}  # refused sources (mappings/refusals.toml)
 SLOW |= {f"keras:EfficientNetV2{v}(include_preprocessing=False)" for v in "SML"}
+SLOW |= {f"keras:ConvNeXt{v}" for v in ("Small", "Base", "Large", "XLarge")}  # 50M-350M parameters
 BN_KEYS = ("momentum", "epsilon", "center", "scale")
 PARAMS = [pytest.param(mid, marks=[pytest.mark.slow] if mid in SLOW else [], id=mid) for mid in sorted(SOURCES)]
 
