@@ -58,13 +58,18 @@ def make_keras_fixture(
     if generator != GENERATOR:
         spec.append(generator.name)
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-    out = CACHE / f"{fn}-{key}"
+    cmd = ["--build", fn, "--size", str(size), "--seed", str(seed), "--formats", ",".join(formats)]
+    cmd += [f"--range={lo},{hi}", *(f"--kw={k}={json.dumps(v)}" for k, v in kwargs.items())]
+    return cached_build(CACHE / f"{fn}-{key}", generator, cmd)
+
+
+def cached_build(out: Path, generator: Path, args: list[str]) -> dict:
+    """Run ``generator --out OUT ARGS`` once per cache key (file-locked across test workers and
+    worktrees); returns its files.json plus the reference input and logits."""
     CACHE.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out) + ".lock"):
         if not (out / "files.json").exists():
-            cmd = [sys.executable, str(generator), "--build", fn, "--out", str(out)]
-            cmd += ["--size", str(size), "--seed", str(seed), "--formats", ",".join(formats)]
-            cmd += [f"--range={lo},{hi}", *(f"--kw={k}={json.dumps(v)}" for k, v in kwargs.items())]
+            cmd = [sys.executable, str(generator), "--out", str(out), *args]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise RuntimeError(
@@ -147,38 +152,10 @@ def make_wrapped_fixture(
             [fn, kwargs, wrap, classes, sorted(formats), size, seed, version], sort_keys=True
         ).encode()
     ).hexdigest()[:16]
-    out = CACHE / f"{fn}-{wrap}-{key}"
-    CACHE.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out) + ".lock"):
-        if not (out / "files.json").exists():
-            cmd = [
-                sys.executable,
-                str(WRAPPED_GENERATOR),
-                "--build",
-                fn,
-                "--out",
-                str(out),
-                "--size",
-                str(size),
-                "--seed",
-                str(seed),
-                "--formats",
-                ",".join(formats),
-                "--wrap",
-                wrap,
-                "--classes",
-                str(classes),
-            ]
-            cmd += [f"--kw={k}={json.dumps(v)}" for k, v in kwargs.items()]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise RuntimeError(
-                    f"fixture generation failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
-                )
-    info = json.loads((out / "files.json").read_text())
-    ref = np.load(out / "reference.npz")
-    info["x"], info["logits"], info["dir"] = ref["x"], ref["logits"], out
-    return info
+    cmd = ["--build", fn, "--size", str(size), "--seed", str(seed), "--formats", ",".join(formats)]
+    cmd += ["--wrap", wrap, "--classes", str(classes)]
+    cmd += [f"--kw={k}={json.dumps(v)}" for k, v in kwargs.items()]
+    return cached_build(CACHE / f"{fn}-{wrap}-{key}", WRAPPED_GENERATOR, cmd)
 
 
 # The tiny Flatten twin (fixtures/keras_tiny.py, fixtures/tiny_models.py:tiny_flatten) and its table.
