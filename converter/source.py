@@ -76,6 +76,13 @@ class SourceModel:
     config_origin: str
     head: Head | None = None  # what the model ends with (see converter.nesting)
     nesting: Nesting | None = None  # set when the application is one layer of the user's model
+    source_model_config: dict[str, Any] | None = None  # the config --source-model's model has
+
+    @property
+    def model_config(self) -> dict[str, Any] | None:
+        """The Keras model config (layers and their connections): the file's, else the one of
+        the model ``--source-model`` built, else None."""
+        return self.raw.model_config or self.source_model_config
 
     @property
     def weighted(self) -> list[SourceLayer]:
@@ -637,7 +644,9 @@ def resolve(
                 f"{raw.path} does not fit the model from --source-model ({exc}); is it the same"
                 " architecture?"
             ) from None
-        return _described(raw, layers, manifests, heads, "model", getattr(skel, "nesting", None))
+        found = _described(raw, layers, manifests, heads, "model", getattr(skel, "nesting", None))
+        found.source_model_config = source_model.get("model_config")
+        return found
     if raw.model_config is not None:
         skel = skeleton_from_config(raw.model_config, raw.path)
         try:
@@ -925,4 +934,17 @@ def _source_model_manifest(spec: str) -> dict[str, Any]:
     prefer_torch_first()  # the factory imports Keras; a PyTorch target is built after it
 
     model = call_factory(spec, "--source-model")
-    return source_manifest_from_model(model, f"model:{spec}")
+    manifest = source_manifest_from_model(model, f"model:{spec}")
+    manifest["model_config"] = model_config_of(model)
+    return manifest
+
+
+def model_config_of(model: Any) -> dict[str, Any] | None:
+    """A live Keras model's config as ``model.save`` stores it (layers with their inbound nodes),
+    JSON-clean; None when Keras cannot serialize it."""
+    import keras
+
+    try:
+        return json.loads(json.dumps(keras.saving.serialize_keras_object(model), default=str))
+    except Exception:  # a subclassed model without get_config: no graph, not an error here
+        return None
