@@ -67,7 +67,8 @@ def options(s: SourceNode, t: TargetNode, index: dict) -> list[Option]:
     if not _hyper_agree(s.attrs, t.attrs):
         return []
     out = []
-    for transform in index.get((s.kind, t.kind), []):
+    kind = next((k for k in (t.kind, *t.bases) if (s.kind, k) in index), t.kind)
+    for transform in index.get((s.kind, kind), []):
         args = transform.draft_args(t.attrs)
         fold = _shapes_fit(s, t, transform) if args is not None else None
         if fold is not None:
@@ -175,7 +176,7 @@ def _unpairable(source: SourceGraph, target: TargetGraph, cands: dict, index: di
                 f"source layer {s.name!r} ({s.kind}) has no layer transform pairing it with a "
                 "torch module; write a --mapping table for it"
             )
-        same = [t.name for t in target.nodes if t.kind in kinds]
+        same = [t.name for t in target.nodes if {t.kind, *t.bases} & set(kinds)]
         shapes = ", ".join(f"{v} {tuple(sh)}" for v, sh in s.weights.items())
         raise MappingError(
             f"source layer {s.name!r} ({s.kind}: {shapes}) fits no module of the target: its "

@@ -29,6 +29,7 @@ class TargetNode:
     tensors: dict[str, tuple[int, ...]]
     attrs: dict[str, Any] = field(default_factory=dict)
     inputs: frozenset[str] = frozenset()
+    bases: tuple[str, ...] = ()  # its class's bases by name (timm's Conv2dSame: ..., Conv2d)
 
 
 @dataclass
@@ -110,7 +111,8 @@ class _Tracker:
                 hwc = next((self.flat[id(t)] for t in flat if id(t) in self.flat), None)
                 if hwc:
                     attrs["flattened_from"] = hwc
-                node = TargetNode(name, type(module).__name__, tensors, attrs)
+                bases = tuple(c.__name__ for c in type(module).__mro__[1:])
+                node = TargetNode(name, type(module).__name__, tensors, attrs, bases=bases)
                 self.nodes[name] = node
             node.inputs = node.inputs | self.origin(flat)
             self.depth += 1
