@@ -18,7 +18,7 @@ from .ledger import TargetLedger, check_finite, listing
 from .manifest import load_manifest, manifest_path, target_manifest_from_model
 from .refusals import refusal_for
 from .preprocessing import preprocessing_spec
-from .specs import parse_spec, same_spec
+from .specs import looks_like_spec, parse_spec, same_spec
 from .source import SourceLayer, SourceModel, resolve_source
 from .tables import Drop, Rule, Table, Variant, load_tables, render
 from .transforms import Emitted, LayerContext
@@ -67,6 +67,7 @@ class ConversionResult:
     notes: list[str] = field(
         default_factory=list
     )  # what the user should know (training=False, ...)
+    drafted: Any = None  # converter.drafting.Draft when no table fitted and one was drafted
 
     def save(self, path: str | os.PathLike, format: str | None = None, force: bool = False) -> Path:
         """Write atomically (safetensors unless the name ends in .pt/.pth); refuses to overwrite."""
@@ -106,8 +107,10 @@ def select(tables: list[Table], source: SourceModel, to: str | None) -> tuple[Ta
         raise UnknownArchitectureError(refusal.message(label))
     if not candidates:
         raise UnknownArchitectureError(
-            f"{label}: no mapping table fits this source; `ckptport archs` lists the tables, "
-            "--mapping FILE adds your own"
+            f"{label}: no mapping table fits this source ({_why_no_table(source, tables)}); "
+            "`--to path/to/model.py:factory` drafts a mapping onto your own PyTorch module "
+            "(`ckptport draft` writes only the table), --mapping FILE uses your own table, "
+            "`ckptport archs` lists the shipped ones"
         )
     if to is None:
         return candidates[0]
@@ -120,12 +123,43 @@ def select(tables: list[Table], source: SourceModel, to: str | None) -> tuple[Ta
         raise UnknownArchitectureError(
             f"no table converts to {to!r}; targets for {label}: "
             f"{', '.join(v.target for _, v in candidates)} (all targets: {listing(all_targets)}); "
-            "for your own module use --mapping, or --to file.py:factory with a table for it"
+            "for your own module use --to file.py:factory (drafts a mapping) or --mapping"
         )
     raise UnknownArchitectureError(
         f"{label} cannot be converted to {to}; targets for this source: "
         f"{', '.join(v.target for _, v in candidates)}"
     )
+
+
+def _why_no_table(source: SourceModel, tables: list[Table]) -> str:
+    """Why ``select`` found no table: the source is no shipped architecture, or no table lists
+    the one it is, or the user's table's rules do not cover its layers."""
+    if source.manifest_id:
+        return f"it is {source.manifest_id}, which no table here converts"
+    if len(tables) == 1 and not any(v.source for v in tables[0].variants):
+        missed = [lay.name for lay in source.weighted if not tables[0].match(lay.name)]
+        return f"table {tables[0].id} maps none of layers {listing(missed)}"
+    return "its layers match none of the shipped architectures: a custom model"
+
+
+def _select_or_draft(
+    tables: list[Table], source: SourceModel, to: str | None, mapping: Any
+) -> tuple[Table, Variant, Any]:
+    """``select``'s table and variant; when none fits and ``to`` is the user's own module (a
+    ``file.py:factory`` or ``module:factory`` spec) and no --mapping was given, a table drafted
+    from the structure of both (converter/drafting), returned as the third item."""
+    try:
+        return (*select(tables, source, to), None)
+    except UnknownArchitectureError:
+        if mapping is not None or to is None or not looks_like_spec(to):
+            raise
+        if parse_spec(to).is_library:
+            raise
+    from .drafting import draft_for_source
+
+    drafted = draft_for_source(source, to)
+    table = drafted.table()
+    return table, table.variants[0], drafted
 
 
 def target_manifest_for(
@@ -178,7 +212,7 @@ def convert(
     raw = formats.read(src, format)
     tables = load_tables(mapping)
     source = resolve_source(raw, tables, source_model=source_model)
-    table, variant = select(tables, source, to)
+    table, variant, drafted = _select_or_draft(tables, source, to, mapping)
     from .heads import head_plan
 
     table, variant, source_head = _with_source_head(source, table, variant, pooling)
@@ -199,6 +233,7 @@ def convert(
         progress,
     )
     result.notes = source.notes + source_head.notes
+    result.drafted = drafted
     if result.notes:
         result.metadata["notes"] = json.dumps(result.notes)
     return result
