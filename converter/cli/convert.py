@@ -83,6 +83,11 @@ def summary(result, out: Path | None) -> dict:
     is_flag=True,
     help="Run the layer-by-layer verification after converting.",
 )
+@click.option(
+    "--no-verify",
+    is_flag=True,
+    help="Skip the verification that follows a drafted mapping (see `ckptport draft`).",
+)
 @force_option
 @json_option
 def command(
@@ -95,10 +100,13 @@ def command(
     num_classes,
     pooling,
     do_verify,
+    no_verify,
     force,
     as_json,
 ) -> int:
-    """Convert a Keras/TF checkpoint SRC to a PyTorch state dict."""
+    """Convert a Keras/TF checkpoint SRC to a PyTorch state dict. With no table for SRC and
+    --to your own module (file.py:factory), a mapping is drafted from both structures, written
+    beside the output as OUT.mapping.toml, and the result verified layer by layer."""
     from ..formats import check_output
 
     out = check_output(
@@ -110,6 +118,9 @@ def command(
         console, as_json, src, to, out, force, num_classes=num_classes, pooling=pooling, **options
     )
     info = summary(result, written)
+    if result.drafted is not None:
+        options["mapping"] = info["drafted_mapping"] = str(drafted_table_path(written))
+        do_verify = do_verify or (not no_verify and _source_runs(result))
     report = None
     if do_verify:
         from ..verification import VerifyOptions, verify
@@ -148,7 +159,20 @@ def _convert_with_progress(console, as_json: bool, src, to, out, force: bool, **
             bar.update(task, completed=done, total=total, description=name)
 
         result = convert(src, to, progress=progress, **kwargs)
-        return result, result.save(out, force=force)
+    if result.drafted is not None:  # the table first: a refused table leaves no output either
+        result.drafted.write(drafted_table_path(out), force=force)
+    return result, result.save(out, force=force)
+
+
+def drafted_table_path(out: Path) -> Path:
+    """Where a drafted table goes: beside the output, ``model.safetensors`` ->
+    ``model.mapping.toml``."""
+    return out.with_name(out.name.split(".")[0] + ".mapping.toml")
+
+
+def _source_runs(result) -> bool:
+    """Whether verification can run the source: a Keras config from the file or --source-model."""
+    return result.config_origin in ("file", "model")
 
 
 def _print_summary(console, result, info: dict, written: Path, detected: bool) -> None:
@@ -161,6 +185,11 @@ def _print_summary(console, result, info: dict, written: Path, detected: bool) -
         f"wrote {written}: {info['tensors']} tensors for {result.target} (table {result.table_id})"
     )
     console.print(f"  layer config from: {result.config_origin}")
+    if result.drafted is not None:
+        console.print(
+            f"  mapping drafted from both structures ({len(result.drafted.matches)} rules):"
+            f" {info['drafted_mapping']} (review it; --mapping reuses it)"
+        )
     for line in _details(result, info):
         console.print(f"  {line}")
 
