@@ -206,7 +206,8 @@ def test_weights_h5_with_source_model_converts_and_verifies(fx, tmp_path):
 
 def test_shipped_architecture_drafted_onto_timm_equals_its_table(tmp_path):
     """MobileNetV3Small onto timm's tf_mobilenetv3_small_100 (Conv2dSame, BatchNormAct2d, SE
-    blocks, a 1x1-conv classifier): the drafted table gives the hand-written table's tensors."""
+    blocks, a 1x1-conv classifier, Rescaling at the input): the drafted table gives the
+    hand-written table's tensors, BN settings and recorded preprocessing."""
     from converter import convert
     from converter.drafting import draft
 
@@ -219,6 +220,7 @@ def test_shipped_architecture_drafted_onto_timm_equals_its_table(tmp_path):
     assert drafted.state_dict.keys() == shipped.state_dict.keys()
     assert all(np.array_equal(drafted.state_dict[k], v) for k, v in shipped.state_dict.items())
     assert drafted.bn_config == shipped.bn_config
+    assert drafted.preprocessing == shipped.preprocessing and drafted.preprocessing["steps"]
 
 
 def _k3(name: str, cls: str, *inputs: str, **config) -> dict:

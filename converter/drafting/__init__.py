@@ -16,14 +16,14 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..errors import MappingError
 from .align import Match, align
-from .graph import SourceGraph, graph_from_keras_config
+from .graph import INPUT, SourceGraph, SourceNode, graph_from_keras_config
 
 if TYPE_CHECKING:
     from ..source import SourceModel
@@ -92,11 +92,31 @@ def draft_for_source(source: SourceModel, to: str) -> Draft:
     from ..model import build_target
     from .target import dummy_input, trace_target
 
-    graph = source_graph(source)
+    graph, moved = without_preprocessing(source_graph(source))
     model = build_target(to)
     matches = align(graph, trace_target(model, dummy_input(graph.input_shape())))
-    text = render_table(matches, to, source, graph)
+    text = render_table(matches, to, source, graph, moved)
     return Draft(text, matches, to, source.raw.path)
+
+
+def without_preprocessing(graph: SourceGraph) -> tuple[SourceGraph, list[SourceNode]]:
+    """The graph with the preprocessing layers that read the model input directly (Keras
+    Rescaling, Normalization: converter/preprocessing.py) made transparent, and those layers:
+    the drafted table drops them as preprocessing, recorded in the output, as shipped tables do."""
+    from ..preprocessing import PREPROCESSING
+
+    known = {name for name, _ in PREPROCESSING.items()}
+    moved: list[SourceNode] = []
+    nodes = []
+    for node in graph.nodes:
+        at_input = all(
+            graph.by_name[i].kind == INPUT or i in {m.name for m in moved} for i in node.inputs
+        )
+        if node.kind in known and node.inputs and at_input:
+            moved.append(node)
+            node = replace(node, weights={})
+        nodes.append(node)
+    return SourceGraph(nodes, graph.outputs), moved
 
 
 def source_graph(source: SourceModel) -> SourceGraph:
@@ -117,7 +137,13 @@ def source_graph(source: SourceModel) -> SourceGraph:
 # ------------------------------------------------------------------ the TOML text
 
 
-def render_table(matches: list[Match], to: str, source: SourceModel, graph: SourceGraph) -> str:
+def render_table(
+    matches: list[Match],
+    to: str,
+    source: SourceModel,
+    graph: SourceGraph,
+    moved: list[SourceNode] = (),
+) -> str:
     """An ordinary mapping table: one anchored rule per source layer, in the source's order."""
     shape = graph.input_shape() or ()
     size = shape[0] if len(shape) == 3 and shape[0] else 32
@@ -140,6 +166,14 @@ def render_table(matches: list[Match], to: str, source: SourceModel, graph: Sour
     ]
     for m in matches:
         lines += ["", *_rule_lines(m)]
+    for node in moved:
+        lines += [
+            "",
+            "[[drops]]",
+            f"source = {_q('^' + re.escape(node.name) + '$')}",
+            'as = "preprocessing"',
+            f"reason = {_q(node.kind + ' on the input: recorded in the output, not a weight')}",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -62,9 +62,10 @@ def transform_index() -> dict[tuple[str, str], list[LayerTransform]]:
     return index
 
 
-def options(s: SourceNode, t: TargetNode, index: dict) -> list[Option]:
-    """The ways ``s`` can become ``t`` (see the module docstring, step 1)."""
-    if not _hyper_agree(s.attrs, t.attrs):
+def options(s: SourceNode, t: TargetNode, index: dict, hyper: bool = True) -> list[Option]:
+    """The ways ``s`` can become ``t`` (see the module docstring, step 1); ``hyper=False``:
+    hyper-parameters aside."""
+    if hyper and _hyper_differ(s.attrs, t.attrs):
         return []
     out = []
     kind = next((k for k in (t.kind, *t.bases) if (s.kind, k) in index), t.kind)
@@ -76,11 +77,13 @@ def options(s: SourceNode, t: TargetNode, index: dict) -> list[Option]:
     return out
 
 
-def _hyper_agree(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    for key in HYPER:
-        if key in a and key in b and _tup(a[key]) != _tup(b[key]):
-            return False
-    return True
+def _hyper_differ(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The hyper-parameters both state differently, as ``key source/target``."""
+    return [
+        f"{key} {_tup(a[key])}/{_tup(b[key])}"
+        for key in HYPER
+        if key in a and key in b and _tup(a[key]) != _tup(b[key])
+    ]
 
 
 def _tup(v: Any) -> tuple:
@@ -176,12 +179,21 @@ def _unpairable(source: SourceGraph, target: TargetGraph, cands: dict, index: di
                 f"source layer {s.name!r} ({s.kind}) has no layer transform pairing it with a "
                 "torch module; write a --mapping table for it"
             )
-        same = [t.name for t in target.nodes if {t.kind, *t.bases} & set(kinds)]
         shapes = ", ".join(f"{v} {tuple(sh)}" for v, sh in s.weights.items())
+        shaped = [t for t in target.nodes if options(s, t, index, hyper=False)]
+        if shaped:
+            differ = "; ".join(
+                f"{t.name}: {', '.join(_hyper_differ(s.attrs, t.attrs))}" for t in shaped[:4]
+            )
+            raise MappingError(
+                f"source layer {s.name!r} ({s.kind}: {shapes}) fits no module of the target: "
+                f"those of its shape differ in hyper-parameters (source/target: {differ}); the "
+                "target computes something else there (a stride moved to another conv?): fix the "
+                "module, or write a --mapping table and a surgery"
+            )
         raise MappingError(
-            f"source layer {s.name!r} ({s.kind}: {shapes}) fits no module of the target: its "
-            f"{'/'.join(kinds)} modules ({', '.join(same[:8]) or 'none'}) differ in shape, "
-            "kernel, stride or groups; is the target built with the same sizes?"
+            f"source layer {s.name!r} ({s.kind}: {shapes}) fits no module of the target: no "
+            f"{'/'.join(kinds)} module has its shapes; is the target built with the same sizes?"
         )
 
 
