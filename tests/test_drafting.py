@@ -141,7 +141,15 @@ def test_convert_drafts_writes_the_table_beside_and_verifies(fx, tmp_path, cli):
     assert rc == 0, err
     assert "mapping drafted from both structures (11 rules)" in err
     assert "verification: PASS" in err
-    assert (tmp_path / "resblock.mapping.toml").is_file()
+    table = tmp_path / "resblock.mapping.toml"
+    assert table.is_file()
+    out.unlink()  # the table beside it is not overwritten without --force either, before any work
+    before = table.read_bytes()
+    rc, _, err = cli(
+        "convert", fx["files"]["resblock"]["h5"], "--to", target("resblock"), "-o", out
+    )
+    assert_clean_error(rc, err, str(table), "--force", out=out)
+    assert table.read_bytes() == before
 
 
 def keras2_schema(path, out) -> None:

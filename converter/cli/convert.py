@@ -112,6 +112,8 @@ def command(
     out = check_output(
         output or Path.cwd() / (src.name.split(".")[0] + ".safetensors"), force, (src,)
     )
+    if mapping is None and _may_draft(to):  # refuse an existing table before the long work
+        check_output(drafted_table_path(out), force, (src,))
     console = stderr_console()
     options = dict(mapping=mapping, source_model=source_model, format=src_format)
     result, written = _convert_with_progress(
@@ -168,6 +170,14 @@ def drafted_table_path(out: Path) -> Path:
     """Where a drafted table goes: beside the output, ``model.safetensors`` ->
     ``model.mapping.toml``."""
     return out.with_name(out.name.split(".")[0] + ".mapping.toml")
+
+
+def _may_draft(to: str | None) -> bool:
+    """Whether this conversion drafts its mapping when no table fits: ``to`` is the user's own
+    module."""
+    from ..specs import looks_like_spec, parse_spec
+
+    return bool(to) and looks_like_spec(to) and not parse_spec(to).is_library
 
 
 def _source_runs(result) -> bool:
