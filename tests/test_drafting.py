@@ -123,6 +123,16 @@ def test_ambiguous_block_is_refused_with_candidates(fx, tmp_path, cli):
     assert_clean_error(rc, err, "leaves a choice", "left -> a | b", "right -> a | b", out=out)
 
 
+def test_a_module_no_layer_fills_is_passed_through_and_named(fx):
+    """A buffer-only module at the input (no Keras twin) does not hide the structure; the
+    conversion's accounting names its tensor."""
+    from converter import convert
+    from converter.errors import MappingError
+
+    with pytest.raises(MappingError, match=r"1 target tensors left unfilled: centre\.mean"):
+        convert(fx["files"]["resblock"]["keras"], target("centred_resblock"))
+
+
 def test_no_table_message_says_why_and_suggests_drafting(fx, tmp_path, cli):
     out = tmp_path / "x.safetensors"
     rc, _, err = cli("convert", fx["files"]["flat"]["keras"], "-o", out)

@@ -149,9 +149,20 @@ def source_side(graph: SourceGraph) -> _Side:
     return _Side(preds)
 
 
-def target_side(graph: TargetGraph) -> _Side:
-    preds = {n.name: n.inputs for n in graph.nodes}
-    preds[OUTPUT] = graph.outputs
+def target_side(graph: TargetGraph, used: set[str]) -> _Side:
+    """The target contracted to the modules some source node may become: the others (a buffer-only
+    normalisation at the input, an extra layer) are passed through here, and an unfilled tensor
+    of theirs is named by the conversion's accounting instead."""
+    inputs = {n.name: n.inputs for n in graph.nodes}
+
+    def through(names: frozenset[str]) -> frozenset[str]:
+        out: set[str] = set()
+        for n in names:
+            out |= through(inputs[n]) if n in inputs and n not in used else {n}
+        return frozenset(out)
+
+    preds = {n: through(ins) for n, ins in inputs.items() if n in used}
+    preds[OUTPUT] = through(graph.outputs)
     return _Side(preds)
 
 
@@ -163,7 +174,8 @@ def align(source: SourceGraph, target: TargetGraph) -> list[Match]:
     cands = {s: {t for t, o in per.items() if o} for s, per in opts.items()}
     _unpairable(source, target, cands, index)
     cands[OUTPUT], cands[MODEL_INPUT] = {OUTPUT}, {MODEL_INPUT}
-    _refine(cands, source_side(source), target_side(target))
+    used = set().union(*cands.values())
+    _refine(cands, source_side(source), target_side(target, used))
     _undecided(source, cands)
     return _matches(source, targets, cands, opts)
 
