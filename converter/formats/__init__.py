@@ -56,6 +56,9 @@ class RawCheckpoint:
     group_names: dict[str, str] = field(default_factory=dict)  # .weights.h5 group -> layer name
     metadata: dict[str, str] = field(default_factory=dict)  # our own outputs' metadata
     ignored: dict[str, str] = field(default_factory=dict)  # key -> why it is not model state
+    # TF object-graph key -> (nested model or "", layer name, variable), when the file maps them
+    object_paths: dict[str, tuple[str, str, str]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # how the file was read, for the user
     _sha256: str | None = field(default=None, repr=False)
 
     @property

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..errors import SourceFormatError
 from . import Format, RawCheckpoint, RawTensor, register
+from .tf_keras_graph import read_keras_graph
 
 _NOT_STATE = re.compile(
     r"(^_CHECKPOINTABLE_OBJECT_GRAPH$)|(^save_counter/)|(^(.*/)?optimizer/)|(\.OPTIMIZER_SLOT/)"
@@ -63,8 +64,24 @@ class SavedModel(Format):
         return _is_savedmodel(path)
 
     def read(self, path: Path) -> RawCheckpoint:
-        tensors, ignored = _bundle_tensors(path / "variables" / "variables", path)
-        return RawCheckpoint(path, self.name, tensors, ignored=ignored)
+        prefix = path / "variables" / "variables"
+        tensors, ignored = _bundle_tensors(prefix, path)
+        raw = RawCheckpoint(path, self.name, tensors, ignored=ignored)
+        keras = read_keras_graph(path, _object_graph_blob(prefix))
+        if keras is not None:
+            raw.model_config, raw.object_paths = keras.model_config, keras.object_paths
+            raw.notes += [f"model config read from {keras.source} (tf.keras 2.x)", *keras.notes]
+        return raw
+
+
+def _object_graph_blob(prefix: Path) -> bytes | None:
+    """The bundle's TrackableObjectGraph (``_CHECKPOINTABLE_OBJECT_GRAPH``), if it has one."""
+    from . import tf_bundle
+
+    entry = tf_bundle.read_index(prefix).get("_CHECKPOINTABLE_OBJECT_GRAPH")
+    if entry is None:
+        return None
+    return bytes(tf_bundle.load_tensor(prefix, entry).reshape(-1)[0])
 
 
 @register

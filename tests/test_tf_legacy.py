@@ -1,0 +1,73 @@
+"""Legacy TensorFlow sources read without TensorFlow: tf.keras 2.x SavedModels (their Keras metadata:
+layer configs, custom layers, a nested model keyed ``variables/<i>``) and TF1 name-based checkpoints.
+
+The sources are built once by fixtures/tf_legacy.py in a subprocess (tf_keras and tf.compat.v1) and
+cached like the Keras fixtures; the PyTorch twins are fixtures/tf_legacy_models.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import CACHE, ROOT, cached_build, rel_err, torch_logits
+
+GENERATOR = ROOT / "fixtures" / "tf_legacy.py"
+TWINS = ROOT / "fixtures" / "tf_legacy_models.py"
+
+pytest.importorskip("safetensors")
+
+
+@pytest.fixture(scope="module")
+def legacy() -> dict:
+    pytest.importorskip("tf_keras", reason="tf_keras builds the tf.keras 2.x fixtures")
+    key = hashlib.sha256(GENERATOR.read_bytes()).hexdigest()[:12]
+    return cached_build(CACHE / f"tf_legacy-{key}", GENERATOR, [])
+
+
+def tfk_table(tmp_path: Path) -> Path:
+    """The user's table for the tf.keras fixtures: names -> modules, the custom layer by name."""
+    rules = [("c1", "c1", "conv2d", ""), ("bn1", "bn1", "batch_norm", ""),
+             ("scale", "scale", "layer_scale", 'args = { param = "gain" }\n'),
+             ("ic", "block.0", "conv2d", ""), ("ibn", "block.1", "batch_norm", ""),
+             ("fc", "fc", "dense", "")]  # fmt: skip
+    text = '[table]\nid = "tfk-custom"\nversion = 1\n[input]\nsize = 16\nrange = [-1.0, 1.0]\n'
+    text += f'[[variants]]\ntarget = "{TWINS}:tfk_custom"\n'
+    for src, dst, transform, extra in rules:
+        text += f"[[rules]]\nsource = '{src}'\ntarget = '{dst}'\ntransform = '{transform}'\n{extra}"
+    path = tmp_path / "tfk.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("name", ["tfk_custom", "tfk_noconfig"])
+def test_tf_keras_savedmodel_config_and_conversion(legacy, name, tmp_path, cli):
+    """The layer configs come from the SavedModel's Keras metadata (no TensorFlow here): BN momentum
+    and eps per layer, the custom layer by its class, the nested block's ``variables/<i>`` keys
+    through the object graph; converted onto the user's module, the logits match tf.keras'."""
+    import converter
+
+    src = Path(legacy["dir"]) / name
+    rc, out, err = cli("inspect", src, "--json")
+    assert rc == 0, err
+    info = json.loads(out)
+    assert info["config_origin"] == "file"
+    layers = {lay["name"]: lay for lay in info["layers"]}
+    assert layers["scale"]["class"] == "Scale" and list(layers["scale"]["vars"]) == ["gain"]
+    assert layers["bn1"]["bn"]["momentum"] == 0.9 and layers["bn1"]["bn"]["epsilon"] == 1e-4
+    assert layers["ic"]["vars"]["kernel"]["key"].startswith("variables/")
+    assert layers["ibn"]["bn"]["momentum"] == 0.99
+    result = converter.convert(src, mapping=tfk_table(tmp_path))
+    assert any("keras_metadata.pb" in n for n in result.notes)
+    assert result.bn_config["bn1"]["momentum"] == pytest.approx(0.1)
+    assert result.bn_config["bn1"]["eps"] == pytest.approx(1e-4)
+    assert result.bn_config["block.1"]["momentum"] == pytest.approx(0.01)
+    dst = result.save(tmp_path / "out.safetensors")
+    model = converter.load_model(dst)
+    assert model.bn1.momentum == pytest.approx(0.1) and model.bn1.eps == pytest.approx(1e-4)
+    ref = np.load(Path(legacy["dir"]) / "reference.npz")[name]
+    assert rel_err(torch_logits(model, legacy["x"]), ref) < 1e-5
