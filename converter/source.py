@@ -95,7 +95,7 @@ class SourceModel:
     def notes(self) -> list[str]:
         """What the user should know about how the source was read."""
         if not self.renamed:
-            return []
+            return list(self.raw.notes)
         by_base: dict[str, list[tuple[str, str]]] = {}
         for old, new in self.renamed.items():
             by_base.setdefault(re.sub(r"_\d+$", "", new), []).append((old, new))
@@ -104,8 +104,9 @@ class SourceModel:
             old, new = min(pairs, key=lambda p: auto_number(p[1]))
             shown.append(f"{old} -> {new}" + (f" (+{len(pairs) - 1})" if len(pairs) > 1 else ""))
         return [
+            *self.raw.notes,
             "auto names renumbered (the model was built after other layers in its session):"
-            f" {', '.join(shown)}"
+            f" {', '.join(shown)}",
         ]
 
     def layer(self, name: str) -> SourceLayer:
@@ -498,6 +499,8 @@ _FLAT = re.compile(r"^variables/(?P<i>\d+)/\.ATTRIBUTES/VARIABLE_VALUE$")  # mod
 @RESOLVERS.register("tf-checkpoint")
 @RESOLVERS.register("savedmodel")
 def _resolve_tf(raw: RawCheckpoint, skel: list[LayerSkeleton]) -> dict[str, tuple[int, str]]:
+    if raw.object_paths:
+        return _resolve_object_paths(raw, skel)
     keys = list(raw.tensors)
     if all(_FLAT.match(k) for k in keys):
         return _resolve_flat(raw, skel)
@@ -531,6 +534,21 @@ def _resolve_tf(raw: RawCheckpoint, skel: list[LayerSkeleton]) -> dict[str, tupl
             out[k] = (index[layer_of[k]], k.rsplit("/", 1)[1].split(":")[0])
         return Assignment(out, renamed)
     return out
+
+
+def _resolve_object_paths(
+    raw: RawCheckpoint, skel: list[LayerSkeleton]
+) -> dict[str, tuple[int, str]]:
+    """Keys whose layer the file's object graph names (tf.keras 2.x SavedModel: a nested model's
+    variables are often keyed ``variables/<i>``): matched by (nested model, layer name)."""
+    paths = {k: raw.object_paths[k] for k in raw.tensors if k in raw.object_paths}
+    missing = [k for k in raw.tensors if k not in paths]
+    if missing:
+        raise NoFit(f"{missing[0]}: no layer in the file's object graph holds it")
+    index = _match_scoped({k: (scope, layer) for k, (scope, layer, _) in paths.items()}, skel)
+    return {
+        k: (index[k], canonical_attr(skel[index[k]].class_name, v)) for k, (*_, v) in paths.items()
+    }
 
 
 def _n_vars(s: LayerSkeleton) -> int:
