@@ -71,3 +71,51 @@ def test_tf_keras_savedmodel_config_and_conversion(legacy, name, tmp_path, cli):
     assert model.bn1.momentum == pytest.approx(0.1) and model.bn1.eps == pytest.approx(1e-4)
     ref = np.load(Path(legacy["dir"]) / "reference.npz")[name]
     assert rel_err(torch_logits(model, legacy["x"]), ref) < 1e-5
+
+
+def tf1_table(tmp_path: Path) -> Path:
+    text = '[table]\nid = "tf1-net"\nversion = 1\n[input]\nsize = 16\nrange = [-1.0, 1.0]\n'
+    text += f'[[variants]]\ntarget = "{TWINS}:tf1_net"\n'
+    for name, transform in (("conv1", "conv2d"), ("bn1", "batch_norm"), ("conv2", "conv2d"),
+                            ("bn2", "batch_norm"), ("fc", "dense")):  # fmt: skip
+        text += f"[[rules]]\nsource = '{name}'\ntarget = '{name}'\ntransform = '{transform}'\n"
+    path = tmp_path / "tf1.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    "src, ema", [("tf1", False), ("tf1/model.ckpt-5.meta", True), ("tf1/model.ckpt-5.index", False)]
+)
+def test_tf1_checkpoint_slots_ema_and_meta_momentum(legacy, src, ema, tmp_path):
+    """A TF1 Saver checkpoint: the state file names another machine's path, Adam slots and
+    global_step are dropped and counted, BN momentum/eps come from the .meta graph, --use-ema
+    takes the shadows; the logits match TensorFlow's."""
+    import converter
+
+    result = converter.convert(Path(legacy["dir"]) / src, mapping=tf1_table(tmp_path), use_ema=ema)
+    notes = " | ".join(result.notes)
+    assert "18 Adam slots, beta1_power, beta2_power, global_step" in notes
+    assert ("another machine's path" in notes) == (src == "tf1")
+    assert result.bn_config["bn1"]["momentum"] == pytest.approx(0.05)
+    assert result.bn_config["bn1"]["eps"] == pytest.approx(2e-3)
+    assert result.bn_config["bn2"]["momentum"] == pytest.approx(0.1)
+    model = converter.load_model(result.save(tmp_path / "out.safetensors"))
+    ref = np.load(Path(legacy["dir"]) / "reference.npz")["tf1_ema" if ema else "tf1"]
+    assert rel_err(torch_logits(model, legacy["x"]), ref) < 1e-5
+
+
+def test_tf1_without_meta_refuses_until_momentum_given(legacy, tmp_path, cli):
+    """Empty-prefix files and no .meta: BN momentum is nowhere, so convert refuses (never PyTorch's
+    0.1 silently) until --source-bn-momentum gives it."""
+    from helpers import assert_clean_error
+
+    src, table = Path(legacy["dir"]) / "tf1_bare", tf1_table(tmp_path)
+    out = tmp_path / "o.safetensors"
+    rc, _, err = cli("convert", src, "--mapping", table, "-o", out)
+    assert_clean_error(rc, err, "bn1", "--source-bn-momentum", out=out)
+    rc, _, err = cli("convert", src, "--mapping", table, "-o", out, "--source-bn-momentum", "0.95")
+    assert rc == 0, err
+    rc, stdout, err = cli("inspect", out, "--json")
+    bn = json.loads(stdout)["bn_config"]
+    assert bn["bn1"]["momentum"] == pytest.approx(0.05) and bn["bn2"]["keras_momentum"] == 0.95

@@ -105,4 +105,25 @@ class TFCheckpoint(Format):
 
         prefix = tf_bundle.resolve_prefix(path)
         tensors, ignored = _bundle_tensors(prefix, path)
-        return RawCheckpoint(prefix, self.name, tensors, ignored=ignored)
+        raw = RawCheckpoint(prefix, self.name, tensors, ignored=ignored)
+        raw.notes += _state_file_notes(Path(path), prefix)
+        if not any(".ATTRIBUTES/" in k for k in tensors):  # name-based (TF1 Saver)
+            from .tf1 import prepare_name_based
+
+            prepare_name_based(raw, prefix)
+        return raw
+
+
+def _state_file_notes(path: Path, prefix: Path) -> list[str]:
+    """What to say when a directory's ``checkpoint`` file names another path than the one read."""
+    from . import tf_bundle
+
+    target = tf_bundle.state_file_target(path) if path.is_dir() else None
+    if target is None or Path(target) == prefix or (path / target) == prefix:
+        return []
+    if Path(target).name == prefix.name:
+        return [f"the checkpoint file names {target} (another machine's path): read {prefix}"]
+    return [
+        f"the checkpoint file names {target}, which is not here: read the one bundle present,"
+        f" {prefix}"
+    ]
