@@ -669,6 +669,13 @@ def resolve(
         found = _fit_manifest(raw, man, heads.get(man["id"]))
         if found is not None:
             return _disambiguated(raw, found, man, manifests[n + 1 :], heads)
+    if raw.fallback_config is not None:  # layers inferred from variable names (TF1 checkpoints)
+        skel = skeleton_from_config(raw.fallback_config, raw.path)
+        try:
+            layers = build_layers(raw, skel, "variable names")
+        except NoFit as exc:
+            raise SourceFormatError(f"{raw.path}: cannot group its variables ({exc})") from None
+        return _described(raw, layers, [], heads, "variable names", None)
     raise UnknownArchitectureError(
         f"{raw.path} ({raw.format}, {len(raw.tensors)} tensors) stores no model config and matches"
         f" no known architecture ({len(manifests)} tried); pass --source-model module:function that"
@@ -934,6 +941,25 @@ def resolve_source(
     manifests += [man for man in refused_manifests() if man["id"] not in known]  # tried last
     model_manifest = _source_model_manifest(source_model) if source_model else None
     return resolve(raw, manifests, model_manifest, head_specs(tables))
+
+
+def fill_bn_momentum(source: SourceModel, momentum: float) -> list[str]:
+    """Give the BatchNorm layers whose momentum the file does not record ``momentum`` (the user's
+    ``--source-bn-momentum``); the layers filled, also in the source's notes."""
+    if not 0.0 <= momentum < 1.0:
+        raise ConverterError(
+            f"--source-bn-momentum {momentum} is not in [0, 1) (Keras' convention)"
+        )
+    filled = []
+    for lay in source.layers:
+        if lay.class_name == "BatchNormalization" and lay.config.get("momentum", 0) is None:
+            lay.config = {**lay.config, "momentum": momentum}
+            filled.append(lay.name)
+    source.raw.notes.append(
+        f"--source-bn-momentum {momentum}: set on {len(filled)} BatchNorm layers"
+        + ("" if filled else " (none: the file records every momentum; the flag was not used)")
+    )
+    return filled
 
 
 def _source_model_manifest(spec: str) -> dict[str, Any]:
