@@ -19,7 +19,7 @@ from .manifest import load_manifest, manifest_path, target_manifest_from_model
 from .refusals import refusal_for
 from .preprocessing import preprocessing_spec
 from .specs import parse_spec, same_spec
-from .source import SourceLayer, SourceModel, resolve_source
+from .source import SourceLayer, SourceModel, fill_bn_momentum, resolve_source
 from .tables import Drop, Rule, Table, Variant, load_tables, render
 from .transforms import Emitted, LayerContext
 
@@ -157,6 +157,8 @@ def convert(
     num_classes: int | None = None,
     pooling: str | None = None,
     progress: Progress | None = None,
+    use_ema: bool = False,
+    source_bn_momentum: float | None = None,
 ) -> ConversionResult:
     """Convert a Keras/TF checkpoint to a PyTorch state dict.
 
@@ -174,10 +176,12 @@ def convert(
         pooling: ``avg``, ``max`` or ``none``: the pooling after a headless or nested base, for
             files that do not record it (TF checkpoints, SavedModels; default avg, noted).
         progress: called as ``progress(done, total, layer_name)``.
+        use_ema: take a TF1 checkpoint's ExponentialMovingAverage shadow values.
+        source_bn_momentum: the source's BatchNorm momentum where the file does not record it
+            (TF1 checkpoints without a ``.meta`` graph).
     """
-    raw = formats.read(src, format)
     tables = load_tables(mapping)
-    source = resolve_source(raw, tables, source_model=source_model)
+    source = _read_source(src, format, tables, source_model, use_ema, source_bn_momentum)
     table, variant = select(tables, source, to)
     from .heads import head_plan
 
@@ -202,6 +206,26 @@ def convert(
     if result.notes:
         result.metadata["notes"] = json.dumps(result.notes)
     return result
+
+
+def _read_source(
+    src: str | os.PathLike,
+    format: str | None,
+    tables: list[Table],
+    source_model: str | None,
+    use_ema: bool,
+    source_bn_momentum: float | None,
+) -> SourceModel:
+    """Read and resolve the source; EMA shadows and the user's BN momentum applied."""
+    raw = formats.read(src, format)
+    if use_ema:
+        from .formats.tf1 import use_shadows
+
+        use_shadows(raw)
+    source = resolve_source(raw, tables, source_model=source_model)
+    if source_bn_momentum is not None:
+        fill_bn_momentum(source, source_bn_momentum)
+    return source
 
 
 def _with_source_head(

@@ -78,6 +78,17 @@ def summary(result, out: Path | None) -> dict:
     ),
 )
 @click.option(
+    "--use-ema",
+    is_flag=True,
+    help="TF1 checkpoints: take the ExponentialMovingAverage shadow values, not the raw ones.",
+)
+@click.option(
+    "--source-bn-momentum",
+    type=float,
+    metavar="M",
+    help="The source's BN momentum (Keras convention) where the file does not record it (TF1).",
+)
+@click.option(
     "--verify",
     "do_verify",
     is_flag=True,
@@ -94,6 +105,8 @@ def command(
     source_model,
     num_classes,
     pooling,
+    use_ema,
+    source_bn_momentum,
     do_verify,
     force,
     as_json,
@@ -107,7 +120,17 @@ def command(
     console = stderr_console()
     options = dict(mapping=mapping, source_model=source_model, format=src_format)
     result, written = _convert_with_progress(
-        console, as_json, src, to, out, force, num_classes=num_classes, pooling=pooling, **options
+        console,
+        as_json,
+        src,
+        to,
+        out,
+        force,
+        num_classes=num_classes,
+        pooling=pooling,
+        use_ema=use_ema,
+        source_bn_momentum=source_bn_momentum,
+        **options,
     )
     info = summary(result, written)
     report = None
