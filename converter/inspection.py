@@ -45,12 +45,14 @@ def inspect(path: str | os.PathLike, format: str | None = None) -> dict[str, Any
         return info
     info["architecture"] = source.manifest_id
     info["config_origin"] = source.config_origin
+    info["notes"] = source.notes
     info.update(_family(source.manifest_id))
     info["head"] = source.head.report() if source.head else None
     info["nesting"] = source.nesting.report() if source.nesting else None
     info["layers"] = [
         {
             "name": lay.name,
+            "scope": lay.scope,
             "class": lay.class_name,
             "vars": {
                 v: {"key": lay.keys[v], "shape": list(t.shape), "dtype": t.dtype}
