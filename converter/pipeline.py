@@ -90,6 +90,43 @@ def _covers(table: Table, source: SourceModel) -> bool:
     return all(table.match(layer.name) for layer in source.weighted)
 
 
+def check_shadowed_rules(table: Table, source: SourceModel) -> None:
+    """A rule that matches weighted layers of this source but maps none of them (an earlier rule
+    takes each) never applies: an error naming both rules, not a silent skip. (Specific rules
+    before a generic one that still maps other layers are fine.)"""
+    names = [lay.name for lay in source.weighted]
+    for j, rule in enumerate(table.rules):
+        hits = [n for n in names if rule.source.fullmatch(n)]
+        earlier = {
+            n: next((r for r in table.rules[:j] if r.source.fullmatch(n)), None) for n in hits
+        }
+        if hits and all(earlier.values()):
+            first = earlier[hits[0]]
+            raise MappingError(
+                f"table {table.id}: rule {rule!r} matches layer {hits[0]!r}, which rule {first!r}"
+                " already maps (the first matching rule wins), so it never applies; narrow the"
+                " earlier rule's pattern or put the specific rule first"
+            )
+
+
+def _closest_table(tables: list[Table], source: SourceModel) -> str:
+    """Why no table fits: the table whose rules match the most weighted layers, and what differs."""
+    names = [lay.name for lay in source.weighted]
+    if not tables or not names:
+        return "the source has no weighted layers" if tables else "no tables loaded"
+    scored = [(sum(t.match(n) is not None for n in names), -k, t) for k, t in enumerate(tables)]
+    hits, _, best = max(scored, key=lambda s: s[:2])
+    if hits == 0:
+        return f"no table's rules match any of its {len(names)} weighted layers: {listing(names)}"
+    missing = [n for n in names if best.match(n) is None]
+    why = f"closest: table {best.id}, whose rules match {hits} of {len(names)} weighted layers"
+    if missing:
+        return f"{why}; no rule for {listing(missing)}"
+    sources = sorted({v.source for v in best.variants if v.source})
+    got = source.manifest_id or "an unrecognised architecture"
+    return f"{why}, but its variants are for {listing(sources)} and this source is {got}"
+
+
 def select(tables: list[Table], source: SourceModel, to: str | None) -> tuple[Table, Variant]:
     """The (table, variant) for this source: the first listed for it, or the one whose target is
     ``to``."""
@@ -106,7 +143,8 @@ def select(tables: list[Table], source: SourceModel, to: str | None) -> tuple[Ta
         raise UnknownArchitectureError(refusal.message(label))
     if not candidates:
         raise UnknownArchitectureError(
-            f"{label}: no mapping table fits this source; `ckptport archs` lists the tables, "
+            f"{label}: no mapping table fits this source ({_closest_table(tables, source)});"
+            " `ckptport archs` lists the tables, "
             "--mapping FILE adds your own"
         )
     if to is None:
@@ -183,6 +221,7 @@ def convert(
     tables = load_tables(mapping)
     source = _read_source(src, format, tables, source_model, use_ema, source_bn_momentum)
     table, variant = select(tables, source, to)
+    check_shadowed_rules(table, source)
     from .heads import head_plan
 
     table, variant, source_head = _with_source_head(source, table, variant, pooling)
@@ -304,8 +343,12 @@ class _TableWalk:
         emitted = rule.transform.apply(
             LayerContext(layer, module, self.ledger.shapes, rule.args, fold)
         )
+        reads = ", ".join(rule.transform.params) or "its own variables"
         self.ledger.unmapped(
-            f"{layer.name}/{v}" for v in layer.weights if v not in emitted.consumed
+            f"{layer.name}/{v} (rule {rule!r} matched the layer; {rule.transform.name} reads"
+            f" {reads})"
+            for v in layer.weights
+            if v not in emitted.consumed
         )
         rows = self._place(layer, emitted)
         self.adjustments += emitted.adjust
