@@ -94,6 +94,12 @@ def summary(result, out: Path | None) -> dict:
     is_flag=True,
     help="Run the layer-by-layer verification after converting.",
 )
+@click.option(
+    "--inputs",
+    "verify_inputs",
+    type=click.Path(path_type=Path),
+    help="With --verify: a .npy/.npz NHWC batch or a folder of images to verify on.",
+)
 @force_option
 @json_option
 def command(
@@ -108,11 +114,16 @@ def command(
     use_ema,
     source_bn_momentum,
     do_verify,
+    verify_inputs,
     force,
     as_json,
 ) -> int:
     """Convert a Keras/TF checkpoint SRC to a PyTorch state dict."""
+    from ..errors import ConverterError
     from ..formats import check_output
+
+    if verify_inputs is not None and not do_verify:
+        raise ConverterError("--inputs is for the verification: add --verify")
 
     out = check_output(
         output or Path.cwd() / (src.name.split(".")[0] + ".safetensors"), force, (src,)
@@ -138,7 +149,7 @@ def command(
         from ..verification import VerifyOptions, verify
 
         # the source options the conversion used; a head reset is read from the written metadata
-        report = verify(src, written, VerifyOptions(**options))
+        report = verify(src, written, VerifyOptions(inputs=verify_inputs, **options))
         info["verification"] = report.to_dict()
     rc = report.return_code if report else EXIT_OK
     if as_json:
