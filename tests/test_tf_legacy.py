@@ -8,6 +8,7 @@ cached like the Keras fixtures; the PyTorch twins are fixtures/tf_legacy_models.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 from pathlib import Path
 
@@ -24,7 +25,8 @@ pytest.importorskip("safetensors")
 
 @pytest.fixture(scope="module")
 def legacy() -> dict:
-    pytest.importorskip("tf_keras", reason="tf_keras builds the tf.keras 2.x fixtures")
+    if importlib.util.find_spec("tf_keras") is None:  # found, not imported (no TF in this process)
+        pytest.skip("tf_keras builds the tf.keras 2.x fixtures (make venv installs it)")
     key = hashlib.sha256(GENERATOR.read_bytes()).hexdigest()[:12]
     return cached_build(CACHE / f"tf_legacy-{key}", GENERATOR, [])
 
@@ -119,3 +121,46 @@ def test_tf1_without_meta_refuses_until_momentum_given(legacy, tmp_path, cli):
     rc, stdout, err = cli("inspect", out, "--json")
     bn = json.loads(stdout)["bn_config"]
     assert bn["bn1"]["momentum"] == pytest.approx(0.05) and bn["bn2"]["keras_momentum"] == 0.95
+
+
+def test_table_mistakes_are_named(legacy, tmp_path, cli):
+    """What a user's table gets wrong is said: a rule another rule shadows (both named), a rule
+    whose transform does not read the layer's variables, and why no table fits."""
+    from helpers import assert_clean_error
+
+    src, text = Path(legacy["dir"]) / "tf1", tf1_table(tmp_path).read_text()
+    out = tmp_path / "o.safetensors"
+    cases = {
+        "shadow": (text.replace("source = 'conv1'", "source = 'conv.'"),
+                   ["rule conv2 -> conv2", "rule conv. -> conv1", "never applies"]),
+        "reads": (text.replace("target = 'bn1'\ntransform = 'batch_norm'",
+                               "target = 'bn1'\ntransform = 'layer_norm'"),
+                  ["bn1/moving_mean (rule bn1 -> bn1 [layer_norm] matched", "reads gamma, beta"]),
+        "fits": (text.replace("[[rules]]\nsource = 'fc'\ntarget = 'fc'\ntransform = 'dense'\n", ""),
+                 ["no mapping table fits", "closest: table tf1-net", "4 of 5", "no rule for fc"]),
+    }  # fmt: skip
+    for name, (table, needles) in cases.items():
+        (tmp_path / f"{name}.toml").write_text(table)
+        rc, _, err = cli("convert", src, "--mapping", tmp_path / f"{name}.toml", "-o", out)
+        assert_clean_error(rc, err, *needles, out=out)
+
+
+def test_inspect_graph_and_no_truncation(legacy, cli, monkeypatch):
+    """``inspect --graph`` lists every layer with its settings and inputs; on a narrow terminal no
+    layer or class name is cut (rich would end it with an ellipsis)."""
+    src = Path(legacy["dir"]) / "tfk_custom"
+    rc, out, err = cli("inspect", src, "--graph", "--json")
+    graph = {(g["scope"], g["name"]): g for g in json.loads(out)["graph"]}
+    assert graph[("", "c1")]["inputs"] == ["input_1"]
+    assert graph[("", "c1")]["config"]["strides"] == [2, 2]
+    assert graph[("", "c1")]["config"]["padding"] == "same"
+    assert graph[("block", "ibn")]["inputs"] == ["ic"] and graph[("", "fc")]["class"] == "Dense"
+    assert graph[("", "scale")]["class"] == "Scale"
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
+    monkeypatch.setenv("COLUMNS", "60")
+    rc, _, err = cli("inspect", src, "--graph")
+    assert rc == 0 and "…" not in err
+    for name in ("global_average_pooling2d", "GlobalAveragePooling2D", "BatchNormalization"):
+        assert name in err
+    rc, _, err = cli("inspect", src)
+    assert rc == 0 and "…" not in err and "BatchNormalization" in err and "block/ibn" in err
