@@ -102,7 +102,7 @@ class SourceModel:
     def notes(self) -> list[str]:
         """What the user should know about how the source was read."""
         if not self.renamed:
-            return []
+            return list(self.raw.notes)
         by_base: dict[str, list[tuple[str, str]]] = {}
         for old, new in self.renamed.items():
             by_base.setdefault(re.sub(r"_\d+$", "", new), []).append((old, new))
@@ -111,8 +111,9 @@ class SourceModel:
             old, new = min(pairs, key=lambda p: auto_number(p[1]))
             shown.append(f"{old} -> {new}" + (f" (+{len(pairs) - 1})" if len(pairs) > 1 else ""))
         return [
+            *self.raw.notes,
             "auto names renumbered (the model was built after other layers in its session):"
-            f" {', '.join(shown)}"
+            f" {', '.join(shown)}",
         ]
 
     def layer(self, name: str) -> SourceLayer:
@@ -505,6 +506,8 @@ _FLAT = re.compile(r"^variables/(?P<i>\d+)/\.ATTRIBUTES/VARIABLE_VALUE$")  # mod
 @RESOLVERS.register("tf-checkpoint")
 @RESOLVERS.register("savedmodel")
 def _resolve_tf(raw: RawCheckpoint, skel: list[LayerSkeleton]) -> dict[str, tuple[int, str]]:
+    if raw.object_paths:
+        return _resolve_object_paths(raw, skel)
     keys = list(raw.tensors)
     if all(_FLAT.match(k) for k in keys):
         return _resolve_flat(raw, skel)
@@ -538,6 +541,21 @@ def _resolve_tf(raw: RawCheckpoint, skel: list[LayerSkeleton]) -> dict[str, tupl
             out[k] = (index[layer_of[k]], k.rsplit("/", 1)[1].split(":")[0])
         return Assignment(out, renamed)
     return out
+
+
+def _resolve_object_paths(
+    raw: RawCheckpoint, skel: list[LayerSkeleton]
+) -> dict[str, tuple[int, str]]:
+    """Keys whose layer the file's object graph names (tf.keras 2.x SavedModel: a nested model's
+    variables are often keyed ``variables/<i>``): matched by (nested model, layer name)."""
+    paths = {k: raw.object_paths[k] for k in raw.tensors if k in raw.object_paths}
+    missing = [k for k in raw.tensors if k not in paths]
+    if missing:
+        raise NoFit(f"{missing[0]}: no layer in the file's object graph holds it")
+    index = _match_scoped({k: (scope, layer) for k, (scope, layer, _) in paths.items()}, skel)
+    return {
+        k: (index[k], canonical_attr(skel[index[k]].class_name, v)) for k, (*_, v) in paths.items()
+    }
 
 
 def _n_vars(s: LayerSkeleton) -> int:
@@ -660,6 +678,13 @@ def resolve(
         found = _fit_manifest(raw, man, heads.get(man["id"]))
         if found is not None:
             return _disambiguated(raw, found, man, manifests[n + 1 :], heads)
+    if raw.fallback_config is not None:  # layers inferred from variable names (TF1 checkpoints)
+        skel = skeleton_from_config(raw.fallback_config, raw.path)
+        try:
+            layers = build_layers(raw, skel, "variable names")
+        except NoFit as exc:
+            raise SourceFormatError(f"{raw.path}: cannot group its variables ({exc})") from None
+        return _described(raw, layers, [], heads, "variable names", None)
     raise UnknownArchitectureError(
         f"{raw.path} ({raw.format}, {len(raw.tensors)} tensors) stores no model config and matches"
         f" no known architecture ({len(manifests)} tried); pass --source-model module:function that"
@@ -925,6 +950,25 @@ def resolve_source(
     manifests += [man for man in refused_manifests() if man["id"] not in known]  # tried last
     model_manifest = _source_model_manifest(source_model) if source_model else None
     return resolve(raw, manifests, model_manifest, head_specs(tables))
+
+
+def fill_bn_momentum(source: SourceModel, momentum: float) -> list[str]:
+    """Give the BatchNorm layers whose momentum the file does not record ``momentum`` (the user's
+    ``--source-bn-momentum``); the layers filled, also in the source's notes."""
+    if not 0.0 <= momentum < 1.0:
+        raise ConverterError(
+            f"--source-bn-momentum {momentum} is not in [0, 1) (Keras' convention)"
+        )
+    filled = []
+    for lay in source.layers:
+        if lay.class_name == "BatchNormalization" and lay.config.get("momentum", 0) is None:
+            lay.config = {**lay.config, "momentum": momentum}
+            filled.append(lay.name)
+    source.raw.notes.append(
+        f"--source-bn-momentum {momentum}: set on {len(filled)} BatchNorm layers"
+        + ("" if filled else " (none: the file records every momentum; the flag was not used)")
+    )
+    return filled
 
 
 def _source_model_manifest(spec: str) -> dict[str, Any]:

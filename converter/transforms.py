@@ -415,6 +415,12 @@ class BatchNormTransform(LayerTransform):
                 "",
                 "num_batches_tracked = 0 (Keras does not count)",
             )
+        if cfg.get("momentum", 0.99) is None:  # a TF1 checkpoint without it (no .meta graph)
+            raise UnsupportedLayerError(
+                f"layer {layer.name!r}: its BatchNorm momentum is not recorded in the source (no"
+                " .meta graph with it); pass --source-bn-momentum M (the training code's BN"
+                " momentum/decay, e.g. 0.99 Keras, 0.997 slim ResNet) rather than PyTorch's 0.1"
+            )
         m = float(cfg.get("momentum", 0.99))
         out.bn[ctx.target] = {
             "source_layer": layer.name,

@@ -78,6 +78,17 @@ def summary(result, out: Path | None) -> dict:
     ),
 )
 @click.option(
+    "--use-ema",
+    is_flag=True,
+    help="TF1 checkpoints: take the ExponentialMovingAverage shadow values, not the raw ones.",
+)
+@click.option(
+    "--source-bn-momentum",
+    type=float,
+    metavar="M",
+    help="The source's BN momentum (Keras convention) where the file does not record it (TF1).",
+)
+@click.option(
     "--verify",
     "do_verify",
     is_flag=True,
@@ -87,6 +98,12 @@ def summary(result, out: Path | None) -> dict:
     "--no-verify",
     is_flag=True,
     help="Skip the verification that follows a drafted mapping (see `ckptport draft`).",
+)
+@click.option(
+    "--inputs",
+    "verify_inputs",
+    type=click.Path(path_type=Path),
+    help="With --verify: a .npy/.npz NHWC batch or a folder of images to verify on.",
 )
 @force_option
 @json_option
@@ -99,15 +116,22 @@ def command(
     source_model,
     num_classes,
     pooling,
+    use_ema,
+    source_bn_momentum,
     do_verify,
     no_verify,
+    verify_inputs,
     force,
     as_json,
 ) -> int:
     """Convert a Keras/TF checkpoint SRC to a PyTorch state dict. With no table for SRC and
     --to your own module (file.py:factory), a mapping is drafted from both structures, written
     beside the output as OUT.mapping.toml, and the result verified layer by layer."""
+    from ..errors import ConverterError
     from ..formats import check_output
+
+    if verify_inputs is not None and not do_verify:
+        raise ConverterError("--inputs is for the verification: add --verify")
 
     out = check_output(
         output or Path.cwd() / (src.name.split(".")[0] + ".safetensors"), force, (src,)
@@ -117,7 +141,17 @@ def command(
     console = stderr_console()
     options = dict(mapping=mapping, source_model=source_model, format=src_format)
     result, written = _convert_with_progress(
-        console, as_json, src, to, out, force, num_classes=num_classes, pooling=pooling, **options
+        console,
+        as_json,
+        src,
+        to,
+        out,
+        force,
+        num_classes=num_classes,
+        pooling=pooling,
+        use_ema=use_ema,
+        source_bn_momentum=source_bn_momentum,
+        **options,
     )
     info = summary(result, written)
     if result.drafted is not None:
@@ -128,7 +162,7 @@ def command(
         from ..verification import VerifyOptions, verify
 
         # the source options the conversion used; a head reset is read from the written metadata
-        report = verify(src, written, VerifyOptions(**options))
+        report = verify(src, written, VerifyOptions(inputs=verify_inputs, **options))
         info["verification"] = report.to_dict()
     rc = report.return_code if report else EXIT_OK
     if as_json:
