@@ -18,13 +18,8 @@ from .ledger import TargetLedger, check_finite, listing
 from .manifest import load_manifest, manifest_path, target_manifest_from_model
 from .refusals import refusal_for
 from .preprocessing import preprocessing_spec
-<<<<<<< HEAD
 from .specs import looks_like_spec, parse_spec, same_spec
-from .source import SourceLayer, SourceModel, resolve_source
-=======
-from .specs import parse_spec, same_spec
 from .source import SourceLayer, SourceModel, fill_bn_momentum, resolve_source
->>>>>>> formats9
 from .tables import Drop, Rule, Table, Variant, load_tables, render
 from .transforms import Emitted, LayerContext
 
@@ -149,16 +144,10 @@ def select(tables: list[Table], source: SourceModel, to: str | None) -> tuple[Ta
         raise UnknownArchitectureError(refusal.message(label))
     if not candidates:
         raise UnknownArchitectureError(
-<<<<<<< HEAD
             f"{label}: no mapping table fits this source ({_why_no_table(source, tables)}); "
             "`--to path/to/model.py:factory` drafts a mapping onto your own PyTorch module "
             "(`ckptport draft` writes only the table), --mapping FILE uses your own table, "
             "`ckptport archs` lists the shipped ones"
-=======
-            f"{label}: no mapping table fits this source ({_closest_table(tables, source)});"
-            " `ckptport archs` lists the tables, "
-            "--mapping FILE adds your own"
->>>>>>> formats9
         )
     if to is None:
         return candidates[0]
@@ -184,10 +173,7 @@ def _why_no_table(source: SourceModel, tables: list[Table]) -> str:
     the one it is, or the user's table's rules do not cover its layers."""
     if source.manifest_id:
         return f"it is {source.manifest_id}, which no table here converts"
-    if len(tables) == 1 and not any(v.source for v in tables[0].variants):
-        missed = [lay.name for lay in source.weighted if not tables[0].match(lay.name)]
-        return f"table {tables[0].id} maps none of layers {listing(missed)}"
-    return "its layers match none of the shipped architectures: a custom model"
+    return _closest_table(tables, source)
 
 
 def _select_or_draft(
@@ -263,14 +249,9 @@ def convert(
             (TF1 checkpoints without a ``.meta`` graph).
     """
     tables = load_tables(mapping)
-<<<<<<< HEAD
-    source = resolve_source(raw, tables, source_model=source_model)
-    table, variant, drafted = _select_or_draft(tables, source, to, mapping)
-=======
     source = _read_source(src, format, tables, source_model, use_ema, source_bn_momentum)
-    table, variant = select(tables, source, to)
+    table, variant, drafted = _select_or_draft(tables, source, to, mapping)
     check_shadowed_rules(table, source)
->>>>>>> formats9
     from .heads import head_plan
 
     table, variant, source_head = _with_source_head(source, table, variant, pooling)
