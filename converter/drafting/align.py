@@ -19,10 +19,11 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from ..errors import AmbiguousMappingError, MappingError
-from ..transforms import TRANSFORMS, LayerTransform
+from ..transforms import TRANSFORMS, LayerTransform, TensorTransform
 from .graph import INPUT, SourceGraph, SourceNode
 from .target import MODEL_INPUT, TargetGraph, TargetNode
 
@@ -103,15 +104,22 @@ def _shapes_fit(s: SourceNode, t: TargetNode, transform: LayerTransform) -> bool
                 return None
             folds = True
             continue
-        try:
-            if tuple(tensor.shape(tuple(shape))) != tuple(t.tensors[param]):
-                return None
-        except (ValueError, MappingError):
+        if transformed_shape(tensor, tuple(shape)) != tuple(t.tensors[param]):
             return None
         placed.add(param)
     fills = {param for param, _ in transform.params.values()}
     left = set(t.tensors) - placed - set(COUNTERS)
     return folds if placed and left <= fills else None
+
+
+@lru_cache(maxsize=8192)
+def transformed_shape(tensor: TensorTransform, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """``tensor.shape(shape)``, None where the transform refuses the shape (memoised: alignment
+    asks for every source-target pair of a kind)."""
+    try:
+        return tuple(tensor.shape(shape))
+    except (ValueError, MappingError):
+        return None
 
 
 # ------------------------------------------------------------------ structure

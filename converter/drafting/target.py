@@ -42,12 +42,12 @@ class TargetGraph:
 
 
 def dummy_input(shape: tuple[int | None, ...] | None, default: int = 32) -> tuple[int, ...]:
-    """A batch-of-2 channels-first shape from a channels-last source input shape: (H, W, C) ->
-    (2, C, H, W), (L, C) -> (2, C, L), (F,) -> (2, F); unknown sizes become ``default``."""
+    """A batch-of-1 channels-first shape from a channels-last source input shape: (H, W, C) ->
+    (1, C, H, W), (L, C) -> (1, C, L), (F,) -> (1, F); unknown sizes become ``default``."""
     if not shape:
-        return (2, 3, default, default)
+        return (1, 3, default, default)
     dims = [d if d else default for d in shape]
-    return (2, *dims) if len(dims) == 1 else (2, dims[-1], *dims[:-1])
+    return (1, *dims) if len(dims) == 1 else (1, dims[-1], *dims[:-1])
 
 
 def trace_target(model: Any, input_shape: tuple[int, ...]) -> TargetGraph:
