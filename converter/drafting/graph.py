@@ -76,6 +76,14 @@ class SourceGraph:
                 stack.extend(node.inputs)
         return frozenset(out)
 
+    def input_dtype(self) -> str:
+        """The first input's dtype (``float32`` unless the source says otherwise)."""
+        for node in self.inputs:
+            dtype = node.attrs.get("dtype")
+            if isinstance(dtype, str):
+                return dtype
+        return "float32"
+
     def input_shape(self) -> tuple[int | None, ...] | None:
         """The first input's shape without the batch axis, when the source declares it."""
         for node in self.inputs:
@@ -233,4 +241,6 @@ def keras_attrs(cfg: dict[str, Any]) -> dict[str, Any]:
     shape = cfg.get("batch_shape") or cfg.get("batch_input_shape")
     if shape:
         out["shape"] = tuple(shape[1:])
+        if isinstance(cfg.get("dtype"), str):
+            out["dtype"] = cfg["dtype"]
     return out
