@@ -94,7 +94,7 @@ def trace_once(model: Any, input_shape: tuple[int, ...], dtype: str = "float32")
     tracker.sources[id(x)] = frozenset({MODEL_INPUT})
     tracker.keep.append(x)
     try:
-        with torch.no_grad(), _FlowMode(tracker):
+        with torch.no_grad(), _flow_mode(tracker):
             y = model(x)
     except Exception as exc:
         raise _ForwardFailed(f"{type(exc).__name__}: {exc}") from None
@@ -113,7 +113,6 @@ class _Tracker:
         self.flat: dict[int, tuple[int, int, int]] = {}
         self.keep: list[Any] = []  # tensors stay alive so their ids are not reused
         self.nodes: dict[str, TargetNode] = {}
-        self.depth = 0
 
     def origin(self, tensors: list[Any]) -> frozenset[str]:
         out: set[str] = set()
@@ -134,13 +133,11 @@ class _Tracker:
                 node = TargetNode(name, type(module).__name__, tensors, attrs, bases=bases)
                 self.nodes[name] = node
             node.inputs = node.inputs | self.origin(flat)
-            self.depth += 1
 
         return hook
 
     def post(self, name: str):
         def hook(mod, args, output):
-            self.depth -= 1
             for t in _tensors(output):
                 self.sources[id(t)] = frozenset({name})
                 self.keep.append(t)
@@ -163,24 +160,23 @@ class _Tracker:
         it through shape-preserving operations (dropout, activations)."""
         for t in ins:
             if id(t) in self.flat and tuple(t.shape) == tuple(out.shape):
-                self.flat[id(out)] = self.flat[id(t)]
-                return
-            if t.dim() == 4 and out.dim() == 2 and out.shape[1] == t[0].numel():
+                hwc = self.flat[id(t)]
+            elif t.dim() == 4 and out.dim() == 2 and out.shape[1] == t[0].numel():
                 _, c, h, w = t.shape
-                self.flat[id(out)] = (int(h), int(w), int(c))
-                return
+                hwc = (int(h), int(w), int(c))
+            else:
+                continue
+            self.flat[id(out)] = hwc
+            self.keep.append(out)  # its id must not be reused while recorded
+            return
 
 
-def _flow_mode_base():
+def _flow_mode(tracker: _Tracker) -> Any:
+    """A TorchFunctionMode that reports every torch function call to ``tracker`` (defined here:
+    torch is imported only when a target is traced)."""
     from torch.overrides import TorchFunctionMode
 
-    return TorchFunctionMode
-
-
-def _FlowMode(tracker: _Tracker):
-    """A TorchFunctionMode that reports every torch function call to ``tracker``."""
-
-    class FlowMode(_flow_mode_base()):
+    class FlowMode(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
             result = func(*args, **(kwargs or {}))
             tracker.op([args, kwargs], result)
