@@ -35,7 +35,7 @@ TABLES = {
         ("bn", "batch_norm", ""),
         ("deconv", "conv_transpose2d", ""),
         ("deconv_same", "conv_transpose2d", ""),
-        ("conv_b", "conv2d", "fold_bias = 'bn_b'\n"),
+        ("conv_b", "conv2d", "fold_bias = 'bn_b'\ntap = false\n"),
         ("bn_b", "batch_norm", ""),
         ("prelu", "prelu", ""),
         ("sep", "separable_conv2d", ""),
@@ -285,3 +285,40 @@ def test_transpose_padding_semantics():
     assert transpose_padding(3, 1, 1, "same", None) == (1, 0)
     assert transpose_padding(1, 2, 1, "valid", None) == (0, 1)  # (n-1)*s + max(k, s)
     assert transpose_padding(3, 2, 1, "same", None) is None  # crops 0 before, 1 after
+
+
+@pytest.mark.parametrize(
+    "model",
+    # one Keras process each (~12 s on 2 busy cores): audio and token-id sequences run always
+    [
+        "conv1d",
+        "seq",
+        *(pytest.param(m, marks=pytest.mark.slow) for m in ("conv2d", "conv3d", "birnn")),
+    ],
+)
+def test_verify_layer_by_layer(kinds, converted, model):
+    """`verify` feeds each source its own input (NWC audio, grayscale, NDHWC volumes, token ids,
+    float sequences), lays each tapped output out as PyTorch does (channels first for convs and
+    BNs over the last axis, batch-first sequences, a recurrent layer's last state) and compares
+    one BN training step."""
+    from converter import verify
+
+    info, _ = kinds
+    _, _, path, table = converted[model]
+    report = verify(info["files"][model], path, mapping=table, train_step=True, batch=3)
+    assert report.passed, report.first_divergent
+    assert report.input_shape[1:] == list(kinds[1][f"{model}/x"].shape[1:])
+    tapped = [r.source_layer for r in report.layers]
+    assert tapped == [n for n, _, extra in TABLES[model] if "tap = false" not in extra]
+    assert len(report.train_step or []) == sum(t == "batch_norm" for _, t, _ in TABLES[model])
+
+
+def test_verify_inputs_must_fit_the_source(kinds, converted, tmp_path):
+    from converter import verify
+    from converter.errors import VerificationError
+
+    info, _ = kinds
+    _, _, path, table = converted["seq"]
+    np.save(tmp_path / "images.npy", np.zeros((2, 8, 8, 3), np.float32))
+    with pytest.raises(VerificationError, match=r"the source takes \(batch, 7\)"):
+        verify(info["files"]["seq"], path, mapping=table, inputs=tmp_path / "images.npy")
