@@ -512,6 +512,10 @@ def _resolve_legacy_h5(raw: RawCheckpoint, skel: list[LayerSkeleton]) -> dict[st
         var[k] = p[-1].split(":")[0]
     renamed: dict[str, str] = {}
     index = _match_scoped(names, skel, renamed=renamed)
+    for k in raw.tensors:  # <bidirectional>/<forward_lstm>/<lstm_cell>/<var>
+        if skel[index[k]].class_name == "Bidirectional":
+            side = [d for d in ("forward", "backward") if f"/{d}_" in k]
+            var[k] = f"{side[0]}/{var[k]}" if side else var[k]
     return Assignment({k: (index[k], var[k]) for k in raw.tensors}, renamed)
 
 

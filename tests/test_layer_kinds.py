@@ -181,6 +181,20 @@ def _batch_count(x: np.ndarray, net, name: str, model: str) -> int:
     return seen["n"]
 
 
+@pytest.mark.parametrize("model", ["seq", "birnn"])
+def test_legacy_h5_recurrent_weights_convert_the_same(kinds, converted, model):
+    """Legacy HDF5 names sublayer weights by path (``bilstm/forward_lstm/lstm_cell/kernel``):
+    the same tensors as from the .keras file."""
+    from converter import convert
+
+    info, _ = kinds
+    result = convert(info["files"][f"{model}.h5"], mapping=converted[model][3])
+    want = converted[model][0].state_dict
+    assert result.state_dict.keys() == want.keys()
+    for k, v in want.items():
+        np.testing.assert_array_equal(result.state_dict[k], v, err_msg=k)
+
+
 def test_bn_config_carried(converted):
     """momentum 1-m and the Keras eps per module, whatever the axis."""
     cfg = {m: converted[m][0].bn_config for m in ("conv1d", "conv2d", "seq")}
