@@ -198,7 +198,11 @@ def run(args: argparse.Namespace) -> None:
         "timing.source_run_s": f"{t_run:.6f}",
         "device": "cpu" if args.device == "cpu" else "auto",
         "layouts": json.dumps(
-            {"input": input_layout(model), "taps": [layer_layout(lay) for lay in tap_layers]}
+            {
+                "input": input_layout(model),
+                "taps": [layer_layout(lay) for lay in tap_layers],
+                "output": layer_layout(model.layers[-1]),
+            }
         ),
     }
     formats.write(args.out, tensors, meta, format="safetensors", force=True)

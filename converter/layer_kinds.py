@@ -193,13 +193,11 @@ class Conv3dTransform(KindTransform):
     example = {"config": {}, "shapes": {"kernel": (1, 3, 3, 4, 6), "bias": (6,)}}
 
 
-def transpose_padding(
+def transpose_crop(
     kernel: int, stride: int, dilation: int, padding: str, output_padding: int | None
-) -> tuple[int, int] | None:
-    """The torch ConvTranspose ``(padding, output_padding)`` of one Keras axis, or None when torch
-    cannot crop as Keras does. Keras (TF, as its JAX/torch backends reproduce) takes the full
-    transposed output ``(n-1)*s + k_eff`` and crops ``before``/``after``; torch crops ``padding``
-    on both sides and then adds ``output_padding`` (< max(stride, dilation)) at the end."""
+) -> tuple[int, int]:
+    """How much of the full transposed output ``(n-1)*s + k_eff`` Keras crops (before, after) on
+    one axis (TF's semantics, which Keras' JAX/torch backends reproduce); negative: extended."""
     k = (kernel - 1) * dilation + 1
     if padding == "valid":
         op = max(k, stride) - k if output_padding is None else output_padding
@@ -208,7 +206,16 @@ def transpose_padding(
         pad = stride + k - 2 if output_padding is None else k + k % 2 - 2 + output_padding
         left = min(pad // 2 + pad % 2, k - 1)
         right = pad - left
-    before, after = k - 1 - left, k - 1 - right
+    return k - 1 - left, k - 1 - right
+
+
+def transpose_padding(
+    kernel: int, stride: int, dilation: int, padding: str, output_padding: int | None
+) -> tuple[int, int] | None:
+    """The torch ConvTranspose ``(padding, output_padding)`` of one Keras axis, or None when torch
+    cannot crop as Keras does: torch crops ``padding`` on both sides and then adds
+    ``output_padding`` (< max(stride, dilation)) at the end."""
+    before, after = transpose_crop(kernel, stride, dilation, padding, output_padding)
     if before < 0 or not 0 <= before - after < max(stride, dilation):
         return None
     return before, before - after
@@ -220,6 +227,17 @@ class ConvTransposeTransform(KindTransform):
     says which); Keras 'same' whose crop is larger after than before (odd kernel, even stride)
     has no torch twin."""
 
+    def apply(self, ctx: LayerContext) -> Emitted:
+        """Table arg ``cropped_in_forward = true``: the module crops its output itself (a
+        ConvTranspose with padding=0 and a slice in forward), so no refusal."""
+        if ctx.args.get("cropped_in_forward"):
+            out = Emitted()
+            for var, (param, tt) in self.params.items():
+                if var in ctx.layer.weights:
+                    self.emit(ctx, out, var, param, tt)
+            return out
+        return super().apply(ctx)
+
     def check(self, name: str, config: dict[str, Any], shapes: dict[str, tuple]) -> None:
         n = len(shapes.get("kernel", ())) - 2
         per_axis = [_axis_values(config, key, n) for key in ("kernel_size", "strides")]
@@ -229,12 +247,15 @@ class ConvTransposeTransform(KindTransform):
         padding = str(config.get("padding", "valid")).lower()
         for axis, (k, s, d, op) in enumerate(zip(*per_axis, dil, ops)):
             if transpose_padding(k, s, d, padding, op) is None:
+                before, after = transpose_crop(k, s, d, padding, op)
                 _refuse(
                     name,
                     f"{config.get('padding')!r} transposed convolution (kernel {k}, stride {s},"
-                    f" axis {axis}) crops more after than before, which torch ConvTranspose"
-                    " (symmetric padding, output_padding at the end) cannot express",
-                    "use an even kernel or padding='valid' and crop in the module's forward",
+                    f" spatial axis {axis}) crops {before} before and {after} after the full"
+                    " output, which torch ConvTranspose (the same padding on both sides,"
+                    " output_padding at the end) cannot express",
+                    "give the module padding=0, crop the output that way in its forward, and"
+                    " set args = { cropped_in_forward = true } on this rule",
                 )
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

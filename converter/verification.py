@@ -688,7 +688,8 @@ def _compare_output(
         got = torch.softmax(run.out.double(), dim=-1).cpu().numpy()
         compared = "probabilities"
         note = "the Keras model ends in softmax: probabilities are compared on both sides"
-    want = ref.tensors["logits"]
+    hint = json.loads(ref.meta.get("layouts", "{}")).get("output", "as_is")
+    want = _to_torch_layout(ref.tensors["logits"], hint, got.shape)  # a feature-map output too
     max_abs, rel, cos, max_rel = _measure(want, got)
     if want.shape != got.shape:
         note = f"output shapes differ: Keras {list(want.shape)}, PyTorch {list(got.shape)}"

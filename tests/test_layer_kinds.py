@@ -13,7 +13,7 @@ import pytest
 from helpers import CACHE, ROOT, cached_build
 
 from converter.errors import UnsupportedLayerError
-from converter.layer_kinds import KindTransform, transpose_padding
+from converter.layer_kinds import KindTransform, transpose_crop, transpose_padding
 from converter.transforms import TRANSFORMS, LayerContext
 
 GENERATOR = ROOT / "fixtures" / "keras_layers.py"
@@ -298,7 +298,17 @@ def test_transpose_padding_semantics():
     assert transpose_padding(4, 2, 1, "same", None) == (1, 0)
     assert transpose_padding(3, 1, 1, "same", None) == (1, 0)
     assert transpose_padding(1, 2, 1, "valid", None) == (0, 1)  # (n-1)*s + max(k, s)
-    assert transpose_padding(3, 2, 1, "same", None) is None  # crops 0 before, 1 after
+    assert transpose_padding(3, 2, 1, "same", None) is None
+    assert transpose_crop(3, 2, 1, "same", None) == (0, 1)  # crops 0 before, 1 after
+
+
+def test_transpose_cropped_in_forward_is_the_escape():
+    """The refusal's fix: a module that crops its output itself takes the weights as they are."""
+    cfg = {"kernel_size": [3, 3], "strides": [2, 2], "padding": "same"}
+    layer = _Layer("up", cfg, {"kernel": np.ones((3, 3, 4, 2), np.float32)})
+    args = {"cropped_in_forward": True}
+    out = TRANSFORMS.get("conv_transpose2d").apply(LayerContext(layer, "up", _AnyKey(), args))
+    assert out.tensors["up.weight"][0].shape == (2, 4, 3, 3)
 
 
 @pytest.mark.parametrize(
