@@ -480,6 +480,22 @@ class RecurrentTransform(KindTransform):
     def suffix(self, args: dict[str, Any] | None, reverse: bool = False) -> str:
         return f"_l{int((args or {}).get('layer', 0))}" + ("_reverse" if reverse else "")
 
+    def tensor_params(
+        self, config: dict[str, Any], shapes: dict[str, tuple], args: dict[str, Any] | None = None
+    ) -> dict[str, tuple[str, TensorTransform]]:
+        """The weights' places and layouts (what drafting checks shapes with); the bias, which
+        also fills ``bias_hh``, is emitted by ``emit_cell``."""
+        return self.cell_params("", self.suffix(args))
+
+    def cell_params(self, prefix: str, suffix: str) -> dict[str, tuple[str, TensorTransform]]:
+        out = {
+            f"{prefix}kernel": (f"weight_ih{suffix}", self.cell()),
+            f"{prefix}recurrent_kernel": (f"weight_hh{suffix}", self.cell()),
+        }
+        if self.order != GRUTransform.order:  # GRU's (2, 3H) bias goes to two parameters
+            out[f"{prefix}bias"] = (f"bias_ih{suffix}", self.cell(False))
+        return out
+
     def apply(self, ctx: LayerContext) -> Emitted:
         self.check(ctx.layer.name, ctx.layer.config, {})
         out = Emitted()
@@ -598,6 +614,14 @@ class BidirectionalTransform(KindTransform):
         inner_cfg = {**config["layer"].get("config", {}), "go_backwards": False}
         inner.check(name, inner_cfg, {})
         return inner
+
+    def tensor_params(
+        self, config: dict[str, Any], shapes: dict[str, tuple], args: dict[str, Any] | None = None
+    ) -> dict[str, tuple[str, TensorTransform]]:
+        inner, out = self.inner("", config), {}
+        for prefix, reverse in (("forward/", False), ("backward/", True)):
+            out.update(inner.cell_params(prefix, inner.suffix(args, reverse)))
+        return out
 
     def apply(self, ctx: LayerContext) -> Emitted:
         inner = self.inner(ctx.layer.name, ctx.layer.config)

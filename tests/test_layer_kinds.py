@@ -236,6 +236,14 @@ def test_kind_transforms_round_trip(name):
     for v, a in arrays.items():
         np.testing.assert_allclose(back[v], a, rtol=1e-6, atol=1e-6)
     assert repr(t).startswith(name)
+    params = t.tensor_params(layer.config, arrays_shapes(arrays))
+    for var, (param, tt) in params.items():
+        if var in arrays:  # what drafting checks shapes with
+            assert tt(arrays[var]).shape == torch_side[param].shape
+
+
+def arrays_shapes(arrays: dict[str, np.ndarray]) -> dict[str, tuple]:
+    return {v: a.shape for v, a in arrays.items()}
 
 
 class _AnyKey(dict):
