@@ -424,6 +424,7 @@ class RecurrentTransform(KindTransform):
     activations other than PyTorch's fixed ones, are refused."""
 
     order: tuple[int, ...] = (0,)
+    two_biases = False  # Keras stores (input bias, recurrent bias): GRU(reset_after=True)
     example = {
         "config": {},
         "shapes": {"kernel": (5, 12), "recurrent_kernel": (3, 12), "bias": (12,)},
@@ -492,7 +493,7 @@ class RecurrentTransform(KindTransform):
             f"{prefix}kernel": (f"weight_ih{suffix}", self.cell()),
             f"{prefix}recurrent_kernel": (f"weight_hh{suffix}", self.cell()),
         }
-        if self.order != GRUTransform.order:  # GRU's (2, 3H) bias goes to two parameters
+        if not self.two_biases:  # GRU's (2, 3H) bias goes to two parameters: emit_cell does it
             out[f"{prefix}bias"] = (f"bias_ih{suffix}", self.cell(False))
         return out
 
@@ -553,6 +554,7 @@ class GRUTransform(RecurrentTransform):
 
     pairs = (("GRU", "GRU"),)
     order = (1, 0, 2)
+    two_biases = True
     example = {
         "config": {"reset_after": True},
         "shapes": {"kernel": (5, 9), "recurrent_kernel": (3, 9), "bias": (2, 9)},
