@@ -295,8 +295,8 @@ def layer_layout(layer) -> str:
         return ""
     if ndim < 3:
         return "as_is"
-    if getattr(layer, "data_format", None) == "channels_last":
-        return "channels_last"
+    if getattr(layer, "data_format", None) in ("channels_last", "channels_first"):
+        return "channels_last" if layer.data_format == "channels_last" else "as_is"
     if cls == "BatchNormalization":
         axis = layer.axis[0] if isinstance(layer.axis, (list, tuple)) else layer.axis
         return "channels_last" if axis % ndim == ndim - 1 else "as_is"
