@@ -61,6 +61,7 @@ class ConversionResult:
     config_origin: str
     head_reset: dict[str, Any] | None = None
     source_input_shape: list[int | None] | None = None  # (H, W, C) when the source declares it
+    source_input: dict[str, Any] | None = None  # its dtype and, for token ids, the vocabulary size
     source_path: Path | None = None  # never written over: save() refuses it as an output
     source_head: dict[str, Any] | None = None  # converter.nesting.Head.report()
     nesting: dict[str, Any] | None = None  # converter.nesting.Nesting.report(), when nested
@@ -500,6 +501,7 @@ def _result(
         config_origin=source.config_origin,
         head_reset=head.report() if head else None,
         source_input_shape=_input_shape(source),
+        source_input=input_info(source),
         source_path=source.raw.path,
         source_head=source.head.report() if source.head else None,
         nesting=source.nesting.report() if source.nesting else None,
@@ -550,6 +552,25 @@ def _input_shape(source: SourceModel) -> list[int | None] | None:
             if shape:
                 return list(shape[1:])
     return None
+
+
+def input_info(source: SourceModel) -> dict[str, Any] | None:
+    """What verification feeds the source: the declared input's dtype, and for integer inputs
+    (token ids) the smallest Embedding vocabulary (ids stay below it)."""
+    if source.config_origin not in ("file", "model"):
+        return None
+    dtype = next(
+        (
+            str(lay.config.get("dtype", "float32"))
+            for lay in source.layers
+            if lay.class_name == "InputLayer"
+        ),
+        None,
+    )
+    if dtype is None:
+        return None
+    vocab = [int(lay.config["input_dim"]) for lay in source.layers if lay.class_name == "Embedding"]
+    return {"dtype": dtype, **({"vocab": min(vocab)} if vocab and "int" in dtype else {})}
 
 
 def dry_run(table: Table, variant: Variant, seed: int = 0) -> ConversionResult:

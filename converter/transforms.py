@@ -494,3 +494,6 @@ class SeparableConv2dT(LayerTransform):
                 child, _, leaf = param.partition(".")
                 self.emit(ctx, out, var, f"{children[child]}.{leaf}", tt)
         return out
+
+
+from . import layer_kinds  # noqa: E402,F401  (more layer kinds, registered on import)
