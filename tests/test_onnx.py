@@ -1,0 +1,133 @@
+"""ONNX sources (issue 10): exports made by the real exporters (fixtures/onnx_models.py, in a
+subprocess, cached like the Keras fixtures) convert back onto their torchvision target and match
+onnxruntime; BatchNorm folded by an exporter is said and refused unless accepted."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import CACHE, ROOT, assert_clean_error, cached_build, rel_err
+
+pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+GENERATOR = ROOT / "fixtures" / "onnx_models.py"
+TOL = 1e-5  # measured: 1.2e-6 of the logits' std (resnet50 at 32 px, float32 on both sides)
+
+
+def onnx_fixture(*args: str) -> dict:
+    """Run fixtures/onnx_models.py ARGS once per generator version (cached, file-locked)."""
+    version = hashlib.sha256(GENERATOR.read_bytes()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps([args, version]).encode()).hexdigest()[:16]
+    return cached_build(CACHE / f"onnx-{key}", GENERATOR, list(args))
+
+
+@pytest.fixture(scope="module")
+def resnet50():
+    return onnx_fixture("--kind", "torch", "--model", "resnet50", "--size", "32")
+
+
+@pytest.fixture(scope="module")
+def keras_tf2onnx():
+    pytest.importorskip("tf2onnx")
+    return onnx_fixture("--kind", "tf2onnx", "--size", "16")
+
+
+def onnxruntime_logits(path: Path, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def converted_logits(path: Path, x: np.ndarray):
+    import torch
+
+    import converter
+
+    model = converter.load_model(path)
+    with torch.no_grad():
+        return model, model(torch.from_numpy(x)).numpy()
+
+
+def test_named_export_converts_onto_detected_target(resnet50, tmp_path, cli):
+    """torch.onnx (dynamo, BN kept) with parameter names: the target is found from the names,
+    the logits match onnxruntime's, every BN module gets 1 - the ONNX momentum and its eps."""
+    import torch
+
+    src, out = resnet50["dir"] / "named.onnx", tmp_path / "r50.safetensors"
+    rc, _, err = cli("convert", src, "-o", out)
+    assert rc == 0, err
+    assert "detected torchvision:resnet50" in err and "1 - ONNX momentum" in err
+    model, y = converted_logits(out, resnet50["x"])
+    assert rel_err(y, onnxruntime_logits(src, resnet50["x"])) < TOL
+    assert rel_err(y, resnet50["logits"]) < TOL
+    bns = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert len(bns) == 53 and set(bns) == set(resnet50["momentum"])
+    for name, bn in bns.items():  # the exporter wrote 1 - p; converted back: p again
+        assert bn.momentum == pytest.approx(resnet50["momentum"][name], abs=1e-6), name
+        assert bn.eps == pytest.approx(resnet50["eps"][name], rel=1e-6), name
+    assert len({round(m.momentum, 6) for m in bns.values()}) > 5  # the fixture varies them
+
+
+def test_folded_export_refused_then_accepted(resnet50, tmp_path, cli):
+    """torch.onnx's default optimisation folds BN into the convs: convert says so (the word
+    folded, the exporter, how to keep BN) and refuses; --accept-folded-bn converts with identity
+    BN statistics, computing what the ONNX model computes."""
+    import torch
+
+    src, out = resnet50["dir"] / "folded.onnx", tmp_path / "f.safetensors"
+    rc, _, err = cli("convert", src, "--to", "torchvision:resnet50", "-o", out)
+    assert_clean_error(
+        rc, err, "folded", "pytorch", "optimize=False", "--accept-folded-bn", out=out
+    )
+    rc, _, err = cli("inspect", src)
+    assert rc == 0 and "folded" in err and "pytorch" in err
+    rc, _, err = cli(
+        "convert", src, "--to", "torchvision:resnet50", "-o", out, "--accept-folded-bn"
+    )
+    assert rc == 0, err
+    assert "identity statistics" in err
+    model, y = converted_logits(out, resnet50["x"])
+    assert rel_err(y, onnxruntime_logits(src, resnet50["x"])) < TOL
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(float(m.weight.detach().min()) == 1.0 == float(m.weight.detach().max()) for m in bns)
+
+
+TINY_TARGET = """
+import torch.nn as nn
+
+def net():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+"""
+
+
+def test_tf2onnx_export_reported_folded(keras_tf2onnx, tmp_path, cli):
+    """A tf2onnx export of a Keras Conv-BN-ReLU model: inspect and convert both say folded, by
+    tf2onnx, and why tf2onnx cannot keep it."""
+    src = keras_tf2onnx["dir"] / "tf2onnx.onnx"
+    rc, out, _ = cli("inspect", src, "--json")
+    info = json.loads(out)
+    assert rc == 0 and info["format"] == "onnx" and info["exporter"].startswith("tf2onnx")
+    assert "folded" in info["folded_bn"]["message"] and "constfold" in info["folded_bn"]["message"]
+    (tmp_path / "tiny.py").write_text(TINY_TARGET)
+    out = tmp_path / "t.safetensors"
+    rc, _, err = cli("convert", src, "--to", f"{tmp_path / 'tiny.py'}:net", "-o", out)
+    assert_clean_error(rc, err, "folded", "tf2onnx", "--accept-folded-bn", out=out)
+
+
+def test_damaged_onnx_files(resnet50, tmp_path, cli):
+    """Truncated protobuf, missing external data: one clear line each."""
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes((resnet50["dir"] / "named.onnx").read_bytes()[:5000])
+    rc, _, err = cli("inspect", bad)
+    assert_clean_error(rc, err, "bad.onnx", "damaged or truncated")
+    lonely = tmp_path / "named.onnx"
+    lonely.write_bytes((resnet50["dir"] / "named.onnx").read_bytes())
+    out = tmp_path / "o.safetensors"
+    rc, _, err = cli("convert", lonely, "-o", out)
+    assert_clean_error(rc, err, "named.onnx.data", "missing", out=out)
