@@ -37,6 +37,10 @@ def inspect(path: str | os.PathLike, format: str | None = None) -> dict[str, Any
             if k in meta:
                 info[k] = json.loads(meta[k])
         return info
+    if raw.format == "onnx":
+        from .onnx_source import inspect_onnx
+
+        return {**info, **inspect_onnx(raw)}
     try:
         source = resolve_source(raw)
     except ConverterError as exc:

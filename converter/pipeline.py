@@ -157,8 +157,9 @@ def convert(
     num_classes: int | None = None,
     pooling: str | None = None,
     progress: Progress | None = None,
+    accept_folded_bn: bool = False,
 ) -> ConversionResult:
-    """Convert a Keras/TF checkpoint to a PyTorch state dict.
+    """Convert a Keras/TF checkpoint (or an ONNX model) to a PyTorch state dict.
 
     Args:
         src: ``.keras``, ``.weights.h5``, legacy ``.h5``, TF checkpoint (prefix, ``.index`` or
@@ -174,8 +175,11 @@ def convert(
         pooling: ``avg``, ``max`` or ``none``: the pooling after a headless or nested base, for
             files that do not record it (TF checkpoints, SavedModels; default avg, noted).
         progress: called as ``progress(done, total, layer_name)``.
+        accept_folded_bn: ONNX only: convert BN folded by the exporter with identity BN stats.
     """
     raw = formats.read(src, format)
+    if raw.format == "onnx":  # converter.onnx_source; options as documented above
+        return _convert_onnx(raw, to, mapping, num_classes, accept_folded_bn, progress)
     tables = load_tables(mapping)
     source = resolve_source(raw, tables, source_model=source_model)
     table, variant = select(tables, source, to)
@@ -202,6 +206,13 @@ def convert(
     if result.notes:
         result.metadata["notes"] = json.dumps(result.notes)
     return result
+
+
+def _convert_onnx(raw, to, mapping, num_classes, accept_folded_bn, progress) -> ConversionResult:
+    from .onnx_source import convert_onnx
+
+    options = dict(mapping=mapping, num_classes=num_classes, accept_folded_bn=accept_folded_bn)
+    return convert_onnx(raw, to, progress=progress, **options)
 
 
 def _with_source_head(
@@ -341,6 +352,19 @@ def _apply(
     if progress:
         progress(total, total, "")
     return result
+
+
+def apply_table(
+    source: SourceModel,
+    table: Table,
+    variant: Variant,
+    target_manifest: dict[str, Any],
+    kwargs: dict[str, Any],
+    progress: Progress | None = None,
+) -> ConversionResult:
+    """Apply ``table``'s ``variant`` to a resolved source (no head reset): what converters of other
+    source kinds (ONNX) share with the Keras path."""
+    return _apply(source, table, variant, target_manifest, kwargs, None, progress)
 
 
 def _check_layer_tensors(layer: SourceLayer) -> None:

@@ -83,6 +83,14 @@ def summary(result, out: Path | None) -> dict:
     is_flag=True,
     help="Run the layer-by-layer verification after converting.",
 )
+@click.option(
+    "--accept-folded-bn",
+    is_flag=True,
+    help=(
+        "ONNX sources whose BatchNorm the exporter folded into the convs: convert anyway, the"
+        " target's BatchNorm modules getting identity statistics."
+    ),
+)
 @force_option
 @json_option
 def command(
@@ -95,10 +103,11 @@ def command(
     num_classes,
     pooling,
     do_verify,
+    accept_folded_bn,
     force,
     as_json,
 ) -> int:
-    """Convert a Keras/TF checkpoint SRC to a PyTorch state dict."""
+    """Convert a Keras/TF checkpoint or an ONNX model SRC to a PyTorch state dict."""
     from ..formats import check_output
 
     out = check_output(
@@ -106,8 +115,9 @@ def command(
     )
     console = stderr_console()
     options = dict(mapping=mapping, source_model=source_model, format=src_format)
+    more = dict(num_classes=num_classes, pooling=pooling, accept_folded_bn=accept_folded_bn)
     result, written = _convert_with_progress(
-        console, as_json, src, to, out, force, num_classes=num_classes, pooling=pooling, **options
+        console, as_json, src, to, out, force, **more, **options
     )
     info = summary(result, written)
     report = None
@@ -171,7 +181,7 @@ def _details(result, info: dict) -> list[str]:
     if result.bn_config:
         lines.append(
             f"BatchNorm: {info['bn_modules']} modules, torch momentum"
-            f" {momenta_str(info['bn_momentum_torch'])} (= 1 - Keras), eps"
+            f" {momenta_str(info['bn_momentum_torch'])} (= 1 - {_convention(result)}), eps"
             f" {momenta_str(info['bn_eps'])}"
         )
     if info["surgeries"]:
@@ -197,6 +207,11 @@ def _details(result, info: dict) -> list[str]:
             f" {', '.join(result.head_reset['dropped_source_layers'])}"
         )
     return lines
+
+
+def _convention(result) -> str:
+    """Whose momentum the BN momentum is 1 minus (ONNX has Keras' convention)."""
+    return "ONNX momentum" if result.metadata.get("source.format") == "onnx" else "Keras"
 
 
 def _print_verification(console, report) -> None:
