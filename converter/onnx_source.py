@@ -36,6 +36,7 @@ class OnnxPlan:
     target_manifest: dict[str, Any]
     notes: list[str] = field(default_factory=list)
     detected: bool = False  # the target was found from the layer names (no --to)
+    folded: bool = False  # BN folded by the exporter, accepted with identity statistics
 
 
 def onnx_source(raw: RawCheckpoint) -> SourceModel:
@@ -124,7 +125,7 @@ def plan(
             " identity statistics (weight 1, mean 0, var 1 - eps) and the folded convs' biases"
         )
     table = onnx_table(raw, source, modules, variant)
-    return OnnxPlan(source, table, variant, manifest, notes, detected=bool(found))
+    return OnnxPlan(source, table, variant, manifest, notes, bool(found), bool(missing_bn))
 
 
 def _aligned(source: SourceModel, variant: Variant, manifest: dict[str, Any]) -> dict[str, str]:
@@ -303,6 +304,9 @@ def convert_onnx(
     p = plan(raw, to, accept_folded_bn, _user_mapping(raw, mapping, to))
     result = apply_table(p.source, p.table, p.variant, p.target_manifest, {}, progress)
     result.notes = p.notes
+    result.metadata["source.input"] = json.dumps(p.table.input, sort_keys=True)
+    if p.folded:
+        result.metadata["source.folded_bn"] = "identity BatchNorm statistics accepted"
     if p.detected:  # an export of a shipped target that kept its parameter names
         result.source_arch = result.metadata["source.arch"] = p.variant.target
     result.metadata["source.exporter"] = raw.graph.exporter

@@ -131,3 +131,24 @@ def test_damaged_onnx_files(resnet50, tmp_path, cli):
     out = tmp_path / "o.safetensors"
     rc, _, err = cli("convert", lonely, "-o", out)
     assert_clean_error(rc, err, "named.onnx.data", "missing", out=out)
+
+
+def test_verify_onnx_source_layer_by_layer(resnet50, tmp_path, cli):
+    """verify runs the ONNX model in onnxruntime with every mapped layer's output added as a graph
+    output: the same report as Keras sources; a damaged BN statistic is found at its layer."""
+    from converter import formats
+
+    src, out = resnet50["dir"] / "named.onnx", tmp_path / "r50.safetensors"
+    assert cli("convert", src, "-o", out)[0] == 0
+    rc, stdout, _ = cli("verify", src, out, "--batch", "2", "--json")
+    report = json.loads(stdout)
+    assert rc == 0 and report["passed"] and len(report["layers"]) == 107
+    assert any("onnxruntime" in n for n in report["notes"])
+    raw = formats.read(out)
+    tensors = {k: t.load() for k, t in raw.tensors.items()}
+    tensors["layer2.1.bn2.running_var"] = tensors["layer2.1.bn2.running_var"] * 1.5
+    bad = tmp_path / "bad.safetensors"
+    formats.write(bad, tensors, raw.metadata)
+    rc, stdout, _ = cli("verify", src, bad, "--batch", "2", "--json")
+    report = json.loads(stdout)
+    assert rc == 1 and report["first_divergent"]["target_module"] == "layer2.1.bn2"
