@@ -452,21 +452,31 @@ def _fresh_reference(
         source_model=opts.source_model,
         format=opts.format,
         num_classes=num_classes,
+        accept_folded_bn="source.folded_bn" in conv.meta,
     )
     x = _make_inputs(opts.inputs, _input_spec(result, opts.mapping), opts.batch, opts.seed)
     t0 = time.perf_counter()
-    tensors, meta = _read_reference(_run_keras(src, result.taps, x, opts, device, workdir))
+    if result.metadata.get("source.format") == "onnx":  # onnxruntime instead of Keras
+        from .onnx_runner import onnx_reference
+
+        tensors, meta = onnx_reference(src, result, x, opts.train_step)
+        notes = [f"reference: the ONNX model in onnxruntime {meta['onnxruntime.version']}"]
+    else:
+        tensors, meta = _read_reference(_run_keras(src, result.taps, x, opts, device, workdir))
+        notes = []
     timings = {
         "source_process_s": time.perf_counter() - t0,
         "source_run_s": float(meta.get("timing.source_run_s", "nan")),
     }
-    return _Reference(tensors, meta, [], timings)
+    return _Reference(tensors, meta, notes, timings)
 
 
 def _input_spec(result: Any, mapping: str | os.PathLike | None) -> dict[str, Any]:
     """The table's [input] (size, value range); a source that fixes its input size is run at it."""
     from .tables import builtin_tables, load_table
 
+    if "source.input" in result.metadata:  # a source that states its own (ONNX)
+        return json.loads(result.metadata["source.input"])
     tables = [load_table(mapping)] if mapping else builtin_tables()
     spec = dict(next(t for t in tables if t.id == result.table_id).input)
     fixed = result.source_input_shape
