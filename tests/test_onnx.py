@@ -152,3 +152,108 @@ def test_verify_onnx_source_layer_by_layer(resnet50, tmp_path, cli):
     rc, stdout, _ = cli("verify", src, bad, "--batch", "2", "--json")
     report = json.loads(stdout)
     assert rc == 1 and report["first_divergent"]["target_module"] == "layer2.1.bn2"
+
+
+TINY_RESIDUAL = """
+import torch.nn as nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+        self.conv = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8, eps=1e-3, momentum=0.01)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.stem(x).relu()
+        x = (x + self.bn(self.conv(x))).relu()
+        return self.fc(x.mean((2, 3)))
+
+
+def net():
+    return Net()
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A small user module with random BN statistics, exported by torch.onnx (BN kept),
+    converted back onto the same module and verified with a recorded reference."""
+    import torch
+
+    from converter import convert, verify
+
+    d = tmp_path_factory.mktemp("tiny")
+    (d / "tiny.py").write_text(TINY_RESIDUAL)
+    from converter.model import build_target
+
+    model = build_target(f"{d / 'tiny.py'}:net").eval()
+    g = torch.Generator().manual_seed(1)
+    for bn in (model.stem[1], model.bn):
+        bn.running_mean.copy_(torch.randn(8, generator=g) * 0.3)
+        bn.running_var.copy_(torch.rand(8, generator=g) + 0.5)
+        bn.bias.data.copy_(torch.randn(8, generator=g) * 0.3)
+    src = d / "tiny.onnx"
+    torch.onnx.export(model, (torch.randn(1, 3, 16, 16),), str(src), dynamo=True, optimize=False)
+    converted = convert(src, f"{d / 'tiny.py'}:net").save(d / "tiny.safetensors")
+    reference = d / "reference.safetensors"
+    assert verify(src, converted, record=reference, batch=3).passed
+    return src, converted, reference
+
+
+def test_export_three_way(tiny, tmp_path, cli):
+    """export: the converted model (built by load_model) exported by torch.onnx runs in
+    onnxruntime within 1e-4 of PyTorch, and both match the recorded source reference; a damaged
+    checkpoint exports faithfully but mismatches the source."""
+    from converter import formats
+
+    _, converted, reference = tiny
+    out = tmp_path / "tiny.onnx"
+    rc, stdout, err = cli("export", converted, "--against", reference, "-o", out, "--json")
+    report = json.loads(stdout)
+    assert rc == 0 and report["passed"], err
+    pairs = {(c["a"], c["b"]): c for c in report["comparisons"]}
+    assert set(pairs) == {
+        ("onnxruntime", "pytorch"),
+        ("onnxruntime", "source"),
+        ("pytorch", "source"),
+    }
+    assert all(c["rel"] < 1e-4 for c in pairs.values()) and report["input_shape"][0] == 3
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[0] == "batch"  # dynamic batch axis
+    raw = formats.read(converted)
+    tensors = {k: t.load() for k, t in raw.tensors.items()}
+    tensors["bn.running_mean"] = tensors["bn.running_mean"] + 1.0
+    bad = tmp_path / "bad.safetensors"
+    formats.write(bad, tensors, raw.metadata)
+    rc, stdout, _ = cli("export", bad, "--against", reference, "-o", tmp_path / "b.onnx", "--json")
+    pairs = {(c["a"], c["b"]): c["passed"] for c in json.loads(stdout)["comparisons"]}
+    assert rc == 1 and pairs == {
+        ("onnxruntime", "pytorch"): True,
+        ("onnxruntime", "source"): False,
+        ("pytorch", "source"): False,
+    }
+
+
+def test_export_keeps_bn_when_asked(tiny, tmp_path, cli):
+    """--keep-bn keeps BatchNormalization nodes (with the module's momentum, ONNX convention), so
+    the export converts back; the default lets torch.onnx fold them."""
+    import onnx
+
+    _, converted, _ = tiny
+    rc, _, err = cli("export", converted, "-o", tmp_path / "k.onnx", "--keep-bn")
+    assert rc == 0, err
+    graph = onnx.load(str(tmp_path / "k.onnx")).graph
+    momenta = sorted(
+        round(a.f, 6)
+        for n in graph.node
+        if n.op_type == "BatchNormalization"
+        for a in n.attribute
+        if a.name == "momentum"
+    )
+    assert momenta == [0.9, 0.99]
+    rc, _, err = cli("export", converted, "-o", tmp_path / "f.onnx")
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "f.onnx")).graph.node}
+    assert rc == 0 and "BatchNormalization" not in ops
