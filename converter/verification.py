@@ -229,6 +229,9 @@ def _measure(ref: np.ndarray, got: np.ndarray) -> tuple[float, float, float, flo
     return _metrics(ref, got)
 
 
+measure = _measure  # public: ckptport export compares its three outputs the same way
+
+
 def _within(max_abs: float, rel: float, rtol: float, atol: float) -> bool:
     return max_abs <= atol or rel <= rtol
 
@@ -265,6 +268,9 @@ def _make_inputs(
             f"{p}: inputs have shape {data.shape}; expected NHWC (batch, height, width, channels)"
         )
     return data.astype(np.float32)
+
+
+make_inputs = _make_inputs  # public: ckptport export feeds the same verification inputs
 
 
 def _load_images(folder: Path, spec: dict[str, Any]) -> np.ndarray:
