@@ -59,6 +59,7 @@ class OnnxLayer:
     name_origin: str  # "weights" (parameter names), "scope" (exporter scopes), "node" (opaque)
     scope_hint: str = ""  # the module the node's scope names, when the exporter recorded one
     metadata: dict[str, str] = field(default_factory=dict)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # variable -> shape
 
 
 @dataclass
@@ -84,6 +85,7 @@ class OnnxGraph:
     inputs: list[tuple[str, list[int | str]]]
     outputs: list[str]
     ignored: dict[str, str] = field(default_factory=dict)
+    constant_names: set[str] = field(default_factory=set)  # constants and their Identity aliases
 
     @property
     def exporter(self) -> str:
@@ -119,6 +121,7 @@ def parse_graph(model: Any, path: Path) -> OnnxGraph:
         inputs,
         [o.name for o in g.output],
         ignored,
+        set(constants) | set(aliases),
     )
 
 
@@ -235,8 +238,9 @@ def _layer(
     meta = {p.key: p.value for p in n.metadata_props}
     scope = _scope_hint(n.name, meta)
     name, origin = _layer_name(seen_as, scope, n)
+    shapes = {var: constants[key][0] for var, key in weights.items()}
     return OnnxLayer(
-        name, n.op_type, n.name, attrs, weights, tuple(data), output, origin, scope, meta
+        name, n.op_type, n.name, attrs, weights, tuple(data), output, origin, scope, meta, shapes
     )
 
 

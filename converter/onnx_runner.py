@@ -53,10 +53,16 @@ def run_session(sess: Any, x_nhwc: np.ndarray, names: list[str] | None = None) -
     dims = list(inp.shape)
     x = x_nhwc if channels_last(dims) else x_nhwc.transpose(0, 3, 1, 2)
     x = np.ascontiguousarray(x.astype(np.float32))
-    if dims and dims[0] == 1 and x.shape[0] > 1:
-        runs = [sess.run(names, {inp.name: x[i : i + 1]}) for i in range(x.shape[0])]
-        return [np.concatenate(parts) for parts in zip(*runs)]
-    return sess.run(names, {inp.name: x})
+    try:
+        if dims and dims[0] == 1 and x.shape[0] > 1:
+            runs = [sess.run(names, {inp.name: x[i : i + 1]}) for i in range(x.shape[0])]
+            return [np.concatenate(parts) for parts in zip(*runs)]
+        return sess.run(names, {inp.name: x})
+    except Exception as exc:  # onnxruntime: wrong input shape, a kernel failing
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise VerificationError(
+            f"onnxruntime could not run the model on inputs {list(x.shape)}: {first}"
+        ) from None
 
 
 def onnx_reference(src: Path, result: Any, x: np.ndarray, train_step: bool) -> tuple[dict, dict]:

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from . import onnx_transforms  # noqa: F401  (registers the ONNX-op layer transforms)
 from .errors import MappingError, UnknownArchitectureError, UnsupportedLayerError
 from .formats import RawCheckpoint, RawTensor
 from .source import SourceLayer, SourceModel
@@ -116,10 +117,17 @@ def plan(
     missing_bn = _missing_bn(source, manifest)
     if missing_bn:
         _refuse_folded(raw, folded_bn(raw.graph), missing_bn, accept_folded_bn)
-    modules = mapping or by_names(source, manifest) or _aligned(source, variant, manifest)
+    modules = mapping or by_names(source, manifest)
+    if modules is None:  # opaque names: by structure, identity BNs after folded convs first
+        convs = [lay.name for lay in source.layers if lay.class_name == "Conv"]
+        source = _with_identity_bn(source, {c: f"{c}:bn" for c in convs} if missing_bn else {})
+        modules = _aligned(source, variant, manifest)
+    elif missing_bn:  # by names: the target's BN after each conv, from its traced graph
+        pairs = _conv_bn_pairs(variant, modules)
+        after = {lay: f"{m}:bn" for lay, m in modules.items() if m in pairs}
+        source = _with_identity_bn(source, after)
+        modules.update({after[lay]: pairs[m] for lay, m in list(modules.items()) if lay in after})
     if missing_bn:
-        fold = _conv_bn_pairs(variant, modules)
-        source = _with_identity_bn(source, modules, fold, manifest)
         notes.append(
             f"BatchNorm folded by {raw.graph.exporter}: {len(missing_bn)} BatchNorm modules get"
             " identity statistics (weight 1, mean 0, var 1 - eps) and the folded convs' biases"
@@ -130,17 +138,8 @@ def plan(
 
 def _aligned(source: SourceModel, variant: Variant, manifest: dict[str, Any]) -> dict[str, str]:
     """Layer -> module by graph structure (the drafting aligner), for opaque names."""
-    try:
-        from .onnx_drafting import align_onnx
-    except ImportError:
-        align_onnx = None
-    if align_onnx is None:
-        unnamed = [lay.name for lay in source.layers if lay.name not in target_modules(manifest)]
-        raise UnknownArchitectureError(
-            f"{source.raw.path}: {len(unnamed)} ONNX layers are not named after modules of"
-            f" {variant.target} (e.g. {unnamed[0]!r}); mapping opaque ONNX names by structure"
-            " needs the drafting aligner, which this build lacks"
-        )
+    from .onnx_drafting import align_onnx
+
     return align_onnx(source, variant, manifest)
 
 
@@ -196,33 +195,24 @@ def _is_bn(module: Any) -> bool:
     return isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
 
 
-def _with_identity_bn(
-    source: SourceModel, modules: dict[str, str], fold: dict[str, str], manifest: dict[str, Any]
-) -> SourceModel:
-    """The source plus one identity BatchNorm layer after each folded conv (its bias as beta)."""
+def _with_identity_bn(source: SourceModel, after: dict[str, str]) -> SourceModel:
+    """The source plus an identity BatchNorm layer named ``after[conv]`` after each of those
+    convs, the conv's (folded) bias as its beta."""
     layers: list[SourceLayer] = []
-    eps_of = manifest.get("bn_modules") or {}
     for lay in source.layers:
-        bn = fold.get(modules.get(lay.name, ""))
-        if bn is None or lay.class_name not in ("Conv", "ConvTranspose"):
+        if lay.name not in after:
             layers.append(lay)
             continue
-        conv = SourceLayer(
-            lay.name,
-            lay.class_name,
-            lay.config,
-            lay.config_origin,
-            {v: t for v, t in lay.weights.items() if v != "bias"},
-            {v: k for v, k in lay.keys.items() if v != "bias"},
-            lay.index,
-        )
-        layers += [conv, _identity_bn(lay, bn, float(eps_of.get(bn, {}).get("eps", 1e-5)))]
-        modules[layers[-1].name] = bn
+        weights = {v: t for v, t in lay.weights.items() if v != "bias"}
+        keys = {v: k for v, k in lay.keys.items() if v != "bias"}
+        conv = SourceLayer(lay.name, lay.class_name, lay.config, "file", weights, keys, lay.index)
+        layers += [conv, _identity_bn(lay, after[lay.name])]
     return SourceModel(source.raw, layers, None, "file")
 
 
-def _identity_bn(conv: SourceLayer, bn: str, eps: float) -> SourceLayer:
-    """A BatchNorm that computes the identity, shifted by the folded conv's bias."""
+def _identity_bn(conv: SourceLayer, name: str, eps: float = 1e-5) -> SourceLayer:
+    """A BatchNorm that computes the identity (weight 1, mean 0, var 1 - eps with its own eps)
+    shifted by the folded conv's bias (beta), with PyTorch's default momentum."""
     n = conv.weights["weight"].shape[0 if conv.class_name == "Conv" else 1]
     consts = {
         "gamma": np.ones(n, np.float32),
@@ -235,32 +225,30 @@ def _identity_bn(conv: SourceLayer, bn: str, eps: float) -> SourceLayer:
     keys = {v: "" for v in consts}
     if "bias" in conv.weights:
         weights["beta"], keys["beta"] = conv.weights["bias"], conv.keys["bias"]
-    config = {"momentum": 0.9, "epsilon": eps, "folded": True}
-    return SourceLayer(
-        f"{bn} (identity, folded into {conv.name})",
-        "BatchNormalization",
-        config,
-        "folded",
-        weights,
-        keys,
-        conv.index,
-    )
+    config = {"momentum": 0.9, "epsilon": eps, "after": conv.name}
+    return SourceLayer(name, "BatchNormalization", config, "folded", weights, keys, conv.index)
 
 
 def onnx_table(
     raw: RawCheckpoint, source: SourceModel, modules: dict[str, str], variant: Variant
 ) -> Table:
-    """A table for this file: one explicit rule per layer, the ONNX op's transform."""
+    """A table for this file: one explicit rule per layer, the ONNX op's transform. An identity
+    BN added after a folded conv is not compared itself; its conv is compared at its output (the
+    ONNX conv adds the bias the BN now holds)."""
     from .onnx_transforms import OP_TRANSFORMS
     from .transforms import TRANSFORMS
 
+    bn_after = {
+        lay.config["after"]: modules[lay.name] for lay in source.layers if "after" in lay.config
+    }
     rules = []
     for lay in source.layers:
         if lay.name not in modules:
             continue
         transform = TRANSFORMS.get(OP_TRANSFORMS[lay.class_name])
         tap = lay.config_origin != "folded"
-        rules.append(Rule(re.compile(re.escape(lay.name)), modules[lay.name], transform, tap=tap))
+        pattern, module = re.compile(re.escape(lay.name)), modules[lay.name]
+        rules.append(Rule(pattern, module, transform, tap=tap, tap_module=bn_after.get(lay.name)))
     size = _input_size(raw)
     return Table(
         "onnx",
@@ -276,9 +264,12 @@ def onnx_table(
 
 
 def _input_size(raw: RawCheckpoint) -> int:
-    """The spatial size of the graph's first input (NCHW), 224 when it is symbolic."""
+    """The spatial size of the graph's first input (NCHW, or NHWC from a Keras export), 224 when
+    it is symbolic."""
+    from .onnx_runner import channels_last
+
     dims = raw.graph.inputs[0][1] if raw.graph.inputs else []
-    size = dims[-1] if len(dims) == 4 else None
+    size = (dims[2] if channels_last(dims) else dims[-1]) if len(dims) == 4 else None
     return size if isinstance(size, int) and size > 0 else 224
 
 

@@ -28,11 +28,27 @@ class OnnxWeightBiasTransform(LayerTransform):
     ``kernel`` (in, out) -> weight (out, in); ``bias`` as is (or, for a conv whose BatchNorm was
     folded, into the target BN's bias when the rule says ``fold_bias``)."""
 
+    pairs = (
+        *(("Conv", f"Conv{d}d") for d in (1, 2, 3)),
+        *(("ConvTranspose", f"ConvTranspose{d}d") for d in (1, 2, 3)),
+        ("Gemm", "Linear"),
+        ("MatMul", "Linear"),
+    )
     params = {
         "weight": ("weight", IDENTITY),
         "kernel": ("weight", DENSE_IN_OUT_TO_OUT_IN),
         "bias": ("bias", IDENTITY),
     }
+
+    def apply(self, ctx: LayerContext) -> Emitted:
+        """The variables; a target bias the node does not add (an exporter drops a zero bias)
+        is filled with zeros, which computes the same."""
+        out = super().apply(ctx)
+        key = f"{ctx.target}.bias"
+        if "bias" not in ctx.layer.weights and not ctx.fold_bias and ctx.has(key):
+            zeros = np.zeros(ctx.target_shapes[key], np.float32)
+            out.tensors[key] = (zeros, "", "zeros (the ONNX node adds no bias)")
+        return out
 
     def emit(self, ctx, out, var, param, tensor_transform) -> None:
         """A bias the target conv has no place for goes to ``fold_bias``'s ``bias`` (beta): the
@@ -52,6 +68,7 @@ class OnnxWeightBiasTransform(LayerTransform):
 class OnnxInstanceNormTransform(LayerTransform):
     """ONNX InstanceNormalization -> torch InstanceNorm (affine=True): scale/B -> weight/bias."""
 
+    pairs = tuple(("InstanceNormalization", f"InstanceNorm{d}d") for d in (1, 2, 3))
     params = {"scale": ("weight", IDENTITY), "B": ("bias", IDENTITY)}
 
 
@@ -129,6 +146,7 @@ class OnnxRecurrentTransform(LayerTransform):
 class OnnxLstmTransform(OnnxRecurrentTransform):
     """ONNX LSTM gates i,o,f,c -> torch i,f,g,o."""
 
+    pairs = (("LSTM", "LSTM"),)
     gates = GateReorder((0, 2, 3, 1), "gates iofc->ifgo")
 
 
@@ -136,6 +154,7 @@ class OnnxLstmTransform(OnnxRecurrentTransform):
 class OnnxGruTransform(OnnxRecurrentTransform):
     """ONNX GRU gates z,r,h -> torch r,z,n; only ``linear_before_reset=1`` is torch's GRU."""
 
+    pairs = (("GRU", "GRU"),)
     gates = GateReorder((1, 0, 2), "gates zrh->rzn")
 
     def check(self, ctx: LayerContext) -> None:
@@ -151,6 +170,7 @@ class OnnxGruTransform(OnnxRecurrentTransform):
 class OnnxRnnTransform(OnnxRecurrentTransform):
     """ONNX RNN (one gate) -> torch RNN."""
 
+    pairs = (("RNN", "RNN"),)
     gates = GateReorder((0,), "one gate")
 
 

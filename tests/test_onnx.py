@@ -133,6 +133,7 @@ def test_damaged_onnx_files(resnet50, tmp_path, cli):
     assert_clean_error(rc, err, "named.onnx.data", "missing", out=out)
 
 
+@pytest.mark.slow  # ~25 s: ResNet50 converted twice more and run with 107 extra graph outputs
 def test_verify_onnx_source_layer_by_layer(resnet50, tmp_path, cli):
     """verify runs the ONNX model in onnxruntime with every mapped layer's output added as a graph
     output: the same report as Keras sources; a damaged BN statistic is found at its layer."""
@@ -203,6 +204,23 @@ def tiny(tmp_path_factory):
     return src, converted, reference
 
 
+def test_verify_tiny_onnx_finds_a_damaged_statistic(tiny, tmp_path, cli):
+    """verify on a small export: passes, then points at the BN whose statistic was damaged."""
+    from converter import formats
+
+    src, converted, _ = tiny
+    rc, stdout, _ = cli("verify", src, converted, "--json")
+    report = json.loads(stdout)
+    assert rc == 0 and report["passed"] and len(report["layers"]) == 5
+    raw = formats.read(converted)
+    tensors = {k: t.load() for k, t in raw.tensors.items()}
+    tensors["stem.1.running_var"] = tensors["stem.1.running_var"] * 2.0
+    bad = tmp_path / "bad.safetensors"
+    formats.write(bad, tensors, raw.metadata)
+    rc, stdout, _ = cli("verify", src, bad, "--json")
+    assert rc == 1 and json.loads(stdout)["first_divergent"]["target_module"] == "stem.1"
+
+
 def test_export_three_way(tiny, tmp_path, cli):
     """export: the converted model (built by load_model) exported by torch.onnx runs in
     onnxruntime within 1e-4 of PyTorch, and both match the recorded source reference; a damaged
@@ -257,3 +275,41 @@ def test_export_keeps_bn_when_asked(tiny, tmp_path, cli):
     rc, _, err = cli("export", converted, "-o", tmp_path / "f.onnx")
     ops = {n.op_type for n in onnx.load(str(tmp_path / "f.onnx")).graph.node}
     assert rc == 0 and "BatchNormalization" not in ops
+
+
+def test_opaque_names_convert_by_structure(resnet50, tmp_path, cli):
+    """The same export with opaque names (W<i>, no scopes) maps by graph structure (the drafting
+    aligner): every BN module gets its own random momentum and eps back, which a wrong pairing of
+    the 53 BNs could not, and the logits match onnxruntime."""
+    pytest.importorskip("converter.drafting.align", reason="needs the drafting aligner (issue 9)")
+    import torch
+
+    src, out = resnet50["dir"] / "opaque.onnx", tmp_path / "o.safetensors"
+    rc, _, err = cli("convert", src, "--to", "torchvision:resnet50", "-o", out)
+    assert rc == 0, err
+    model, y = converted_logits(out, resnet50["x"])
+    assert rel_err(y, onnxruntime_logits(src, resnet50["x"])) < TOL
+    bns = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    for name, bn in bns.items():
+        assert bn.momentum == pytest.approx(resnet50["momentum"][name], abs=1e-6), name
+        assert bn.eps == pytest.approx(resnet50["eps"][name], rel=1e-6), name
+
+
+def test_tf2onnx_folded_accepted_by_structure(keras_tf2onnx, tmp_path, cli):
+    """--accept-folded-bn on a tf2onnx export (Keras op names, BN folded): identity BNs after the
+    convs, aligned by structure onto the user's module; it computes what Keras computed."""
+    pytest.importorskip("converter.drafting.align", reason="needs the drafting aligner (issue 9)")
+    import torch
+
+    src = keras_tf2onnx["dir"] / "tf2onnx.onnx"
+    (tmp_path / "tiny.py").write_text(TINY_TARGET)
+    out = tmp_path / "t.safetensors"
+    rc, _, err = cli(
+        "convert", src, "--to", f"{tmp_path / 'tiny.py'}:net", "-o", out, "--accept-folded-bn"
+    )
+    assert rc == 0 and "identity statistics" in err, err
+    x = np.ascontiguousarray(keras_tf2onnx["x"].transpose(0, 3, 1, 2))
+    _, y = converted_logits(out, x)
+    assert rel_err(y, keras_tf2onnx["logits"]) < TOL
+    rc, stdout, _ = cli("verify", src, out, "--json")
+    assert rc == 0 and json.loads(stdout)["passed"]
