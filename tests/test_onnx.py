@@ -313,3 +313,69 @@ def test_tf2onnx_folded_accepted_by_structure(keras_tf2onnx, tmp_path, cli):
     assert rel_err(y, keras_tf2onnx["logits"]) < TOL
     rc, stdout, _ = cli("verify", src, out, "--json")
     assert rc == 0 and json.loads(stdout)["passed"]
+
+
+SEQUENCE_MODULE = """
+import torch.nn as nn
+
+
+class Seq(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(4, 8, 3, padding=1)
+        self.norm = nn.InstanceNorm1d(8, affine=True)
+        self.lstm = nn.LSTM(8, 6, batch_first=True, bidirectional=True)
+        self.gru = nn.GRU(12, 5, batch_first=True)
+        self.ln = nn.LayerNorm(5)
+        self.up = nn.ConvTranspose1d(5, 2, 4, stride=2)
+        self.fc = nn.Linear(2, 3)
+
+    def forward(self, x):
+        h = self.norm(self.conv(x)).transpose(1, 2)
+        h, _ = self.lstm(h)
+        h, _ = self.gru(h)
+        h = self.up(self.ln(h).transpose(1, 2))
+        return self.fc(h.transpose(1, 2))
+
+
+def net():
+    return Seq()
+"""
+
+
+def test_sequence_ops_convert(tmp_path, cli):
+    """Conv1d, InstanceNorm, a bidirectional LSTM and a GRU (gates reordered), LayerNorm,
+    ConvTranspose and MatMul + Add, exported by torch's TorchScript exporter (ONNX LSTM/GRU
+    nodes, opaque weight names, scoped node names): converted back exactly."""
+    import torch
+
+    from converter.model import build_target
+
+    (tmp_path / "seq.py").write_text(SEQUENCE_MODULE)
+    spec = f"{tmp_path / 'seq.py'}:net"
+    model = build_target(spec).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    x = torch.randn(2, 4, 10)
+    src, out = tmp_path / "seq.onnx", tmp_path / "seq.safetensors"
+    with pytest.warns():  # the TorchScript exporter is deprecated; its LSTM/GRU export is the test
+        torch.onnx.export(model, (x,), str(src), dynamo=False, input_names=["x"])
+    rc, _, err = cli("convert", src, "--to", spec, "-o", out)
+    assert rc == 0, err
+    _, y = converted_logits(out, x.numpy())
+    assert rel_err(y, onnxruntime_logits(src, x.numpy())) < TOL
+    with torch.no_grad():
+        assert rel_err(y, model(x).numpy()) < TOL
+
+
+def test_without_the_onnx_extra(tmp_path, cli, monkeypatch):
+    """Without the onnx package an .onnx file is still recognised, and reading it names the
+    extra that installs it."""
+    import sys
+
+    src = tmp_path / "m.onnx"
+    src.write_bytes(b"\x08\x08")  # ir_version 8, nothing else
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx -> ImportError
+    rc, _, err = cli("inspect", src)
+    assert_clean_error(rc, err, "ckptport[onnx]")
