@@ -92,6 +92,12 @@ def export_onnx(
     timings = {"export_s": time.perf_counter() - t0}
     comparisons, more = _compare(model, xt, out, ref)
     note = [] if ref is not None else ["no --against reference: compared with PyTorch only"]
+    pre = json.loads(model.ckptport_metadata.get("preprocessing", "{}"))
+    if pre.get("steps"):
+        note.append(
+            "the ONNX model takes the PyTorch model's input: apply the preprocessing moved out of"
+            f" the source first (x * {pre['scale']} + {pre['offset']})"
+        )
     shape = list(xt.shape)
     report = ExportReport(str(out), program_opset, keep_bn, shape[0], shape, comparisons)
     report.timings, report.notes = {**timings, **more}, note
