@@ -78,6 +78,17 @@ def summary(result, out: Path | None) -> dict:
     ),
 )
 @click.option(
+    "--use-ema",
+    is_flag=True,
+    help="TF1 checkpoints: take the ExponentialMovingAverage shadow values, not the raw ones.",
+)
+@click.option(
+    "--source-bn-momentum",
+    type=float,
+    metavar="M",
+    help="The source's BN momentum (Keras convention) where the file does not record it (TF1).",
+)
+@click.option(
     "--verify",
     "do_verify",
     is_flag=True,
@@ -91,6 +102,17 @@ def summary(result, out: Path | None) -> dict:
         " target's BatchNorm modules getting identity statistics."
     ),
 )
+@click.option(
+    "--no-verify",
+    is_flag=True,
+    help="Skip the verification that follows a drafted mapping (see `ckptport draft`).",
+)
+@click.option(
+    "--inputs",
+    "verify_inputs",
+    type=click.Path(path_type=Path),
+    help="With --verify: a .npy/.npz NHWC batch or a folder of images to verify on.",
+)
 @force_option
 @json_option
 def command(
@@ -102,31 +124,42 @@ def command(
     source_model,
     num_classes,
     pooling,
+    use_ema,
+    source_bn_momentum,
     do_verify,
     accept_folded_bn,
+    no_verify,
+    verify_inputs,
     force,
     as_json,
 ) -> int:
-    """Convert a Keras/TF checkpoint or an ONNX model SRC to a PyTorch state dict."""
+    """Convert a Keras/TF checkpoint or an ONNX model SRC to a PyTorch state dict. With no table
+    for SRC and --to your own module (file.py:factory), a mapping is drafted from both
+    structures, written beside the output as OUT.mapping.toml, and the result verified layer by
+    layer."""
+    from ..errors import ConverterError
     from ..formats import check_output
+
+    if verify_inputs is not None and not do_verify:
+        raise ConverterError("--inputs is for the verification: add --verify")
 
     out = check_output(
         output or Path.cwd() / (src.name.split(".")[0] + ".safetensors"), force, (src,)
     )
+    if mapping is None and _may_draft(to):  # refuse an existing table before the long work
+        check_output(drafted_table_path(out), force, (src,))
     console = stderr_console()
     options = dict(mapping=mapping, source_model=source_model, format=src_format)
-    more = dict(num_classes=num_classes, pooling=pooling, accept_folded_bn=accept_folded_bn)
+    more = dict(num_classes=num_classes, pooling=pooling, use_ema=use_ema)
+    more.update(source_bn_momentum=source_bn_momentum, accept_folded_bn=accept_folded_bn)
     result, written = _convert_with_progress(
         console, as_json, src, to, out, force, **more, **options
     )
     info = summary(result, written)
-    report = None
-    if do_verify:
-        from ..verification import VerifyOptions, verify
-
-        # the source options the conversion used; a head reset is read from the written metadata
-        report = verify(src, written, VerifyOptions(**options))
-        info["verification"] = report.to_dict()
+    if result.drafted is not None:
+        options["mapping"] = info["drafted_mapping"] = str(drafted_table_path(written))
+        do_verify = do_verify or (not no_verify and _source_runs(result))
+    report = _verify_written(src, written, options, verify_inputs, info) if do_verify else None
     rc = report.return_code if report else EXIT_OK
     if as_json:
         emit_json(info)
@@ -135,6 +168,16 @@ def command(
         if report is not None:
             _print_verification(console, report)
     return rc
+
+
+def _verify_written(src, written: Path, options: dict, inputs, info: dict):
+    """The layer-by-layer verification of the written output, its report also put in ``info``."""
+    from ..verification import VerifyOptions, verify
+
+    # the source options the conversion used; a head reset is read from the written metadata
+    report = verify(src, written, VerifyOptions(inputs=inputs, **options))
+    info["verification"] = report.to_dict()
+    return report
 
 
 def _convert_with_progress(console, as_json: bool, src, to, out, force: bool, **kwargs):
@@ -158,7 +201,28 @@ def _convert_with_progress(console, as_json: bool, src, to, out, force: bool, **
             bar.update(task, completed=done, total=total, description=name)
 
         result = convert(src, to, progress=progress, **kwargs)
-        return result, result.save(out, force=force)
+    if result.drafted is not None:  # the table first: a refused table leaves no output either
+        result.drafted.write(drafted_table_path(out), force=force)
+    return result, result.save(out, force=force)
+
+
+def drafted_table_path(out: Path) -> Path:
+    """Where a drafted table goes: beside the output, ``model.safetensors`` ->
+    ``model.mapping.toml``."""
+    return out.with_name(out.name.split(".")[0] + ".mapping.toml")
+
+
+def _may_draft(to: str | None) -> bool:
+    """Whether this conversion drafts its mapping when no table fits: ``to`` is the user's own
+    module."""
+    from ..specs import looks_like_spec, parse_spec
+
+    return bool(to) and looks_like_spec(to) and not parse_spec(to).is_library
+
+
+def _source_runs(result) -> bool:
+    """Whether verification can run the source: a Keras config from the file or --source-model."""
+    return result.config_origin in ("file", "model")
 
 
 def _print_summary(console, result, info: dict, written: Path, detected: bool) -> None:
@@ -171,6 +235,11 @@ def _print_summary(console, result, info: dict, written: Path, detected: bool) -
         f"wrote {written}: {info['tensors']} tensors for {result.target} (table {result.table_id})"
     )
     console.print(f"  layer config from: {result.config_origin}")
+    if result.drafted is not None:
+        console.print(
+            f"  mapping drafted from both structures ({len(result.drafted.matches)} rules):"
+            f" {info['drafted_mapping']} (review it; --mapping reuses it)"
+        )
     for line in _details(result, info):
         console.print(f"  {line}")
 
@@ -196,7 +265,7 @@ def _details(result, info: dict) -> list[str]:
         from ..nesting import Nesting
 
         lines.append(f"nested: {Nesting(**result.nesting).describe()}")
-    if result.source_head:
+    if result.source_head and (result.source_arch or result.nesting):  # custom: no [head] known
         from ..nesting import Head
 
         lines.append(f"source head: {Head(**result.source_head).describe()}")
