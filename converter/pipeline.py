@@ -233,8 +233,9 @@ def convert(
     progress: Progress | None = None,
     use_ema: bool = False,
     source_bn_momentum: float | None = None,
+    accept_folded_bn: bool = False,
 ) -> ConversionResult:
-    """Convert a Keras/TF checkpoint to a PyTorch state dict.
+    """Convert a Keras/TF checkpoint (or an ONNX model) to a PyTorch state dict.
 
     Args:
         src: ``.keras``, ``.weights.h5``, legacy ``.h5``, TF checkpoint (prefix, ``.index`` or
@@ -253,7 +254,10 @@ def convert(
         use_ema: take a TF1 checkpoint's ExponentialMovingAverage shadow values.
         source_bn_momentum: the source's BatchNorm momentum where the file does not record it
             (TF1 checkpoints without a ``.meta`` graph).
+        accept_folded_bn: ONNX only: convert BN folded by the exporter with identity BN stats.
     """
+    if (format or formats.sniff(src)) == "onnx":  # converter.onnx_source
+        return _convert_onnx(src, to, mapping, num_classes, accept_folded_bn, progress)
     tables = load_tables(mapping)
     source = _read_source(src, format, tables, source_model, use_ema, source_bn_momentum)
     table, variant, drafted = _select_or_draft(tables, source, to, mapping)
@@ -261,6 +265,13 @@ def convert(
     result = _convert_selected(source, table, variant, num_classes, pooling, progress)
     result.drafted = drafted
     return result
+
+
+def _convert_onnx(src, to, mapping, num_classes, accept_folded_bn, progress) -> ConversionResult:
+    from .onnx_source import convert_onnx
+
+    options = dict(mapping=mapping, num_classes=num_classes, accept_folded_bn=accept_folded_bn)
+    return convert_onnx(formats.read(src, "onnx"), to, progress=progress, **options)
 
 
 def _convert_selected(
@@ -459,6 +470,19 @@ def _apply(
     if progress:
         progress(total, total, "")
     return result
+
+
+def apply_table(
+    source: SourceModel,
+    table: Table,
+    variant: Variant,
+    target_manifest: dict[str, Any],
+    kwargs: dict[str, Any],
+    progress: Progress | None = None,
+) -> ConversionResult:
+    """Apply ``table``'s ``variant`` to a resolved source (no head reset): what converters of other
+    source kinds (ONNX) share with the Keras path."""
+    return _apply(source, table, variant, target_manifest, kwargs, None, progress)
 
 
 def _check_layer_tensors(layer: SourceLayer) -> None:

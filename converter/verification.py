@@ -229,6 +229,9 @@ def _measure(ref: np.ndarray, got: np.ndarray) -> tuple[float, float, float, flo
     return _metrics(ref, got)
 
 
+measure = _measure  # public: ckptport export compares its three outputs the same way
+
+
 def _within(max_abs: float, rel: float, rtol: float, atol: float) -> bool:
     return max_abs <= atol or rel <= rtol
 
@@ -305,6 +308,9 @@ def _checked_inputs(data: np.ndarray, spec: dict[str, Any], label: str) -> np.nd
             " channels)"
         )
     return data.astype(np.int32 if data.dtype.kind in "iu" else np.float32)
+
+
+make_inputs = _make_inputs  # public: ckptport export feeds the same verification inputs
 
 
 def _load_images(folder: Path, spec: dict[str, Any]) -> np.ndarray:
@@ -500,15 +506,23 @@ def _fresh_reference(
         source_model=opts.source_model,
         format=opts.format,
         num_classes=num_classes,
+        accept_folded_bn="source.folded_bn" in conv.meta,
     )
     x = _make_inputs(opts.inputs, _input_spec(result, opts.mapping), opts.batch, opts.seed)
     t0 = time.perf_counter()
-    tensors, meta = _read_reference(_run_keras(src, result.taps, x, opts, device, workdir))
+    if result.metadata.get("source.format") == "onnx":  # onnxruntime instead of Keras
+        from .onnx_runner import onnx_reference
+
+        tensors, meta = onnx_reference(src, result, x, opts.train_step)
+        notes = [f"reference: the ONNX model in onnxruntime {meta['onnxruntime.version']}"]
+    else:
+        tensors, meta = _read_reference(_run_keras(src, result.taps, x, opts, device, workdir))
+        notes = []
     timings = {
         "source_process_s": time.perf_counter() - t0,
         "source_run_s": float(meta.get("timing.source_run_s", "nan")),
     }
-    return _Reference(tensors, meta, [], timings)
+    return _Reference(tensors, meta, notes, timings)
 
 
 def _input_spec(result: Any, mapping: str | os.PathLike | None) -> dict[str, Any]:
@@ -516,6 +530,8 @@ def _input_spec(result: Any, mapping: str | os.PathLike | None) -> dict[str, Any
     shape (free dims at the table's size) and dtype (token ids below the Embedding's vocabulary)."""
     from .tables import builtin_tables, load_table
 
+    if "source.input" in result.metadata:  # a source that states its own (ONNX)
+        return json.loads(result.metadata["source.input"])
     tables = [load_table(mapping)] if mapping else builtin_tables()
     if getattr(result, "drafted", None) is not None:  # no table fitted: one was drafted
         tables = [result.drafted.table()]

@@ -51,6 +51,9 @@ WRITERS = {
         + ["--num-batches", "2", "-o", out],
         "recalibrated.safetensors",
     ),
+    "export -o": Writer(
+        lambda f, out: ["export", f.converted, "--against", f.reference, "-o", out], "model.onnx"
+    ),
 }
 
 
