@@ -87,20 +87,22 @@ def nested_table(tmp_path: Path) -> Path:
     return path
 
 
-def test_tf_keras_nested_model(legacy, tmp_path):
-    """A Functional backbone as one layer of the user's model: its variables resolve through the
-    nested layer, the nesting is reported, and Keras 3 can rebuild the config (tf.keras 2 numbers
+@pytest.mark.parametrize("name", ["tfk_nested", "keras21.h5"])
+def test_tf_keras_nested_model(legacy, name, tmp_path):
+    """A Functional backbone as one layer of the user's model, in a tf.keras SavedModel and in a
+    Keras 2.1-style HDF5 file (class ``Model``, old layer schema): its variables resolve through
+    the nested layer, the nesting is reported, and Keras 3 can rebuild the config (Keras 2 numbers
     the nested model's first call node 1)."""
     import converter
     from converter.formats import read
     from converter.keras_config import shift_nested_model_nodes
 
-    src = Path(legacy["dir"]) / "tfk_nested"
+    src = Path(legacy["dir"]) / name
     result = converter.convert(src, mapping=nested_table(tmp_path))
     assert result.nesting["layer"] == "backbone"
     assert result.bn_config["backbone.1"]["momentum"] == pytest.approx(0.03)
     model = converter.load_model(result.save(tmp_path / "out.safetensors"))
-    ref = np.load(Path(legacy["dir"]) / "reference.npz")["tfk_nested"]
+    ref = np.load(Path(legacy["dir"]) / "reference.npz")[name]
     assert rel_err(torch_logits(model, legacy["x"]), ref) < 1e-5
     config = read(src).model_config
     pool = next(e for e in config["config"]["layers"] if e["name"] == "pool")
@@ -110,9 +112,10 @@ def test_tf_keras_nested_model(legacy, tmp_path):
 
 
 @pytest.mark.slow
-def test_tf_keras_nested_model_verifies(legacy, tmp_path, cli):
-    """Layer by layer against Keras 3 rebuilding the tf.keras 2.x config (one Keras process)."""
-    src, out = Path(legacy["dir"]) / "tfk_nested", tmp_path / "o.safetensors"
+@pytest.mark.parametrize("name", ["tfk_nested", "keras21.h5"])
+def test_tf_keras_nested_model_verifies(legacy, name, tmp_path, cli):
+    """Layer by layer against Keras 3 rebuilding the Keras 2 config (one Keras process each)."""
+    src, out = Path(legacy["dir"]) / name, tmp_path / "o.safetensors"
     rc, stdout, err = cli("convert", src, "--mapping", nested_table(tmp_path), "-o", out,
                           "--verify", "--json")  # fmt: skip
     assert rc == 0, err
