@@ -37,6 +37,8 @@ _EMA = "/ExponentialMovingAverage"
 _FUSED = re.compile(r"^(?P<scope>.+)/FusedBatchNorm(V2|V3)?$")
 _MOVING_AVG = re.compile(r"^(?P<scope>.+)/AssignMovingAvg(_\d+)?/(?P<what>decay|sub)$")
 _EPS_CONST = re.compile(r"^(?P<scope>.+)/batchnorm/add/y$")
+_COND = re.compile(r"^(?P<scope>.+)/cond(_\d+)?$")  # tf.cond(training, ...) in a BN layer
+_COND_SUFFIX = re.compile(r"/cond(_\d+)?$")  # v1 control flow: <layer>/cond/FusedBatchNorm
 
 
 def prepare_name_based(raw: RawCheckpoint, prefix: Path) -> None:
@@ -184,40 +186,109 @@ def _attr_float(attrs: dict[str, bytes], name: str) -> float | None:
     return None
 
 
-def _nodes(meta: Path) -> dict[str, tuple[str, list[str], dict[str, bytes]]]:
-    graph = pw.first(meta.read_bytes(), 2)
+Node = tuple[str, list[str], dict[str, bytes]]  # op, inputs, attrs
+
+
+def _node_defs(container: bytes, field: int) -> dict[str, Node]:
     out = {}
-    for node in pw.repeated(graph if isinstance(graph, bytes) else b"", 1):
+    for node in pw.repeated(container, field):
         attrs = {pw.text(e, 1): (pw.first(e, 2) or b"") for e in pw.repeated(node, 5)}
         inputs = [i.decode(errors="replace").split(":")[0] for i in pw.repeated(node, 3)]
         out[pw.text(node, 1)] = (pw.text(node, 2), inputs, attrs)
     return out
 
 
+def _graph(meta: Path) -> tuple[dict[str, Node], dict[str, dict[str, Node]]]:
+    """The graph's nodes, and its function library (``tf.cond`` branches in TF2-built graphs:
+    GraphDef library = 2 -> function = 1 -> FunctionDef signature = 1 (name = 1), node_def = 3)."""
+    graph = pw.first(meta.read_bytes(), 2)
+    graph = graph if isinstance(graph, bytes) else b""
+    library = pw.first(graph, 2)
+    functions = {}
+    for fn in pw.repeated(library if isinstance(library, bytes) else b"", 1):
+        signature = pw.first(fn, 1)
+        name = pw.text(signature, 1) if isinstance(signature, bytes) else ""
+        functions[name] = _node_defs(fn, 3)
+    return _node_defs(graph, 1), functions
+
+
+def _branches(attrs: dict[str, bytes], functions: dict[str, dict[str, Node]]) -> list[dict]:
+    """The then/else functions of an If/StatelessIf node (AttrValue func = 10 -> name = 1)."""
+    out = []
+    for key in ("then_branch", "else_branch"):
+        func = pw.first(attrs.get(key, b""), 10)
+        out.append(functions.get(pw.text(func, 1), {}) if isinstance(func, bytes) else {})
+    return out
+
+
+def _consts(nodes: dict[str, Node], prefix: str = "") -> list[float]:
+    return [
+        v
+        for name, (op, _, attrs) in nodes.items()
+        if op == "Const" and name.startswith(prefix) and (v := _const_value(attrs)) is not None
+    ]
+
+
+def _momentum_input(name: str, nodes: dict[str, Node], functions: dict) -> float | None:
+    """The momentum fed to ``1 - momentum`` (tf.compat.v1.layers): a Const, or the training
+    branch of a ``tf.cond(training, momentum, 1.0)`` (v1 Switch/Merge consts, or a TF2 If's
+    branch functions): the one constant other than 1.0."""
+    op, inputs, attrs = nodes.get(name, ("", [], {}))
+    if op == "Const":
+        return _const_value(attrs)
+    if op == "Merge":
+        found = [v for v in _consts(nodes, name.rsplit("/", 1)[0] + "/") if v != 1.0]
+    elif op == "Identity" and inputs and nodes.get(inputs[0], ("",))[0] in ("If", "StatelessIf"):
+        branches = _branches(nodes[inputs[0]][2], functions)
+        found = [v for b in branches for v in _consts(b) if v != 1.0]
+    else:
+        return None
+    return found[0] if len(found) == 1 else None
+
+
+def _fused(attrs: dict[str, bytes]) -> dict[str, float | None]:
+    found = {"epsilon": _attr_float(attrs, "epsilon")}
+    factor = _attr_float(attrs, "exponential_avg_factor")
+    if factor is not None and factor != 1.0:
+        found["momentum"] = 1.0 - factor
+    return found
+
+
+def _bn_facts(name: str, node: Node, nodes: dict[str, Node], functions: dict) -> tuple | None:
+    """(BN scope, what this node says about it), or None."""
+    op, inputs, attrs = node
+    if m := _FUSED.match(name):
+        return m["scope"], _fused(attrs)
+    if m := _MOVING_AVG.match(name):
+        if m["what"] == "decay" and op == "Const":
+            value = _const_value(attrs)
+            return m["scope"], {"momentum": None if value is None else 1.0 - value}
+        if len(inputs) == 2 and _momentum_input(inputs[0], nodes, functions) == 1.0:
+            return m["scope"], {"momentum": _momentum_input(inputs[1], nodes, functions)}
+        return None
+    if m := _EPS_CONST.match(name):
+        return m["scope"], {"epsilon": _const_value(attrs)}
+    if (m := _COND.match(name)) and op in ("If", "StatelessIf"):
+        for branch in _branches(attrs, functions):
+            for inner, (iop, _, iattrs) in branch.items():
+                if iop.startswith("FusedBatchNorm"):
+                    return m["scope"], _fused(iattrs)
+    return None
+
+
 def bn_settings(meta: Path) -> dict[str, dict[str, float]]:
     """BatchNorm scope -> {"momentum": m, "epsilon": e} as far as the ``.meta`` graph says."""
     try:
-        nodes = _nodes(meta)
+        nodes, functions = _graph(meta)
     except pw.ProtoError as exc:
         raise SourceFormatError(f"{meta} is not a readable MetaGraphDef ({exc})") from exc
-    consts = {n: _const_value(a) for n, (op, _, a) in nodes.items() if op == "Const"}
     out: dict[str, dict[str, float]] = {}
-    for name, (op, inputs, attrs) in nodes.items():
-        if m := _FUSED.match(name):
-            found = {"epsilon": _attr_float(attrs, "epsilon")}
-            factor = _attr_float(attrs, "exponential_avg_factor")
-            if factor is not None and factor != 1.0:
-                found["momentum"] = 1.0 - factor
-        elif (m := _MOVING_AVG.match(name)) and m["what"] == "decay" and consts.get(name):
-            found = {"momentum": 1.0 - consts[name]}
-        elif m and m["what"] == "sub" and len(inputs) == 2 and consts.get(inputs[0]) == 1.0:
-            found = {"momentum": consts.get(inputs[1])}
-        elif m := _EPS_CONST.match(name):
-            found = {"epsilon": consts.get(name)}
-        else:
+    for name, node in nodes.items():
+        facts = _bn_facts(name, node, nodes, functions)
+        if facts is None:
             continue
-        scope = out.setdefault(m["scope"], {})
-        for k, v in found.items():
+        scope = out.setdefault(_COND_SUFFIX.sub("", facts[0]), {})
+        for k, v in facts[1].items():
             if v is not None:
                 scope.setdefault(k, float(f"{v:.7g}"))  # float32 constants, 7 digits
     return out
