@@ -213,3 +213,17 @@ def test_inspect_graph_and_no_truncation(legacy, cli, monkeypatch):
         assert name in err
     rc, _, err = cli("inspect", src)
     assert rc == 0 and "…" not in err and "BatchNormalization" in err and "block/ibn" in err
+
+
+@pytest.mark.parametrize("name", ["tf1_cond_v1", "tf1_cond_v2"])
+def test_tf1_meta_momentum_inside_tf_cond(legacy, name, tmp_path):
+    """BN layers trained with a ``training`` placeholder keep momentum in a ``tf.cond``: read from
+    TF1's Switch/Merge consts and from TF2's If branch functions alike."""
+    import converter
+
+    result = converter.convert(Path(legacy["dir"]) / name, mapping=tf1_table(tmp_path))
+    assert result.bn_config["bn1"]["momentum"] == pytest.approx(0.05)
+    assert result.bn_config["bn1"]["eps"] == pytest.approx(2e-3)
+    assert result.bn_config["bn2"]["momentum"] == pytest.approx(0.1)
+    assert result.bn_config["bn2"]["eps"] == pytest.approx(1e-3)
+    assert not any("not recorded" in n or "not in the checkpoint" in n for n in result.notes)
