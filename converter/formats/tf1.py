@@ -23,7 +23,7 @@ from typing import Any
 from ..errors import SourceFormatError
 from . import RawCheckpoint, protowire as pw
 
-__all__ = ["bn_settings", "prepare_name_based", "infer_config", "use_shadows"]
+__all__ = ["graph_facts", "bn_settings", "prepare_name_based", "infer_config", "use_shadows"]
 
 _SLOT = re.compile(
     r"/(Adam|Adam_1|Momentum|RMSProp|RMSProp_1|Adagrad|AdagradDA|Adadelta|Adadelta_1|Ftrl|Ftrl_1"
@@ -37,6 +37,8 @@ _EMA = "/ExponentialMovingAverage"
 _FUSED = re.compile(r"^(?P<scope>.+)/FusedBatchNorm(V2|V3)?$")
 _MOVING_AVG = re.compile(r"^(?P<scope>.+)/AssignMovingAvg(_\d+)?/(?P<what>decay|sub)$")
 _EPS_CONST = re.compile(r"^(?P<scope>.+)/batchnorm/add/y$")
+_CONV_OPS = ("Conv2D", "DepthwiseConv2dNative", "Conv1D")
+_CONV_NODE = re.compile(r"^(?P<scope>.+)/(Conv2D|depthwise|convolution|conv1d)(_\d+)?$")
 _COND = re.compile(r"^(?P<scope>.+)/cond(_\d+)?$")  # tf.cond(training, ...) in a BN layer
 _COND_SUFFIX = re.compile(r"/cond(_\d+)?$")  # v1 control flow: <layer>/cond/FusedBatchNorm
 
@@ -69,8 +71,8 @@ def prepare_name_based(raw: RawCheckpoint, prefix: Path) -> None:
             " (--use-ema takes them)"
         )
     meta = prefix_meta(prefix)
-    settings = bn_settings(meta) if meta is not None else {}
-    raw.fallback_config = infer_config(raw, settings, meta)
+    order, settings = graph_facts(meta) if meta is not None else ({}, {})
+    raw.fallback_config = infer_config(raw, settings, meta, order)
 
 
 def prefix_meta(prefix: Path) -> Path | None:
@@ -102,38 +104,51 @@ def use_shadows(raw: RawCheckpoint) -> int:
 
 
 def _layer_class(vars_: dict[str, tuple[int, ...]]) -> str:
+    """A Keras class from a layer's variable names (Keras/tf.layers names, or TF-slim's
+    ``weights``/``biases``/``depthwise_weights``) and the kernel's rank."""
     if {"moving_mean", "moving_variance"} <= set(vars_):
         return "BatchNormalization"
+    if "depthwise_weights" in vars_:
+        return "DepthwiseConv2D"
     if "depthwise_kernel" in vars_:
         return "SeparableConv2D" if "pointwise_kernel" in vars_ else "DepthwiseConv2D"
-    rank = len(vars_.get("kernel", ()))
+    rank = len(vars_.get("kernel", vars_.get("weights", ())))
     return {2: "Dense", 3: "Conv1D", 4: "Conv2D", 5: "Conv3D"}.get(rank, "Layer")
 
 
 def _layer_config(name: str, cls: str, vars_: dict[str, tuple[int, ...]], bn: dict) -> dict:
     cfg: dict[str, Any] = {"name": name}
-    kernel = vars_.get("kernel")
+    kernel = vars_.get("kernel", vars_.get("weights"))
+    bias = "bias" in vars_ or "biases" in vars_
     if cls == "BatchNormalization":
         cfg.update(center="beta" in vars_, scale="gamma" in vars_, axis=-1)
         cfg.update(momentum=bn.get("momentum"), epsilon=bn.get("epsilon", 1e-3))
     elif cls == "Dense" and kernel:
-        cfg.update(units=kernel[-1], use_bias="bias" in vars_)
+        cfg.update(units=kernel[-1], use_bias=bias)
     elif cls.startswith("Conv") and kernel:
-        cfg.update(filters=kernel[-1], kernel_size=list(kernel[:-2]), use_bias="bias" in vars_)
+        cfg.update(filters=kernel[-1], kernel_size=list(kernel[:-2]), use_bias=bias)
+        cfg.update({k: bn[k] for k in ("strides", "padding") if k in bn})
     elif cls in ("DepthwiseConv2D", "SeparableConv2D"):
-        cfg.update(kernel_size=list(vars_["depthwise_kernel"][:2]), use_bias="bias" in vars_)
+        dw = vars_.get("depthwise_kernel", vars_.get("depthwise_weights", ()))
+        cfg.update(kernel_size=list(dw[:2]), depth_multiplier=dw[-1] if dw else 1, use_bias=bias)
+        cfg.update({k: bn[k] for k in ("strides", "padding") if k in bn})
     return cfg
 
 
-def infer_config(raw: RawCheckpoint, settings: dict[str, dict], meta: Path | None) -> dict:
+def infer_config(
+    raw: RawCheckpoint, settings: dict[str, dict], meta: Path | None, order: dict[str, int]
+) -> dict:
     """A model config (layers only, no connections) from ``<layer>/<variable>`` names, in the
-    order the names sort; BN momentum None where the ``.meta`` graph does not give it."""
+    order the ``.meta`` graph created the variables (else the order the names sort); conv
+    strides/padding and BN momentum/eps from the graph, BN momentum None where it does not say."""
     groups: dict[str, dict[str, tuple[int, ...]]] = {}
     for key, t in raw.tensors.items():
         layer, _, var = key.rpartition("/")
         groups.setdefault(layer, {})[var.split(":")[0]] = tuple(t.shape)
+    first = {n: min(order.get(f"{n}/{v}", len(order)) for v in vs) for n, vs in groups.items()}
     layers, unknown, no_eps = [], [], []
-    for name, vars_ in groups.items():
+    for name in sorted(groups, key=lambda n: first[n]):  # stable: sorted names when no graph
+        vars_ = groups[name]
         cls = _layer_class(vars_)
         cfg = _layer_config(name, cls, vars_, settings.get(name, {}))
         if cls == "BatchNormalization" and cfg["momentum"] is None:
@@ -276,13 +291,41 @@ def _bn_facts(name: str, node: Node, nodes: dict[str, Node], functions: dict) ->
     return None
 
 
-def bn_settings(meta: Path) -> dict[str, dict[str, float]]:
-    """BatchNorm scope -> {"momentum": m, "epsilon": e} as far as the ``.meta`` graph says."""
+def graph_facts(meta: Path) -> tuple[dict[str, int], dict[str, dict[str, Any]]]:
+    """The ``.meta`` graph's node order (creation order: variables are nodes named like them) and
+    per layer scope what it says: BN momentum/epsilon, conv strides/padding."""
     try:
         nodes, functions = _graph(meta)
     except pw.ProtoError as exc:
         raise SourceFormatError(f"{meta} is not a readable MetaGraphDef ({exc})") from exc
-    out: dict[str, dict[str, float]] = {}
+    settings: dict[str, dict[str, Any]] = bn_settings(nodes, functions)
+    for name, (op, _, attrs) in nodes.items():
+        if op in _CONV_OPS and (m := _CONV_NODE.match(name)):
+            for k, v in _conv_attrs(attrs).items():
+                settings.setdefault(m["scope"], {}).setdefault(k, v)
+    return {name: i for i, name in enumerate(nodes)}, settings
+
+
+def _conv_attrs(attrs: dict[str, bytes]) -> dict[str, Any]:
+    """strides (AttrValue list = 1 -> ListValue i = 3) and padding (AttrValue s = 2) of an NHWC
+    convolution, the way a Keras config says them."""
+    out: dict[str, Any] = {}
+    ints = [i for w, v in pw.field_map(attrs.get("strides", b"")).get(1, []) for i in (
+        [x for lw, lv in pw.field_map(v).get(3, []) for x in pw.as_ints(lw, lv)]
+        if isinstance(v, bytes) else [])]  # fmt: skip
+    if len(ints) == 4:
+        out["strides"] = ints[1:3]
+    padding = pw.first(attrs.get("padding", b""), 2)
+    if isinstance(padding, bytes) and padding in (b"SAME", b"VALID"):
+        out["padding"] = padding.decode().lower()
+    return out
+
+
+def bn_settings(
+    nodes: dict[str, Node], functions: dict[str, dict[str, Node]]
+) -> dict[str, dict[str, Any]]:
+    """BatchNorm scope -> {"momentum": m, "epsilon": e} as far as the graph says."""
+    out: dict[str, dict[str, Any]] = {}
     for name, node in nodes.items():
         facts = _bn_facts(name, node, nodes, functions)
         if facts is None:
