@@ -26,11 +26,15 @@ def _kernel_bias(kernel: str = "kernel") -> Callable[[dict[str, Any]], list[str]
     return lambda c: [kernel] + (["bias"] if c.get("use_bias", True) else [])
 
 
+_SLIM = {"weights": "kernel", "biases": "bias"}  # TF-slim's names (TF1 checkpoints)
 for _cls in ("Conv1D", "Conv2D", "Conv3D", "Conv2DTranspose", "Dense"):
-    KERAS_LAYERS.add(_cls, LayerVars(_kernel_bias(), {"_kernel": "kernel"}))
+    KERAS_LAYERS.add(_cls, LayerVars(_kernel_bias(), {"_kernel": "kernel", **_SLIM}))
 KERAS_LAYERS.add(
     "DepthwiseConv2D",
-    LayerVars(_kernel_bias(), {"_kernel": "kernel", "depthwise_kernel": "kernel"}),
+    LayerVars(
+        _kernel_bias(),
+        {"_kernel": "kernel", "depthwise_kernel": "kernel", "depthwise_weights": "kernel", **_SLIM},
+    ),
 )
 KERAS_LAYERS.add(
     "SeparableConv2D",

@@ -531,7 +531,8 @@ def _resolve_tf(raw: RawCheckpoint, skel: list[LayerSkeleton]) -> dict[str, tupl
         renamed: dict[str, str] = {}
         index = match_layer_names(sorted(set(layer_of.values())), skel, renamed)
         for k in named:
-            out[k] = (index[layer_of[k]], k.rsplit("/", 1)[1].split(":")[0])
+            i, var = index[layer_of[k]], k.rsplit("/", 1)[1].split(":")[0]
+            out[k] = (i, canonical_attr(skel[i].class_name, var))
         return Assignment(out, renamed)
     return out
 
