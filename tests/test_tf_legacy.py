@@ -227,3 +227,22 @@ def test_tf1_meta_momentum_inside_tf_cond(legacy, name, tmp_path):
     assert result.bn_config["bn2"]["momentum"] == pytest.approx(0.1)
     assert result.bn_config["bn2"]["eps"] == pytest.approx(1e-3)
     assert not any("not recorded" in n or "not in the checkpoint" in n for n in result.notes)
+
+
+def test_tf1_layer_list_from_graph(legacy, cli):
+    """Config-less TF1 checkpoints: layers in the graph's creation order with conv strides/padding
+    from the .meta graph; TF-slim's names (weights/biases, BatchNorm without gamma, decay 0.997,
+    Momentum slots) read as Keras' (kernel/bias)."""
+    rc, out, err = cli("inspect", Path(legacy["dir"]) / "tf1", "--graph", "--json")
+    graph = json.loads(out)["graph"]
+    assert [g["name"] for g in graph] == ["conv1", "bn1", "conv2", "bn2", "fc"]
+    assert graph[2]["config"]["strides"] == [2, 2] and graph[2]["config"]["padding"] == "valid"
+    rc, out, err = cli("inspect", Path(legacy["dir"]) / "slim", "--json")
+    info = json.loads(out)
+    layers = {lay["name"].rsplit("/", 1)[-1]: lay for lay in info["layers"]}
+    assert list(layers) == ["conv1", "BatchNorm", "logits"]
+    assert sorted(layers["logits"]["vars"]) == ["bias", "kernel"]
+    assert layers["BatchNorm"]["bn"] == {
+        "momentum": 0.997, "epsilon": 1.001e-5, "center": True, "scale": False, "axis": -1
+    }  # fmt: skip
+    assert any("4 Momentum slots, global_step" in n for n in info["notes"])
