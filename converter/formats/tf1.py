@@ -71,7 +71,13 @@ def prepare_name_based(raw: RawCheckpoint, prefix: Path) -> None:
             " (--use-ema takes them)"
         )
     meta = prefix_meta(prefix)
-    order, settings = graph_facts(meta) if meta is not None else ({}, {})
+    order, settings = {}, {}
+    if meta is not None:
+        try:
+            order, settings = graph_facts(meta)
+        except SourceFormatError as exc:  # the weights are still readable: say so, go on
+            raw.notes.append(f"{exc}: its BatchNorm settings and layer order are not used")
+            meta = None
     raw.fallback_config = infer_config(raw, settings, meta, order)
 
 
@@ -140,13 +146,14 @@ def infer_config(
 ) -> dict:
     """A model config (layers only, no connections) from ``<layer>/<variable>`` names, in the
     order the ``.meta`` graph created the variables (else the order the names sort); conv
-    strides/padding and BN momentum/eps from the graph, BN momentum None where it does not say."""
+    strides/padding and BN momentum/eps from the graph, BN momentum None where it does not say.
+    Its ``notes`` say so; they apply only when the source is read by this config."""
     groups: dict[str, dict[str, tuple[int, ...]]] = {}
     for key, t in raw.tensors.items():
         layer, _, var = key.rpartition("/")
         groups.setdefault(layer, {})[var.split(":")[0]] = tuple(t.shape)
     first = {n: min(order.get(f"{n}/{v}", len(order)) for v in vs) for n, vs in groups.items()}
-    layers, unknown, no_eps = [], [], []
+    layers, unknown, no_eps, notes = [], [], [], []
     for name in sorted(groups, key=lambda n: first[n]):  # stable: sorted names when no graph
         vars_ = groups[name]
         cls = _layer_class(vars_)
@@ -156,19 +163,20 @@ def infer_config(
         if cls == "BatchNormalization" and "epsilon" not in settings.get(name, {}):
             no_eps.append(name)
         layers.append({"class_name": cls, "name": name, "config": cfg})
-    if settings:
-        raw.notes.append(f"BatchNorm momentum/eps read from {meta.name}")
+    if settings and meta is not None:
+        notes.append(f"BatchNorm momentum/eps read from {meta.name}")
     if unknown:
-        raw.notes.append(
+        notes.append(
             f"BatchNorm momentum of {len(unknown)} layers is not in the checkpoint"
             + (f" nor in {meta.name}" if meta else " and there is no .meta graph beside it")
         )
     if no_eps:
-        raw.notes.append(
+        notes.append(
             f"BatchNorm eps of {len(no_eps)} layers ({', '.join(no_eps[:3])}) is not recorded:"
             " 1e-3 assumed (the tf.compat.v1.layers/Keras default)"
         )
-    return {"class_name": "Functional", "config": {"name": "tf1", "layers": layers}}
+    config = {"name": "tf1", "layers": layers}
+    return {"class_name": "Functional", "config": config, "notes": notes}
 
 
 # ------------------------------------------------------------------ the .meta graph
