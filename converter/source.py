@@ -676,6 +676,7 @@ def resolve(
             layers = build_layers(raw, skel, "variable names")
         except NoFit as exc:
             raise SourceFormatError(f"{raw.path}: cannot group its variables ({exc})") from None
+        raw.notes += raw.fallback_config.get("notes", [])
         return _described(raw, layers, [], heads, "variable names", None)
     raise UnknownArchitectureError(
         f"{raw.path} ({raw.format}, {len(raw.tensors)} tensors) stores no model config and matches"
