@@ -246,3 +246,22 @@ def test_tf1_layer_list_from_graph(legacy, cli):
         "momentum": 0.997, "epsilon": 1.001e-5, "center": True, "scale": False, "axis": -1
     }  # fmt: skip
     assert any("4 Momentum slots, global_step" in n for n in info["notes"])
+
+
+def test_tf1_damaged_meta_is_said_and_weights_still_read(legacy, tmp_path, cli):
+    """A damaged .meta next to the bundle: said in a note, the weights still read, and the BN
+    momentum it held is then unknown (convert refuses until it is given)."""
+    import shutil
+
+    from helpers import assert_clean_error
+
+    src = tmp_path / "ckpt"
+    shutil.copytree(Path(legacy["dir"]) / "tf1", src)
+    (src / "model.ckpt-5.meta").write_bytes(b"\x0a\xff\xff\xff\x0f" + b"\x00" * 64)
+    rc, out, err = cli("inspect", src, "--json")
+    info = json.loads(out)
+    assert rc == 0 and any("is not a readable MetaGraphDef" in n for n in info["notes"])
+    assert {lay["name"] for lay in info["layers"]} == {"conv1", "bn1", "conv2", "bn2", "fc"}
+    dst = tmp_path / "o.safetensors"
+    rc, _, err = cli("convert", src, "--mapping", tf1_table(tmp_path), "-o", dst)
+    assert_clean_error(rc, err, "bn1", "--source-bn-momentum", out=dst)
