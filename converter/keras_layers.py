@@ -30,6 +30,7 @@ def _kernel_bias(kernel: str = "kernel") -> Callable[[dict[str, Any]], list[str]
     return lambda c: [kernel] + (["bias"] if c.get("use_bias", True) else [])
 
 
+_SLIM = {"weights": "kernel", "biases": "bias"}  # TF-slim's names (TF1 checkpoints)
 for _cls in (
     "Conv1D",
     "Conv2D",
@@ -39,11 +40,10 @@ for _cls in (
     "Conv3DTranspose",
     "Dense",
 ):
-    KERAS_LAYERS.add(_cls, LayerVars(_kernel_bias(), {"_kernel": "kernel"}))
+    KERAS_LAYERS.add(_cls, LayerVars(_kernel_bias(), {"_kernel": "kernel", **_SLIM}))
+_DEPTHWISE = {"_kernel": "kernel", "depthwise_kernel": "kernel", "depthwise_weights": "kernel"}
 for _cls in ("DepthwiseConv1D", "DepthwiseConv2D"):
-    KERAS_LAYERS.add(
-        _cls, LayerVars(_kernel_bias(), {"_kernel": "kernel", "depthwise_kernel": "kernel"})
-    )
+    KERAS_LAYERS.add(_cls, LayerVars(_kernel_bias(), {**_DEPTHWISE, **_SLIM}))
 for _cls in ("SeparableConv1D", "SeparableConv2D"):
     KERAS_LAYERS.add(
         _cls,

@@ -42,7 +42,14 @@ def _build(source, manifest, source_model: str | None, size: int | None):
         return rebuild(source.raw.model_config, source.raw.path)
     if manifest is None:
         raise VerificationError(
-            f"{source.raw.path}: no model config and no manifest; pass --source-model"
+            f"{source.raw.path}: no model config and no manifest"
+            + (
+                f" (its layers were inferred from {source.config_origin}: there is no Keras"
+                " model to run)"
+                if source.config_origin == "variable names"
+                else ""
+            )
+            + "; pass --source-model module:function that builds the Keras model"
         )
     build = manifest["build"]
     kwargs = dict(build.get("kwargs", {}))

@@ -569,7 +569,8 @@ def _resolve_tf(raw: RawCheckpoint, skel: list[LayerSkeleton]) -> dict[str, tupl
         renamed: dict[str, str] = {}
         index = match_layer_names(sorted(set(layer_of.values())), skel, renamed)
         for k in named:
-            out[k] = (index[layer_of[k]], k.rsplit("/", 1)[1].split(":")[0])
+            i, var = index[layer_of[k]], k.rsplit("/", 1)[1].split(":")[0]
+            out[k] = (i, canonical_attr(skel[i].class_name, var))
         return Assignment(out, renamed)
     return out
 
@@ -715,6 +716,7 @@ def resolve(
             layers = build_layers(raw, skel, "variable names")
         except NoFit as exc:
             raise SourceFormatError(f"{raw.path}: cannot group its variables ({exc})") from None
+        raw.notes += raw.fallback_config.get("notes", [])
         return _described(raw, layers, [], heads, "variable names", None)
     raise UnknownArchitectureError(
         f"{raw.path} ({raw.format}, {len(raw.tensors)} tensors) stores no model config and matches"

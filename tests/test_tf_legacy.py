@@ -87,20 +87,22 @@ def nested_table(tmp_path: Path) -> Path:
     return path
 
 
-def test_tf_keras_nested_model(legacy, tmp_path):
-    """A Functional backbone as one layer of the user's model: its variables resolve through the
-    nested layer, the nesting is reported, and Keras 3 can rebuild the config (tf.keras 2 numbers
+@pytest.mark.parametrize("name", ["tfk_nested", "keras21.h5"])
+def test_tf_keras_nested_model(legacy, name, tmp_path):
+    """A Functional backbone as one layer of the user's model, in a tf.keras SavedModel and in a
+    Keras 2.1-style HDF5 file (class ``Model``, old layer schema): its variables resolve through
+    the nested layer, the nesting is reported, and Keras 3 can rebuild the config (Keras 2 numbers
     the nested model's first call node 1)."""
     import converter
     from converter.formats import read
     from converter.keras_config import shift_nested_model_nodes
 
-    src = Path(legacy["dir"]) / "tfk_nested"
+    src = Path(legacy["dir"]) / name
     result = converter.convert(src, mapping=nested_table(tmp_path))
     assert result.nesting["layer"] == "backbone"
     assert result.bn_config["backbone.1"]["momentum"] == pytest.approx(0.03)
     model = converter.load_model(result.save(tmp_path / "out.safetensors"))
-    ref = np.load(Path(legacy["dir"]) / "reference.npz")["tfk_nested"]
+    ref = np.load(Path(legacy["dir"]) / "reference.npz")[name]
     assert rel_err(torch_logits(model, legacy["x"]), ref) < 1e-5
     config = read(src).model_config
     pool = next(e for e in config["config"]["layers"] if e["name"] == "pool")
@@ -110,9 +112,10 @@ def test_tf_keras_nested_model(legacy, tmp_path):
 
 
 @pytest.mark.slow
-def test_tf_keras_nested_model_verifies(legacy, tmp_path, cli):
-    """Layer by layer against Keras 3 rebuilding the tf.keras 2.x config (one Keras process)."""
-    src, out = Path(legacy["dir"]) / "tfk_nested", tmp_path / "o.safetensors"
+@pytest.mark.parametrize("name", ["tfk_nested", "keras21.h5"])
+def test_tf_keras_nested_model_verifies(legacy, name, tmp_path, cli):
+    """Layer by layer against Keras 3 rebuilding the Keras 2 config (one Keras process each)."""
+    src, out = Path(legacy["dir"]) / name, tmp_path / "o.safetensors"
     rc, stdout, err = cli("convert", src, "--mapping", nested_table(tmp_path), "-o", out,
                           "--verify", "--json")  # fmt: skip
     assert rc == 0, err
@@ -210,3 +213,55 @@ def test_inspect_graph_and_no_truncation(legacy, cli, monkeypatch):
         assert name in err
     rc, _, err = cli("inspect", src)
     assert rc == 0 and "…" not in err and "BatchNormalization" in err and "block/ibn" in err
+
+
+@pytest.mark.parametrize("name", ["tf1_cond_v1", "tf1_cond_v2"])
+def test_tf1_meta_momentum_inside_tf_cond(legacy, name, tmp_path):
+    """BN layers trained with a ``training`` placeholder keep momentum in a ``tf.cond``: read from
+    TF1's Switch/Merge consts and from TF2's If branch functions alike."""
+    import converter
+
+    result = converter.convert(Path(legacy["dir"]) / name, mapping=tf1_table(tmp_path))
+    assert result.bn_config["bn1"]["momentum"] == pytest.approx(0.05)
+    assert result.bn_config["bn1"]["eps"] == pytest.approx(2e-3)
+    assert result.bn_config["bn2"]["momentum"] == pytest.approx(0.1)
+    assert result.bn_config["bn2"]["eps"] == pytest.approx(1e-3)
+    assert not any("not recorded" in n or "not in the checkpoint" in n for n in result.notes)
+
+
+def test_tf1_layer_list_from_graph(legacy, cli):
+    """Config-less TF1 checkpoints: layers in the graph's creation order with conv strides/padding
+    from the .meta graph; TF-slim's names (weights/biases, BatchNorm without gamma, decay 0.997,
+    Momentum slots) read as Keras' (kernel/bias)."""
+    rc, out, err = cli("inspect", Path(legacy["dir"]) / "tf1", "--graph", "--json")
+    graph = json.loads(out)["graph"]
+    assert [g["name"] for g in graph] == ["conv1", "bn1", "conv2", "bn2", "fc"]
+    assert graph[2]["config"]["strides"] == [2, 2] and graph[2]["config"]["padding"] == "valid"
+    rc, out, err = cli("inspect", Path(legacy["dir"]) / "slim", "--json")
+    info = json.loads(out)
+    layers = {lay["name"].rsplit("/", 1)[-1]: lay for lay in info["layers"]}
+    assert list(layers) == ["conv1", "BatchNorm", "logits"]
+    assert sorted(layers["logits"]["vars"]) == ["bias", "kernel"]
+    assert layers["BatchNorm"]["bn"] == {
+        "momentum": 0.997, "epsilon": 1.001e-5, "center": True, "scale": False, "axis": -1
+    }  # fmt: skip
+    assert any("4 Momentum slots, global_step" in n for n in info["notes"])
+
+
+def test_tf1_damaged_meta_is_said_and_weights_still_read(legacy, tmp_path, cli):
+    """A damaged .meta next to the bundle: said in a note, the weights still read, and the BN
+    momentum it held is then unknown (convert refuses until it is given)."""
+    import shutil
+
+    from helpers import assert_clean_error
+
+    src = tmp_path / "ckpt"
+    shutil.copytree(Path(legacy["dir"]) / "tf1", src)
+    (src / "model.ckpt-5.meta").write_bytes(b"\x0a\xff\xff\xff\x0f" + b"\x00" * 64)
+    rc, out, err = cli("inspect", src, "--json")
+    info = json.loads(out)
+    assert rc == 0 and any("is not a readable MetaGraphDef" in n for n in info["notes"])
+    assert {lay["name"] for lay in info["layers"]} == {"conv1", "bn1", "conv2", "bn2", "fc"}
+    dst = tmp_path / "o.safetensors"
+    rc, _, err = cli("convert", src, "--mapping", tf1_table(tmp_path), "-o", dst)
+    assert_clean_error(rc, err, "bn1", "--source-bn-momentum", out=dst)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import struct
 from typing import Iterator
 
-__all__ = ["ProtoError", "fields", "field_map", "first", "repeated", "text", "as_float"]
+__all__ = [
+    "ProtoError", "fields", "field_map", "first", "repeated", "text", "as_float", "as_ints",
+]  # fmt: skip
 
 
 class ProtoError(ValueError):
@@ -83,6 +85,17 @@ def text(buf: bytes, num: int) -> str:
     """A string field (empty when absent)."""
     v = first(buf, num)
     return v.decode("utf-8", errors="replace") if isinstance(v, bytes) else ""
+
+
+def as_ints(wire: int, value: int | bytes) -> list[int]:
+    """An integer field's values: one varint, or packed varints."""
+    if wire == 0 and isinstance(value, int):
+        return [value]
+    out, pos = [], 0
+    while isinstance(value, bytes) and pos < len(value):
+        v, pos = _varint(value, pos)
+        out.append(v)
+    return out
 
 
 def as_float(wire: int, value: int | bytes) -> list[float]:
