@@ -103,6 +103,8 @@ def select(tables: list[Table], source: SourceModel, to: str | None) -> tuple[Ta
     label = f"{source.raw.path} ({source.manifest_id or 'unrecognised architecture'})"
     refusal = refusal_for(source.manifest_id)
     if not candidates and refusal:
+        shape = source.structure
+        label = f"{source.raw.path} ({source.manifest_id}{': ' + shape if shape else ''})"
         raise UnknownArchitectureError(refusal.message(label))
     if not candidates:
         raise UnknownArchitectureError(

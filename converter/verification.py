@@ -85,6 +85,12 @@ class VerifyOptions:
     format: str | None = _option(
         "--format", "Force the source format (see `ckptport inspect`).", metavar="NAME"
     )
+    pooling: str | None = _option(
+        "--pooling",
+        "Pooling after a headless/nested base, for files that do not record it (TF checkpoint, "
+        "SavedModel): what convert was given.",
+        choices=("avg", "max", "none"),
+    )
     force: bool = _option("--force", "Overwrite an existing --record output.", False)
 
     def to_argv(self) -> list[str]:
@@ -498,6 +504,7 @@ def _run_keras(
         "--mapping": opts.mapping,
         "--source-model": opts.source_model,
         "--format": opts.format,
+        "--pooling": opts.pooling,
     }
     cmd = [sys.executable, "-m", "converter.keras_runner"]
     cmd += [arg for flag, value in flags.items() if value for arg in (flag, str(value))]

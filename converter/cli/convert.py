@@ -115,7 +115,7 @@ def command(
         from ..verification import VerifyOptions, verify
 
         # the source options the conversion used; a head reset is read from the written metadata
-        report = verify(src, written, VerifyOptions(**options))
+        report = verify(src, written, VerifyOptions(**options, pooling=pooling))
         info["verification"] = report.to_dict()
     rc = report.return_code if report else EXIT_OK
     if as_json:
