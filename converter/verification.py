@@ -56,7 +56,7 @@ class VerifyOptions:
     rtol: float | None = _option(
         "--rtol",
         "A layer pair, and the model output, pass when RMS(error) / RMS(reference) <= RTOL "
-        "(float32 default 1e-4).",
+        "(float32 default 1e-4, or the table's [verify] rtol for a deep family).",
         type=float,
     )
     atol: float = _option("--atol", "Also pass when max |error| <= ATOL.", 0.0)
@@ -367,9 +367,9 @@ def verify(
     which override ``options``. ``against``: a reference recorded earlier with ``record`` (no
     TensorFlow needed then; ``src`` may be None). The Keras side always runs in a separate process;
     if this process already loaded TensorFlow, the whole check runs in a clean one. A layer pair
-    (and the output) passes when ``rms(error) / rms(reference) <= rtol`` (float32 default 1e-4)
-    or ``max_abs <= atol``. After a head reset every layer up to the head is compared and the
-    output is reported as not comparable.
+    (and the output) passes when ``rms(error) / rms(reference) <= rtol`` (float32 default 1e-4,
+    or the table's ``[verify] rtol``) or ``max_abs <= atol``. After a head reset every layer up to
+    the head is compared and the output is reported as not comparable.
     """
     from .model import import_torch_side, torch_side_hazard
 
@@ -382,7 +382,10 @@ def verify(
     ref = _reference(src, conv, opts, device)
     taps, excluded = _exclude_head(ref.taps, conv.head)
     run = _run_target(converted, ref.tensors["input"], conv, [m for _, _, m in taps], device)
-    rtol = DEFAULT_RTOL["float32"] if opts.rtol is None else opts.rtol
+    rtol = _table_spec(conv.meta.get("table.id"), opts.mapping, "verify").get(
+        "rtol", DEFAULT_RTOL["float32"]
+    )
+    rtol = rtol if opts.rtol is None else opts.rtol
     output, compared, note = _compare_output(ref, run, conv.head, rtol, opts.atol)
     x = ref.tensors["input"]
     report = VerificationReport(
@@ -469,12 +472,18 @@ def _fresh_reference(
     return _Reference(tensors, meta, [], timings)
 
 
-def _input_spec(result: Any, mapping: str | os.PathLike | None) -> dict[str, Any]:
-    """The table's [input] (size, value range); a source that fixes its input size is run at it."""
+def _table_spec(table_id: str | None, mapping: str | os.PathLike | None, section: str) -> dict:
+    """A section (``input``, ``verify``) of the conversion's table ({} for an unknown table)."""
     from .tables import builtin_tables, load_table
 
     tables = [load_table(mapping)] if mapping else builtin_tables()
-    spec = dict(next(t for t in tables if t.id == result.table_id).input)
+    table = next((t for t in tables if t.id == table_id), None)
+    return dict(getattr(table, section)) if table else {}
+
+
+def _input_spec(result: Any, mapping: str | os.PathLike | None) -> dict[str, Any]:
+    """The table's [input] (size, value range); a source that fixes its input size is run at it."""
+    spec = _table_spec(result.table_id, mapping, "input")
     fixed = result.source_input_shape
     if fixed and fixed[0] and fixed[1]:
         if fixed[0] != fixed[1]:
