@@ -78,6 +78,7 @@ def test_inspect_and_convert_name_the_nesting_path(tmp_path, capsys):
     assert rc == 0 and "'MobileNetV3Small' of the nested model 'features'" in text, err
 
 
+@pytest.mark.slow  # a Keras subprocess and a train step: ~60 s on the shared 2-core machine
 def test_verify_two_levels_deep_with_train_step(tmp_path):
     """Layer by layer and one training-mode step, the BN layers two models deep included."""
     from converter.verification import verify
@@ -119,7 +120,10 @@ REFUSED = {
 }
 
 
-@pytest.mark.parametrize("case", list(REFUSED))
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(c, marks=[pytest.mark.slow] if c == "headless" else []) for c in REFUSED],
+)  # headless: one more ResNet50V2 fixture (~30 s cold); the nested case covers the same code
 def test_refused_family_nested_or_headless_is_named(case, tmp_path, capsys):
     fn, kwargs, wrap, formats, says = REFUSED[case]
     fx = make_wrapped_fixture(fn, kwargs, wrap, 5, size=32, formats=formats)
