@@ -152,7 +152,7 @@ def source_head_plan(
         head.kind == "classifier" and source.nesting and head.pooling is None
     ):
         raise UnsupportedLayerError(_user_head_message(source, variant))
-    pooling = _pooling(source, plan, pooling)
+    pooling = resolve_pooling(source, pooling, plan.notes)
     if source.nesting and source.nesting.training is False:
         plan.notes.append(
             f"the base {source.nesting.layer!r} is called with training=False: its BatchNorm was"
@@ -235,8 +235,10 @@ def _user_head_message(source: Any, variant: Any) -> str:
     )
 
 
-def _pooling(source: Any, plan: SourceHeadPlan, given: str | None) -> str | None:
-    """The source's pooling: what the file says, else ``given``, else avg (noted)."""
+def resolve_pooling(source: Any, given: str | None, notes: list[str]) -> str | None:
+    """The pooling after a headless or nested base (avg/max/None): what the file says, else
+    ``given`` (``--pooling`` of convert and verify), else avg (noted in ``notes``); None for the
+    application's own top."""
     if given is not None and given not in POOLINGS:
         raise MappingError(f"pooling {given!r}: valid: {', '.join(POOLINGS)}")
     given_value = None if given == "none" else given
@@ -253,7 +255,7 @@ def _pooling(source: Any, plan: SourceHeadPlan, given: str | None) -> str | None
     if given is not None:
         return given_value
     if source.head.kind == "headless" or source.nesting:
-        plan.notes.append(
+        notes.append(
             f"{source.raw.format} files do not record the pooling after the base; assumed avg "
             "(pass --pooling max or none if the Keras model used another)"
         )

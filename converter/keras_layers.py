@@ -104,8 +104,9 @@ KERAS_LAYERS.add(
     "Normalization",
     LayerVars(_norm_vars, {"adapt_mean": "mean", "adapt_variance": "variance"}),
 )
-# keras.applications ConvNeXt's LayerScale (Keras 3) adds its one weight without a name
-KERAS_LAYERS.add("LayerScale", LayerVars(lambda c: ["variable"]))
+# keras.applications ConvNeXt's LayerScale (Keras 3) adds its one weight without a name; TF object
+# checkpoints key it by the attribute holding it (``gamma``)
+KERAS_LAYERS.add("LayerScale", LayerVars(lambda c: ["variable"], {"gamma": "variable"}))
 
 
 def var_names(class_name: str, config: dict[str, Any], n_found: int) -> list[str] | None:

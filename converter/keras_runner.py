@@ -29,7 +29,7 @@ def _configure_tf(device: str) -> None:
         tf.config.experimental.set_memory_growth(gpu, True)  # never grab all GPU memory
 
 
-def _build(source, manifest, source_model: str | None, size: int | None):
+def _build(source, manifest, source_model: str | None, size: int | None, pooling: str | None):
     from .errors import VerificationError
 
     if source_model:
@@ -55,17 +55,19 @@ def _build(source, manifest, source_model: str | None, size: int | None):
     kwargs = dict(build.get("kwargs", {}))
     if size:
         kwargs["input_shape"] = [size, size, 3]
-    return _with_source_head(source, build["fn"], kwargs, size)
+    return _with_source_head(source, build["fn"], kwargs, pooling)
 
 
-def _with_source_head(source, fn: str, kwargs: dict, size: int | None):
+def _with_source_head(source, fn: str, kwargs: dict, given_pooling: str | None):
     """The shipped architecture rebuilt with the source's head: ``classes=N``, headless with its
     pooling, or nested in a model ``base(training=False) -> pooling -> Dense(N)`` (a config-less
-    file does not record the pooling: avg assumed, as convert does)."""
+    file does not record the pooling: ``--pooling``, else avg, as convert does)."""
     import keras
 
+    from .heads import resolve_pooling
+
     head = source.head
-    pooling = {"unknown": "avg"}.get(head.pooling, head.pooling) if head else None
+    pooling = resolve_pooling(source, given_pooling, []) if head else None
     if head and (source.nesting or head.kind == "headless"):
         kwargs.update(include_top=False, pooling=None if source.nesting else pooling)
     elif head and head.kind == "classifier":
@@ -97,7 +99,8 @@ def _load_weights(model, source) -> dict[str, str]:
 
     live = skeleton_from_manifest(source_manifest_from_model(model, "live"))
     live_layers = [layer for _, layer in flat_layers(model)]
-    index = match_scoped_layers([lay for lay in source.layers if lay.weights], live)
+    bases = (source.nesting.layer, _live_base(model, source)) if source.nesting else ("", "")
+    index = match_scoped_layers([lay for lay in source.layers if lay.weights], live, bases)
     mapping = {}
     for lay in source.layers:
         if not lay.weights:
@@ -132,37 +135,76 @@ def live_variables(layer) -> list:
     return [(unnumbered_var(v.name), v) for v in own]
 
 
-def _tap_outputs(model, tap_layers: list, x: np.ndarray) -> list:
-    """The tapped layers' outputs then the model's output, in eval mode. A nested base's layers
-    live in the base's own graph: they are tapped on the base called on ``x`` (the user's model
-    feeds its input straight to the base)."""
+def _live_base(model, source) -> str:
+    """The nested base's path in the live model: the source's own where the model was rebuilt from
+    the file's config, else the one application ``_with_source_head`` nested."""
+    from .manifest import nested_models
+
+    nested = nested_models(model)
+    if source.nesting.layer in nested:
+        return source.nesting.layer
+    return next(path for path, m in nested.items() if "/" not in path)
+
+
+def _owners(model) -> dict[int, tuple[str, object]]:
+    """id(layer) -> (path, model) of the (nested) model whose own layer it is."""
+    from .manifest import nested_models
+
+    out = {}
+    for path, owner in [("", model), *nested_models(model).items()]:
+        out.update({id(layer): (path, owner) for layer in owner.layers})
+    return out
+
+
+def _fed_by_input(model, path: str) -> bool:
+    """Whether the nested model at ``path`` receives the model's input as is (each level nested
+    directly, the way the user's model wraps an application): its own graph can then be run on
+    ``x``."""
+    from .manifest import nested_models
+
+    nested, parent = nested_models(model), model
+    for depth, part in enumerate(path.split("/") if path else []):
+        child = nested["/".join(path.split("/")[: depth + 1])]
+        first = [lay for lay in parent.layers if type(lay).__name__ != "InputLayer"]
+        if not first or first[0] is not child:
+            return False
+        parent = child
+    return True
+
+
+def _run_owned(model, layers: list, x: np.ndarray, fetch, training: bool) -> dict[int, list]:
+    """id(layer) -> ``fetch(layer)`` (a list of its tensors) evaluated on ``x``, each group of
+    layers run once in the graph of the (nested) model owning them; raises where that model is
+    not fed the input as is."""
     import keras
 
-    from .manifest import flat_layers
+    from .errors import VerificationError
 
-    blocks = {lay.name for lay in model.layers if isinstance(lay, keras.Sequential)}
-    inside = {id(layer) for scope, layer in flat_layers(model) if scope and scope not in blocks}
-    outer = [lay for lay in tap_layers if id(lay) not in inside]
-    inner = [lay for lay in tap_layers if id(lay) in inside]
-    outs = _as_list(
-        keras.Model(model.inputs, [lay.output for lay in outer] + [model.outputs[0]])(
-            x, training=False
-        )
-    )
-    got = dict(zip(map(id, outer), outs[:-1]))
-    if inner:
-        base = next(
-            lay for lay in model.layers if isinstance(lay, keras.Model) and lay.name not in blocks
-        )
-        got.update(
-            zip(
-                map(id, inner),
-                _as_list(
-                    keras.Model(base.inputs, [lay.output for lay in inner])(x, training=False)
-                ),
+    owners, groups = _owners(model), {}
+    for lay in layers:
+        groups.setdefault(owners[id(lay)][0], []).append(lay)
+    got = {}
+    for path, group in groups.items():
+        owner = owners[id(group[0])][1]
+        if not _fed_by_input(model, path):
+            raise VerificationError(
+                f"layer {group[0].name!r} is inside {path!r}, which does not receive the model's"
+                " input as is: verify the nested model alone (--source-model)"
             )
-        )
-    return [got[id(lay)] for lay in tap_layers] + [outs[-1]]
+        wanted = [fetch(lay) for lay in group]
+        flat = [t for ts in wanted for t in ts]
+        outs = iter(_as_list(keras.Model(owner.inputs, flat)(x, training=training)))
+        got.update({id(lay): [next(outs) for _ in ts] for lay, ts in zip(group, wanted)})
+    return got
+
+
+def _tap_outputs(model, tap_layers: list, x: np.ndarray) -> list:
+    """The tapped layers' outputs then the model's output, in eval mode. A nested model's layers
+    live in its own graph: they are tapped on it called on ``x`` (the user's model feeds its input
+    straight to the base); a nested Sequential block is tapped whole, as a layer of its parent."""
+    got = _run_owned(model, tap_layers, x, lambda lay: [lay.output], training=False)
+    logits = _as_list(model(x, training=False))[0]
+    return [got[id(lay)][0] for lay in tap_layers] + [logits]
 
 
 def _as_list(outs) -> list:
@@ -181,12 +223,13 @@ def run(args: argparse.Namespace) -> None:
     _configure_tf(args.device)
     import keras
 
-    from .manifest import flat_layers
+    from .manifest import flat_layers, nested_models
 
-    model = _build(source, manifest, args.source_model, x.shape[1])
+    model = _build(source, manifest, args.source_model, x.shape[1], args.pooling)
     live = _load_weights(model, source)
     # a nested Sequential block (ConvNeXt's stem) is tapped whole, by its own name
     by_name = {layer.name: layer for layer in model.layers}
+    by_name.update({m.name: m for m in nested_models(model).values()})
     by_name.update({layer.name: layer for _, layer in flat_layers(model)})
     tap_layers = [by_name[live.get(src, src)] for src, _ in taps]
     tensors, t_run = _inference_tensors(model, tap_layers, x)
@@ -250,19 +293,20 @@ def _train_step(model, x: np.ndarray, file_names: dict[str, str], tensors: dict)
     """One training-mode forward pass (only BatchNorm in training mode: dropout off): each BN's
     batch statistics and moving statistics before/after go to ``tensors`` under ``bn/<file
     layer name>/``; returns each BN's count, momentum and epsilon."""
-    import keras
+    from .manifest import flat_layers
 
-    for lay in model.layers:
+    every = [lay for _, lay in flat_layers(model)]
+    for lay in every:
         if hasattr(lay, "rate"):
             lay.rate = 0.0
-    bns = [lay for lay in model.layers if type(lay).__name__ == "BatchNormalization"]
+    bns = [lay for lay in every if type(lay).__name__ == "BatchNormalization"]
     if not bns:  # a BN-free model (VGG): no update to compare
         return {}
     before = {b.name: (b.moving_mean.numpy().copy(), b.moving_variance.numpy().copy()) for b in bns}
-    step = keras.Model(model.inputs, [b.input for b in bns] + [b.output for b in bns])
-    feats = step(x, training=True)
+    # each BN's input, and its output so that every BN runs (and updates) exactly once
+    got = _run_owned(model, bns, x, lambda b: [b.input, b.output], training=True)
     bn_info = {}
-    for b, inp in zip(bns, feats[: len(bns)]):
+    for b, inp in zip(bns, [got[id(b)][0] for b in bns]):
         a = np.asarray(inp, np.float64)
         axis = b.axis[0] if isinstance(b.axis, (list, tuple)) else b.axis
         axes = tuple(i for i in range(a.ndim) if i != axis % a.ndim)  # BN on any axis
@@ -332,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--taps", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--train-step", action="store_true")
+    ap.add_argument("--pooling", choices=("avg", "max", "none"))
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
     from .errors import ConverterError

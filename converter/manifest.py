@@ -80,56 +80,67 @@ def clean_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def flat_layers(model: Any) -> list[tuple[str, Any]]:
-    """(scope, layer) for a live Keras model's layers in order, one nested model (an application
-    used as a layer of the user's model) flattened in place: its layers' scope is its name."""
+    """(scope, layer) for a live Keras model's layers in order, nested models (an application
+    used as a layer of the user's model, a block of the application) flattened in place at any
+    depth: a layer's scope is the path of the nested models holding it (``outer/convnext_tiny``)."""
+    return [(scope, layer) for scope, layer, _ in _walk(model, "")]
+
+
+def nested_models(model: Any) -> dict[str, Any]:
+    """Scope path -> the live nested model (see ``flat_layers``), in model order."""
     import keras
 
-    out: list[tuple[str, Any]] = []
-    for layer in model.layers:
-        if not isinstance(layer, keras.Model):
-            out.append(("", layer))
-            continue
-        if any(isinstance(inner, keras.Model) for inner in layer.layers):
-            from .errors import UnsupportedLayerError
-
-            raise UnsupportedLayerError(
-                f"layer {layer.name!r} nests another model; one level of nesting is supported"
-            )
-        out += [(layer.name, inner) for inner in layer.layers]
+    out = {}
+    for scope, layer, owner in _walk(model, "", keep_models=True):
+        if isinstance(layer, keras.Model):
+            out[f"{scope}/{layer.name}" if scope else layer.name] = layer
     return out
+
+
+def _walk(model: Any, scope: str, keep_models: bool = False):
+    """(scope, layer, owner model) depth first; nested models themselves only with
+    ``keep_models``."""
+    import keras
+
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            if keep_models:
+                yield scope, layer, model
+            yield from _walk(layer, f"{scope}/{layer.name}" if scope else layer.name, keep_models)
+        else:
+            yield scope, layer, model
 
 
 def source_manifest_from_model(
     model: Any, manifest_id: str, build: dict | None = None
 ) -> dict[str, Any]:
     """Describe a live Keras model (needs keras; used by `--source-model` and manifest generation).
-    A nested model's layers are listed in place with ``scope`` (its name) and their ``op_index``
-    inside it."""
+    A nested model's layers are listed in place with ``scope`` (the nested models' path, see
+    ``flat_layers``), their ``op_index`` inside their own model and their ``op_path`` (see
+    ``op_paths``)."""
     import keras
 
     layers = []
-    ops = {
-        id(model): model,
-        **{id(lay): lay for lay in model.layers if isinstance(lay, keras.Model)},
-    }
+    nested = nested_models(model)
+    owners = {"": model, **nested}
     op_index = {
-        (owner, id(op)): i
-        for owner, m in ops.items()
+        (scope, id(op)): i
+        for scope, m in owners.items()
         for i, op in enumerate(getattr(m, "_operations", m.layers))
     }
+    paths = op_paths(model)
     flat = flat_layers(model)
-    nested = {
-        name: next(lay for lay in model.layers if lay.name == name) for name, _ in flat if name
-    }
     for scope, layer in flat:
-        owner = id(nested[scope]) if scope else id(model)
         variables = list(layer._trainable_variables) + list(layer._non_trainable_variables)
+        where = {"scope": scope, "scope_class": type(nested[scope]).__name__} if scope else {}
+        if scope and id(layer) in paths:
+            where["op_path"] = paths[id(layer)]
         layers.append(
             {
                 "name": layer.name,
                 "class_name": type(layer).__name__,
-                "op_index": op_index.get((owner, id(layer))),
-                **({"scope": scope, "scope_class": type(nested[scope]).__name__} if scope else {}),
+                "op_index": op_index.get((scope, id(layer))),
+                **where,
                 "config": clean_config(layer.get_config()),
                 "vars": [
                     {"name": v.name, "shape": list(v.shape), "dtype": str(v.dtype)}
@@ -137,16 +148,36 @@ def source_manifest_from_model(
                 ],
             }
         )
-    flat_vars = _flat_variables(model, flat)
     return {
         "schema": SCHEMA,
         "id": manifest_id,
         "framework": "keras",
-        "flat_variables": flat_vars,
+        "flat_variables": _flat_variables(model, flat),
         "keras_version": keras.__version__,
         "build": build or {},
         "layers": layers,
     }
+
+
+def tracked_operations(model: Any) -> list[Any]:
+    """A model's operations as a TF object checkpoint numbers them (``_operations/<i>``): a
+    Sequential's are its inner functional graph's (``_functional/_operations/<i>``, the InputLayer
+    at 0)."""
+    inner = getattr(model, "_functional", None)
+    return list(getattr(inner if inner is not None else model, "_operations", model.layers))
+
+
+def op_paths(model: Any, prefix: tuple[int, ...] = ()) -> dict[int, list[int]]:
+    """id(layer) -> the ``_operations/<i>`` indices leading to it from ``model`` in a TF object
+    checkpoint, nested models walked at any depth (``[2, 1]``: operation 1 of operation 2)."""
+    import keras
+
+    out: dict[int, list[int]] = {}
+    for i, op in enumerate(tracked_operations(model)):
+        out[id(op)] = [*prefix, i]
+        if isinstance(op, keras.Model):
+            out.update(op_paths(op, (*prefix, i)))
+    return out
 
 
 def _flat_variables(model: Any, flat: list[tuple[str, Any]]) -> list[list]:

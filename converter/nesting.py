@@ -52,8 +52,9 @@ class HeadSpec:
 
 @dataclass
 class Nesting:
-    """The application is one layer (``layer``) of the user's ``outer_class`` model; ``training``:
-    the base is called with ``training=False`` (its BN frozen while fine-tuning) when False."""
+    """The application is one layer of the user's ``outer_class`` model (``layer``: the path of
+    nested models to it, ``features/resnet50`` when nested two levels deep); ``training``: the
+    base is called with ``training=False`` (its BN frozen while fine-tuning) when False."""
 
     outer_class: str
     layer: str
@@ -65,11 +66,13 @@ class Nesting:
 
     def describe(self) -> str:
         """One line for people; says so where the format does not store a name or class."""
-        base = (
-            f"layer {self.layer!r}"
-            if self.layer != "?"
-            else "a layer (name not stored in this format)"
-        )
+        *path, name = self.layer.split("/")
+        if self.layer == "?":
+            base = "a layer (name not stored in this format)"
+        elif path and not self.layer.startswith("_operations"):
+            base = f"layer {name!r} of the nested model {'/'.join(path)!r}"
+        else:
+            base = f"layer {self.layer!r}"
         outer = (
             f"{self.outer_class} model"
             if self.outer_class != "unknown"
@@ -193,11 +196,36 @@ SPLITTERS: Registry[Splitter] = Registry("nested-model splitter")
 
 
 def split_nested(raw: RawCheckpoint, n_inner: int | None = None) -> Split | None:
-    """The file cut into base and user's layers, or None when it is not a nested model.
-    ``n_inner``: for files numbered only by variable order (SavedModel), the base's count."""
+    """The file cut into base and user's layers, or None when it is not a nested model: a model
+    nested in a model nested in the user's is cut level by level, the user's layers of every level
+    kept (inner levels first). ``n_inner``: for files numbered only by variable order
+    (SavedModel), the base's count."""
     if raw.format not in SPLITTERS:
         return None
-    return SPLITTERS.get(raw.format)(raw, n_inner)
+    split = SPLITTERS.get(raw.format)(raw, n_inner)
+    deeper = split_nested(split.inner, n_inner) if split and n_inner is None else None
+    return _stacked(split, deeper) if deeper else split
+
+
+def _stacked(outer: Split, inner: Split) -> Split:
+    """Two levels of nesting as one: the base of ``inner``, the user's layers of both levels."""
+    original = {k: outer.original.get(v, v) for k, v in inner.original.items()}
+    for lay in inner.outer:
+        lay.keys = {var: outer.original.get(k, k) for var, k in lay.keys.items()}
+    ignored = {outer.original.get(k, k): why for k, why in inner.ignored.items()}
+    nesting = dataclasses.replace(
+        outer.nesting,
+        layer=f"{outer.nesting.layer}/{inner.nesting.layer}",
+        layer_class=inner.nesting.layer_class,
+    )
+    return Split(
+        inner.inner,
+        original,
+        inner.outer + outer.outer,
+        nesting,
+        outer.sees_unweighted and inner.sees_unweighted,
+        {**outer.ignored, **ignored},
+    )
 
 
 def _inner_raw(raw: RawCheckpoint, tensors: dict[str, RawTensor], **extra: Any) -> RawCheckpoint:
@@ -219,7 +247,7 @@ def _split_weights_h5(raw: RawCheckpoint, n_inner: int | None) -> Split | None:
     """``layers/<nested auto name>/layers/<inner auto name>/vars/<i>``; the user's layers are the
     other top-level groups (all of them listed, weighted or not)."""
     nested = {g.split("/layers/")[0] for g in raw.group_names if "/layers/" in g}
-    if len(nested) != 1:
+    if len(nested) != 1 or any(n.endswith("/layers") for n in nested):
         return None
     (scope,) = nested
     prefix = f"layers/{scope}/layers/"
@@ -263,13 +291,13 @@ def _split_tf(raw: RawCheckpoint, n_inner: int | None) -> Split | None:
     weighted layers are ``_operations/<outer>/<attr>`` (a Sequential keeps its graph under
     ``_functional``)."""
     depth = {k: len(_OPS.findall(k)) for k in raw.tensors}
-    if not any(d == 2 for d in depth.values()) or any(d > 2 for d in depth.values()):
+    if not any(d >= 2 for d in depth.values()):
         return None
     inner, original, by_op = {}, {}, {}
     nested_ops = set()
     for key, tensor in raw.tensors.items():
         ops = _OPS.findall(key)
-        if len(ops) == 2:
+        if len(ops) >= 2:
             new = "model/_operations/" + key.split("/_operations/", 2)[2]
             inner[new], original[new] = tensor, key
             nested_ops.add(ops[0])

@@ -147,6 +147,8 @@ def select(tables: list[Table], source: SourceModel, to: str | None) -> tuple[Ta
     label = f"{source.raw.path} ({source.manifest_id or 'unrecognised architecture'})"
     refusal = refusal_for(source.manifest_id)
     if not candidates and refusal:
+        shape = source.structure
+        label = f"{source.raw.path} ({source.manifest_id}{': ' + shape if shape else ''})"
         raise UnknownArchitectureError(refusal.message(label))
     if not candidates:
         raise UnknownArchitectureError(
@@ -599,8 +601,10 @@ def input_info(source: SourceModel) -> dict[str, Any] | None:
 
 def dry_run(table: Table, variant: Variant, seed: int = 0) -> ConversionResult:
     """Run ``variant`` of ``table`` on synthetic tensors shaped like its source manifest, against
-    its target manifest: proves the table covers every source tensor and fills every target tensor
-    with the right shapes, without TensorFlow or PyTorch."""
+    its target manifest (the shipped one, or built with the variant's kwargs when the shipped one
+    was built with others, as ``convert`` does): proves the table covers every source tensor and
+    fills every target tensor with the right shapes, without TensorFlow (nor PyTorch, unless the
+    target is built)."""
     from .source import build_layers, skeleton_from_manifest
 
     if variant.source is None:
@@ -612,6 +616,8 @@ def dry_run(table: Table, variant: Variant, seed: int = 0) -> ConversionResult:
     layers = build_layers(raw, skeleton_from_manifest(source_manifest), "manifest")
     source = SourceModel(raw, layers, variant.source, "manifest")
     target_manifest = load_manifest(variant.target)
+    if target_manifest.get("kwargs", {}) != variant.target_kwargs:  # another width (width_mult)
+        target_manifest = target_manifest_for(variant, dict(variant.target_kwargs))
     return _apply(source, table, variant, target_manifest, dict(variant.target_kwargs), None, None)
 
 

@@ -20,17 +20,21 @@ from .manifest import load_manifest, manifest_path
 from .registry import Registry
 
 REFUSAL_KEYS = ("sources", "reason", "closest", "differs", "remedy")
+OPTIONAL_KEYS = ("head",)  # the classifier layer (regex), as a table's [head] source
 
 
 @dataclass(frozen=True)
 class Refusal:
-    """``[[refusals]]`` entry: the source manifest ids it covers and four one-line texts."""
+    """``[[refusals]]`` entry: the source manifest ids it covers, four one-line texts and the
+    classifier layer (``head``, a regex: re-headed, headless and nested builds are recognised by
+    structure without it, as a table's ``[head]`` lets them be)."""
 
     sources: tuple[str, ...]
     reason: str
     closest: str
     differs: str
     remedy: str
+    head: str | None = None
 
     def message(self, label: str) -> str:
         """The one line ``convert`` fails with; ``label`` names the file and its architecture."""
@@ -49,7 +53,7 @@ def _entry(path: Path, i: int, data: Any) -> Refusal:
     if not isinstance(data, dict):
         raise _fail(path, f"{where} must be a table with {', '.join(REFUSAL_KEYS)}")
     missing = [k for k in REFUSAL_KEYS if k not in data]
-    unknown = sorted(set(data) - set(REFUSAL_KEYS))
+    unknown = sorted(set(data) - set(REFUSAL_KEYS) - set(OPTIONAL_KEYS))
     if missing or unknown:
         raise _fail(
             path, f"{where}: missing {missing}, unknown {unknown}; keys: {', '.join(REFUSAL_KEYS)}"
@@ -69,7 +73,20 @@ def _entry(path: Path, i: int, data: Any) -> Refusal:
                 " could not be recognised; add it to fixtures/gen_manifests.py SOURCES and run"
                 f" `python fixtures/gen_manifests.py --only {mid}`",
             )
-    return Refusal(tuple(sources), *(data[k].strip() for k in REFUSAL_KEYS[1:]))
+    head = data.get("head")
+    if head is not None and not (isinstance(head, str) and _is_regex(head)):
+        raise _fail(path, f"{where}: head must be a regex naming the classifier layer")
+    return Refusal(tuple(sources), *(data[k].strip() for k in REFUSAL_KEYS[1:]), head=head)
+
+
+def _is_regex(text: str) -> bool:
+    import re
+
+    try:
+        re.compile(text)
+    except re.error:
+        return False
+    return bool(text)
 
 
 def load_refusals(path: str | Path) -> Registry[Refusal]:
@@ -113,6 +130,13 @@ def refusal_for(manifest_id: str | None) -> Refusal | None:
 def refused_manifests() -> list[dict[str, Any]]:
     """The refused sources' manifests, so that every format of them is recognised."""
     return [load_manifest(mid) for mid in builtin_refusals()]
+
+
+def refusal_heads() -> dict[str, Any]:
+    """Each refused source's classifier (a ``converter.nesting.HeadSpec``), where given."""
+    from .nesting import HeadSpec
+
+    return {mid: HeadSpec(r.head) for mid, r in builtin_refusals().in_order() if r.head}
 
 
 def unique_refusals() -> list[Refusal]:

@@ -29,7 +29,7 @@ from .errors import (
 from .formats import RawCheckpoint, RawTensor
 from .keras_layers import KERAS_LAYERS, canonical_attr, sub_var_name, var_names
 from .manifest import load_manifest
-from .refusals import refused_manifests
+from .refusals import refusal_heads, refused_manifests
 from .nesting import (
     Head,
     HeadSpec,
@@ -91,7 +91,18 @@ class SourceModel:
     @property
     def head_layers(self) -> list[SourceLayer]:
         """The user's layers around a nested base (they are the head), else none."""
-        return [lay for lay in self.layers if lay.scope == ""] if self.nesting else []
+        if not self.nesting:
+            return []
+        return [lay for lay in self.layers if not within(lay.scope, self.nesting.layer)]
+
+    @property
+    def structure(self) -> str:
+        """Its head and nesting in a few words where they are not the stock application's
+        (``headless, pooling max; the base is layer 'resnet50v2' of ...``), else ""."""
+        head = self.head
+        stock = head is None or (head.kind == "classifier" and head.num_classes == 1000)
+        parts = [] if stock and not self.nesting else [head.describe()] if head else []
+        return "; ".join(parts + ([self.nesting.describe()] if self.nesting else []))
 
     @property
     def renamed(self) -> dict[str, str]:
@@ -136,18 +147,30 @@ class LayerSkeleton:
     config: dict[str, Any]
     shapes: list[tuple[str, tuple[int, ...]]] | None = None  # (var, shape) when known (manifests)
     op_index: int | None = None  # index in model._operations (TF object checkpoints), when known
-    scope: str = ""  # the nested model layer this layer is inside ("" for the model's own layers)
+    scope: str = ""  # the nested models' path this layer is inside ("" for the model's own)
+    op_path: tuple[int, ...] | None = None  # ``_operations/<i>`` indices from the model (nested)
 
 
 class Skeleton(list):
-    """Layers in model order, plus the flat variable order when known (SavedModel) and the
-    nested model, when the application is one layer of the user's model (flattened in place)."""
+    """Layers in model order, nested models flattened in place at any depth (see ``within``),
+    plus the flat variable order when known (SavedModel), the nested models (``scopes``: path ->
+    class; ``training``: path -> how its parent calls it) and, when the application is nested in
+    the user's model, where (``nesting``)."""
 
     flat: list[tuple[int, str]] | None = None
     nesting: Nesting | None = None
-    blocks: dict[str, str] = (
-        {}
-    )  # the model's own nested Sequentials (ConvNeXt's stem): name -> class
+    scopes: dict[str, str] = {}
+    training: dict[str, bool | None] = {}
+    outer_class: str = "Functional"
+
+
+def within(scope: str, root: str) -> bool:
+    """Whether a layer of ``scope`` is inside the nested model at path ``root`` ("" the model)."""
+    return not root or scope == root or scope.startswith(root + "/")
+
+
+def _parent(scope: str) -> str:
+    return scope.rsplit("/", 1)[0] if "/" in scope else ""
 
 
 def snake_case(name: str) -> str:
@@ -187,37 +210,24 @@ def canonical_auto_names(layers: list[Any]) -> dict[str, str]:
 
 
 def skeleton_from_config(model_config: dict[str, Any], label: Path) -> Skeleton:
-    """The stored model config's layers in order; one nested model (an application used as a layer
-    of the user's model) is flattened in place, its layers carrying its name as ``scope``."""
+    """The stored model config's layers in order, nested models (an application used as a layer
+    of the user's model, the application's own blocks, at any depth) flattened in place, their
+    layers carrying the nested models' path as ``scope``."""
     out = Skeleton()
+    out.scopes, out.training = {}, {}
+    out.outer_class = model_config.get("class_name", "Functional")
+    _flatten_config(model_config, label, "", out)
+    return out
+
+
+def _flatten_config(model_config: dict[str, Any], label: Path, scope: str, out: Skeleton) -> None:
     for entry, name, cls, lcfg in _config_layers(model_config, label):
         if not (isinstance(lcfg, dict) and "layers" in lcfg):
-            out.append(LayerSkeleton(name, cls, lcfg))
+            out.append(LayerSkeleton(name, cls, lcfg, scope=scope))
             continue
-        if cls == "Sequential":  # a block of the model itself, flattened in place
-            out.blocks = {**out.blocks, name: cls}
-            out += [
-                LayerSkeleton(n, c, cfg, scope=name)
-                for _, n, c, cfg in _config_layers(entry, label)
-            ]
-            continue
-        if out.nesting is not None:
-            raise UnsupportedLayerError(
-                f"{label}: layers {out.nesting.layer!r} and {name!r} are both nested models; one"
-                " nested application is supported: pass --source-model, or convert each part"
-                " separately"
-            )
-        out.nesting = Nesting(
-            model_config.get("class_name", "Functional"), name, cls, training_flag(entry)
-        )
-        for _, iname, icls, icfg in _config_layers(entry, label):
-            if isinstance(icfg, dict) and "layers" in icfg:
-                raise UnsupportedLayerError(
-                    f"{label}: layer {iname!r} inside {name!r} is a model nested two levels deep;"
-                    " flatten it first"
-                )
-            out.append(LayerSkeleton(iname, icls, icfg, scope=name))
-    return out
+        path = f"{scope}/{name}" if scope else name
+        out.scopes[path], out.training[path] = cls, training_flag(entry)
+        _flatten_config(entry, label, path, out)
 
 
 def _config_layers(model_config: dict[str, Any], label: Path) -> list[tuple[dict, str, str, Any]]:
@@ -255,20 +265,19 @@ def skeleton_from_manifest(manifest: dict[str, Any]) -> list[LayerSkeleton]:
             [(unnumbered_var(v["name"]), tuple(v["shape"])) for v in lay["vars"]],
             lay.get("op_index"),
             lay.get("scope", ""),
+            tuple(lay["op_path"]) if lay.get("op_path") else None,
         )
         for lay in manifest["layers"]
     )
     if manifest.get("flat_variables") is not None:
         skel.flat = [(int(i), unnumbered_var(str(n))) for i, n in manifest["flat_variables"]]
-    scopes = {
-        lay["scope"]: lay.get("scope_class", "Functional")
-        for lay in manifest["layers"]
-        if lay.get("scope")
-    }
-    skel.blocks = {n: c for n, c in scopes.items() if c == "Sequential"}
-    nested = sorted(n for n, c in scopes.items() if c != "Sequential")
-    if nested:
-        skel.nesting = Nesting("Functional", nested[0])
+    skel.scopes, skel.training = {}, {}
+    for lay in manifest["layers"]:
+        parts = lay["scope"].split("/") if lay.get("scope") else []
+        for depth in range(1, len(parts)):  # a nested model holding only nested models
+            skel.scopes.setdefault("/".join(parts[:depth]), "Functional")
+        if parts:
+            skel.scopes[lay["scope"]] = lay.get("scope_class", "Functional")
     return skel
 
 
@@ -437,29 +446,38 @@ def _match_scoped(
     return out
 
 
-def match_scoped_layers(layers: list[SourceLayer], skel: list[LayerSkeleton]) -> dict[str, int]:
-    """Source layer name -> skeleton index, the nested base's layers matched among the skeleton's
-    nested layers and the user's among its own (what the Keras runner loads weights with)."""
-    nesting, blocks = getattr(skel, "nesting", None), getattr(skel, "blocks", {})
-    inner = nesting.layer if nesting else ""
-    scopes = {
-        lay.name: lay.scope if lay.scope in blocks else inner if lay.scope else "" for lay in layers
-    }
-    return _match_scoped({lay.name: (scopes[lay.name], lay.name) for lay in layers}, skel)
+def match_scoped_layers(
+    layers: list[SourceLayer], skel: list[LayerSkeleton], bases: tuple[str, str] = ("", "")
+) -> dict[str, int]:
+    """Source layer name -> skeleton index, each layer matched among the skeleton's layers of its
+    scope (what the Keras runner loads weights with). ``bases``: (the source's nested base, the
+    skeleton's): a rebuilt model names its nested base its own way."""
+    src, live = bases
+
+    def scope(lay: SourceLayer) -> str:
+        if src and within(lay.scope, src):
+            return live + lay.scope[len(src) :]
+        return lay.scope
+
+    return _match_scoped({lay.name: (scope(lay), lay.name) for lay in layers}, skel)
 
 
 def _scope_of_path(parts: list[str], skel: list[LayerSkeleton], what: str) -> str:
-    """The skeleton scope of a file path's leading nested-model parts (none: the model's own)."""
-    if not parts:
-        return ""
-    blocks = getattr(skel, "blocks", {})
-    auto = _block_auto_names(blocks)
-    if len(parts) == 1 and (parts[0] in blocks or parts[0] in auto):
-        return parts[0] if parts[0] in blocks else auto[parts[0]]
-    nesting = getattr(skel, "nesting", None)
-    if nesting is None or len(parts) > 1:
-        raise NoFit(f"{what}: nested layers the model config does not have")
-    return nesting.layer
+    """The skeleton scope of a file path's nested-model parts, each a nested model's name or its
+    Keras auto name among its siblings (``sequential_1``, what a ``.weights.h5`` path says)."""
+    scope = ""
+    for part in parts:
+        children = {
+            path.rsplit("/", 1)[-1]: (path, cls)
+            for path, cls in getattr(skel, "scopes", {}).items()
+            if _parent(path) == scope and path != scope
+        }
+        auto = _block_auto_names({name: cls for name, (_, cls) in children.items()})
+        name = part if part in children else auto.get(part)
+        if name is None:
+            raise NoFit(f"{what}: nested layers the model config does not have")
+        scope = children[name][0]
+    return scope
 
 
 def _block_auto_names(blocks: dict[str, str]) -> dict[str, str]:
@@ -472,6 +490,15 @@ def _block_auto_names(blocks: dict[str, str]) -> dict[str, str]:
         counts[base] = n + 1
         out[base if n == 0 else f"{base}_{n}"] = name
     return out
+
+
+def _scope_holding(leaf: str, scope: str, skel: list[LayerSkeleton]) -> str:
+    """``scope`` if it has a layer ``leaf``, else the one scope under it that has (a legacy
+    ``.h5`` key names a nested model's layer by its build-time path, which may skip levels)."""
+    found = {s.scope for s in skel if s.name == leaf and within(s.scope, scope)}
+    if scope in found or len(found) != 1:
+        return scope
+    return found.pop()
 
 
 @RESOLVERS.register("keras")
@@ -504,17 +531,18 @@ def _check_group_keys(
 
 @RESOLVERS.register("h5")
 def _resolve_legacy_h5(raw: RawCheckpoint, skel: list[LayerSkeleton]) -> dict[str, tuple[int, str]]:
-    """``[model_weights/]<layer>/.../<var>``; a nested model's weights are
-    ``model_weights/<nested model>/<inner layer>/<var>``."""
-    nesting = getattr(skel, "nesting", None)
+    """``[model_weights/]<layer>/<layer>/<var>``; a nested model's weights are
+    ``model_weights/<nested model>/<its variables' paths: [<inner model>/...]<layer>/<var>>``."""
+    scopes = getattr(skel, "scopes", {})
     names, var = {}, {}
     for k in raw.tensors:
         p = k.split("/")
         p = p[1:] if p[0] == "model_weights" else p
-        if nesting is not None and p[0] == nesting.layer and len(p) > 2:
-            names[k] = (nesting.layer, p[1])
-        elif p[0] in getattr(skel, "blocks", {}) and len(p) > 3:  # <block>/<block>/<layer>/<var>
-            names[k] = (p[0], p[2])
+        if p[0] in scopes and len(p) > 2:
+            scope = p[0]
+            for part in p[1:-2]:
+                scope = f"{scope}/{part}" if f"{scope}/{part}" in scopes else scope
+            names[k] = (_scope_holding(p[-2], scope, skel), p[-2])
         else:
             names[k] = ("", p[0])
         var[k] = p[-1].split(":")[0]
@@ -537,41 +565,94 @@ _FLAT = re.compile(r"^variables/(?P<i>\d+)/\.ATTRIBUTES/VARIABLE_VALUE$")  # mod
 @RESOLVERS.register("tf-checkpoint")
 @RESOLVERS.register("savedmodel")
 def _resolve_tf(raw: RawCheckpoint, skel: list[LayerSkeleton]) -> dict[str, tuple[int, str]]:
+    """Object-based keys (Keras 3 ``_operations/<i>``, tf.keras 2 ``layer_with_weights-<j>``, a
+    nested model's layers under its own index at any depth) or name-based ``<layer>/<var>`` (TF1;
+    ``<block>/<layer>/<var>`` inside a nested block); SavedModel's flat list."""
     if raw.object_paths:
         return _resolve_object_paths(raw, skel)
     keys = list(raw.tensors)
     if all(_FLAT.match(k) for k in keys):
         return _resolve_flat(raw, skel)
-    with_weights = [i for i, s in enumerate(skel) if _n_vars(s)]
-    by_op = {s.op_index: i for i, s in enumerate(skel) if s.op_index is not None}
+    by_path = _object_paths(skel)
     out: dict[str, tuple[int, str]] = {}
     named = []
     for k in keys:
         m = _OBJ.match(k)
         if m:
-            i = int(m["i"])
-            if m["kind"] == "layer_with_weights-":
-                idx = with_weights[i] if i < len(with_weights) else len(skel)
-            elif m["kind"] == "_operations" and by_op:
-                idx = by_op.get(i, len(skel))
-            else:
-                idx = i
+            kind = m["kind"].rstrip("-")
+            path = tuple(int(i) for i in re.findall(rf"{kind}-?/?(\d+)/", k))
+            idx = by_path[kind].get(path, len(skel))
             if idx >= len(skel):
                 raise NoFit(k)
             attr = m["attr"].split("/")[-1]
             out[k] = (idx, canonical_attr(skel[idx].class_name, attr))
         elif "/" in k and ".ATTRIBUTES" not in k:
-            named.append(k)  # name-based (TF1): <layer>/<var>
+            named.append(k)  # name-based (TF1): [<block>/]<layer>/<var>
         else:
             raise NoFit(k)
     if named:
-        layer_of = {k: k.rsplit("/", 1)[0] for k in named}
-        renamed: dict[str, str] = {}
-        index = match_layer_names(sorted(set(layer_of.values())), skel, renamed)
-        for k in named:
-            i, var = index[layer_of[k]], k.rsplit("/", 1)[1].split(":")[0]
-            out[k] = (i, canonical_attr(skel[i].class_name, var))
-        return Assignment(out, renamed)
+        return _resolve_tf_names(named, skel, out)
+    return out
+
+
+def _resolve_tf_names(
+    named: list[str], skel: list[LayerSkeleton], out: dict[str, tuple[int, str]]
+) -> Assignment:
+    """TF1 name-keyed ``[<block>/]<layer>/<var>``: layer names matched within their scope (a
+    nested layer keyed by its own name alone: in the one scope that has it)."""
+    scope_of: dict[str, str] = {}
+    for s in skel:
+        scope_of[s.name] = s.scope if scope_of.get(s.name, s.scope) == s.scope else ""
+    names = {}
+    for k in named:
+        *scope, leaf, _ = k.split("/")
+        where = _scope_of_path(scope, skel, k) if scope else scope_of.get(leaf, "")
+        names[k] = (where, leaf)
+    renamed: dict[str, str] = {}
+    index = _match_scoped(names, skel, renamed=renamed)
+    for k in named:
+        var = k.rsplit("/", 1)[1].split(":")[0]
+        out[k] = (index[k], canonical_attr(skel[index[k]].class_name, var))
+    return Assignment(out, renamed)
+
+
+def _object_paths(skel: list[LayerSkeleton]) -> dict[str, dict[tuple[int, ...], int]]:
+    """Per object-key kind, the index path of each skeleton layer: ``_operations`` (manifest
+    ``op_index``/``op_path``; without them, the model's layer order), ``layer_with_weights``
+    (weighted layers in order, a nested block counting as one with its own numbering inside)
+    and ``layer`` (every layer in order)."""
+    ops: dict[tuple[int, ...], int] = {}
+    for i, s in enumerate(skel):
+        if s.op_path is not None:
+            ops[s.op_path] = i
+        elif s.op_index is not None and not s.scope:
+            ops[(s.op_index,)] = i
+    if not ops:
+        ops = {(i,): i for i in range(len(skel))}
+    return {
+        "_operations": ops,
+        "layer_with_weights": _weighted_paths(skel),
+        "layer": {(i,): i for i in range(len(skel))},
+    }
+
+
+def _weighted_paths(skel: list[LayerSkeleton]) -> dict[tuple[int, ...], int]:
+    """tf.keras 2 numbering: ``layer_with_weights-<j>`` over the model's weighted layers, a nested
+    block one of them, its own weighted layers numbered inside it (``[j, k]``)."""
+    out: dict[tuple[int, ...], int] = {}
+    counts: dict[str, int] = {}  # scope -> weighted items numbered so far
+    seen: dict[str, tuple[int, ...]] = {"": ()}  # scope -> its path
+    for i, s in enumerate(skel):
+        if not _n_vars(s):
+            continue
+        parts = s.scope.split("/") if s.scope else []
+        for depth in range(len(parts)):
+            scope, parent = "/".join(parts[: depth + 1]), "/".join(parts[:depth])
+            if scope not in seen:
+                seen[scope] = (*seen[parent], counts.get(parent, 0))
+                counts[parent] = counts.get(parent, 0) + 1
+        out[(*seen[s.scope], counts.get(s.scope, 0))] = i
+        counts[s.scope] = counts.get(s.scope, 0) + 1
     return out
 
 
@@ -694,7 +775,7 @@ def resolve(
                 f"{raw.path} does not fit the model from --source-model ({exc}); is it the same"
                 " architecture?"
             ) from None
-        found = _described(raw, layers, manifests, heads, "model", getattr(skel, "nesting", None))
+        found = _described(raw, layers, manifests, heads, "model", skel)
         found.source_model_config = source_model.get("model_config")
         return found
     if raw.model_config is not None:
@@ -705,7 +786,7 @@ def resolve(
             raise SourceFormatError(
                 f"{raw.path}: weights do not match the file's own model config ({exc})"
             ) from None
-        return _described(raw, layers, manifests, heads, "file", skel.nesting)
+        return _described(raw, layers, manifests, heads, "file", skel)
     for n, man in enumerate(manifests):
         found = _fit_manifest(raw, man, heads.get(man["id"]))
         if found is not None:
@@ -815,19 +896,49 @@ def _described(
     manifests: list[dict[str, Any]],
     heads: dict[str, HeadSpec],
     origin: str,
-    nesting: Nesting | None,
+    skel: Skeleton,
 ) -> SourceModel:
     """A source resolved from a config (the file's or the user's model): its manifest, head,
-    nesting."""
-    base = [lay for lay in layers if lay.scope == nesting.layer] if nesting else layers
-    manifest_id = _matching_manifest(base, manifests, heads)
+    nesting (the application found by structure at any depth of nested models)."""
+    scope, manifest_id = _application_scope(layers, skel, manifests, heads)
+    nesting = None
+    if scope:
+        nesting = Nesting(skel.outer_class, scope, skel.scopes[scope], skel.training.get(scope))
+    base = [lay for lay in layers if within(lay.scope, scope)]
     spec = heads.get(manifest_id) if manifest_id else None
     if manifest_id:
         man = next(m for m in manifests if m["id"] == manifest_id)
         _renumber_auto_names(raw, base, skeleton_from_manifest(man), spec, manifest_id)
-    outer = [lay for lay in layers if lay.scope == ""] if nesting else base
+    outer = [lay for lay in layers if not within(lay.scope, scope)] if nesting else base
     head = describe_head(outer, spec, nesting is not None, True)
     return SourceModel(raw, layers, manifest_id, origin, head, nesting)
+
+
+def _application_scope(
+    layers: list[SourceLayer],
+    skel: Skeleton,
+    manifests: list[dict[str, Any]],
+    heads: dict[str, HeadSpec],
+) -> tuple[str, str | None]:
+    """(the nested models' path of the shipped application the source holds, its manifest id):
+    the deepest nested model (or the model itself) whose layers match a manifest by structure.
+    None matching: the model itself, or the first nested model of another class than Sequential
+    (an application of the user's own, nested)."""
+    scopes = sorted(getattr(skel, "scopes", {}), key=lambda sc: -sc.count("/"))
+    candidates = [_manifest_key(man, heads) for man in manifests]
+    for scope in [*scopes, ""]:
+        base = [lay for lay in layers if within(lay.scope, scope)]
+        found = _matching_manifest(base, candidates, heads)
+        if found:
+            return scope, found
+    nested = [sc for sc, cls in getattr(skel, "scopes", {}).items() if cls != "Sequential"]
+    return (nested[0] if nested and "/" not in nested[0] else ""), None
+
+
+def _manifest_key(man: dict[str, Any], heads: dict[str, HeadSpec]) -> tuple[str, Any, Any]:
+    skel = skeleton_from_manifest(man)
+    spec = heads.get(man["id"])
+    return man["id"], structure_key(skel, spec), _classes(skel)
 
 
 def _renumber_auto_names(
@@ -889,7 +1000,7 @@ def _joined(
 ) -> SourceModel:
     """A nested source: the base's layers (keys back to the file's) then the user's layers."""
     for lay in layers:
-        lay.scope = part.nesting.layer
+        lay.scope = f"{part.nesting.layer}/{lay.scope}" if lay.scope else part.nesting.layer
         lay.keys = {v: part.original.get(k, k) for v, k in lay.keys.items()}
     for key, why in [*part.inner.ignored.items(), *part.ignored.items()]:
         raw.ignored.setdefault(part.original.get(key, key), why)
@@ -903,19 +1014,20 @@ def _joined(
 
 def _matching_manifest(
     layers: list[SourceLayer],
-    manifests: list[dict[str, Any]],
-    heads: dict[str, HeadSpec] | None = None,
+    candidates: list[tuple[str, Any, list[str]]],
+    heads: dict[str, HeadSpec],
 ) -> str | None:
-    """The shipped manifest whose weighted layers the source's match; of several (the same weights,
-    other layers: EfficientNetV2 without its preprocessing), the one whose layer classes agree
-    with the source's longest from the input on."""
-    heads = heads or {}
-    found = []
-    for man in manifests:
-        spec = heads.get(man["id"])
-        skel = skeleton_from_manifest(man)
-        if structure_key(skel, spec) == structure_key(layers, spec):
-            found.append((_common_prefix(_classes(skel), _classes(layers)), -len(found), man["id"]))
+    """The shipped manifest whose weighted layers the source's match (``candidates``: each
+    manifest's id, structure key and layer classes, see ``_manifest_key``); of several (the same
+    weights, other layers: EfficientNetV2 without its preprocessing), the one whose layer classes
+    agree with the source's longest from the input on."""
+    found, keys = [], {}
+    for manifest_id, key, classes in candidates:
+        spec = heads.get(manifest_id)
+        if spec not in keys:
+            keys[spec] = structure_key(layers, spec)
+        if key == keys[spec]:
+            found.append((_common_prefix(classes, _classes(layers)), -len(found), manifest_id))
     return max(found)[2] if found else None
 
 
@@ -982,7 +1094,8 @@ def resolve_source(
     known = {man["id"] for man in manifests}
     manifests += [man for man in refused_manifests() if man["id"] not in known]  # tried last
     model_manifest = _source_model_manifest(source_model) if source_model else None
-    return resolve(raw, manifests, model_manifest, head_specs(tables))
+    heads = {**refusal_heads(), **head_specs(tables)}  # refused sources re-headed/nested too
+    return resolve(raw, manifests, model_manifest, heads)
 
 
 def fill_bn_momentum(source: SourceModel, momentum: float) -> list[str]:

@@ -91,6 +91,7 @@ class Table:
         default_factory=dict
     )  # see _head: source, module, top, top_modules, pool
     input: dict[str, Any] = field(default_factory=lambda: {"size": 224, "range": [0.0, 255.0]})
+    verify: dict[str, Any] = field(default_factory=dict)  # see _verify: rtol
 
     def match(self, layer_name: str) -> tuple[Rule, re.Match[str]] | tuple[Drop, None] | None:
         """The first rule whose pattern matches the whole name (with its match), else the first
@@ -165,6 +166,18 @@ def _input(p: Path, data: dict[str, Any]) -> dict[str, Any]:
     return spec
 
 
+def _verify(p: Path, data: dict[str, Any]) -> dict[str, Any]:
+    """``[verify] rtol``: the family's float32 tolerance for ``ckptport verify`` when the network's
+    own float32 rounding (PyTorch float32 vs float64 on the same weights) exceeds the default."""
+    spec = data.get("verify", {})
+    if not isinstance(spec, dict) or set(spec) - {"rtol"}:
+        raise _fail(p, "[verify] takes only rtol (a float in (0, 1))")
+    rtol = spec.get("rtol", 1e-4)
+    if not (isinstance(rtol, float) and 0 < rtol < 1):
+        raise _fail(p, "[verify] rtol must be a float in (0, 1)")
+    return dict(spec)
+
+
 def load_table(path: str | Path) -> Table:
     """Parse and validate a table file; any error names the file, the entry and the fix."""
     p = Path(path)
@@ -201,6 +214,7 @@ def table_from_data(p: Path, data: dict[str, Any]) -> Table:
         p,
         head,
         _input(p, data),
+        _verify(p, data),
     )
 
 

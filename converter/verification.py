@@ -56,7 +56,7 @@ class VerifyOptions:
     rtol: float | None = _option(
         "--rtol",
         "A layer pair, and the model output, pass when RMS(error) / RMS(reference) <= RTOL "
-        "(float32 default 1e-4).",
+        "(float32 default 1e-4, or the table's [verify] rtol for a deep family).",
         type=float,
     )
     atol: float = _option("--atol", "Also pass when max |error| <= ATOL.", 0.0)
@@ -84,6 +84,12 @@ class VerifyOptions:
     )
     format: str | None = _option(
         "--format", "Force the source format (see `ckptport inspect`).", metavar="NAME"
+    )
+    pooling: str | None = _option(
+        "--pooling",
+        "Pooling after a headless/nested base, for files that do not record it (TF checkpoint, "
+        "SavedModel): what convert was given.",
+        choices=("avg", "max", "none"),
     )
     force: bool = _option("--force", "Overwrite an existing --record output.", False)
 
@@ -407,9 +413,9 @@ def verify(
     which override ``options``. ``against``: a reference recorded earlier with ``record`` (no
     TensorFlow needed then; ``src`` may be None). The Keras side always runs in a separate process;
     if this process already loaded TensorFlow, the whole check runs in a clean one. A layer pair
-    (and the output) passes when ``rms(error) / rms(reference) <= rtol`` (float32 default 1e-4)
-    or ``max_abs <= atol``. After a head reset every layer up to the head is compared and the
-    output is reported as not comparable.
+    (and the output) passes when ``rms(error) / rms(reference) <= rtol`` (float32 default 1e-4,
+    or the table's ``[verify] rtol``) or ``max_abs <= atol``. After a head reset every layer up to
+    the head is compared and the output is reported as not comparable.
     """
     from .model import import_torch_side, torch_side_hazard
 
@@ -430,7 +436,10 @@ def verify(
         device,
         layouts.get("input", ""),
     )
-    rtol = DEFAULT_RTOL["float32"] if opts.rtol is None else opts.rtol
+    rtol = _table_spec(conv.meta.get("table.id"), opts.mapping, "verify").get(
+        "rtol", DEFAULT_RTOL["float32"]
+    )
+    rtol = rtol if opts.rtol is None else opts.rtol
     output, compared, note = _compare_output(ref, run, conv.head, rtol, opts.atol)
     x = ref.tensors["input"]
     report = VerificationReport(
@@ -525,17 +534,27 @@ def _fresh_reference(
     return _Reference(tensors, meta, notes, timings)
 
 
+def _table_spec(
+    table_id: str | None, mapping: str | os.PathLike | None, section: str, drafted: Any = None
+) -> dict:
+    """A section (``input``, ``verify``) of the conversion's table ({} for an unknown table); a
+    drafted conversion's own table where no table fitted."""
+    from .tables import builtin_tables, load_table
+
+    if drafted is not None:
+        tables = [drafted.table()]
+    else:
+        tables = [load_table(mapping)] if mapping else builtin_tables()
+    table = next((t for t in tables if t.id == table_id), None)
+    return dict(getattr(table, section)) if table else {}
+
+
 def _input_spec(result: Any, mapping: str | os.PathLike | None) -> dict[str, Any]:
     """The table's [input] (size, value range); a source that declares its input is fed that
     shape (free dims at the table's size) and dtype (token ids below the Embedding's vocabulary)."""
-    from .tables import builtin_tables, load_table
-
     if "source.input" in result.metadata:  # a source that states its own (ONNX)
         return json.loads(result.metadata["source.input"])
-    tables = [load_table(mapping)] if mapping else builtin_tables()
-    if getattr(result, "drafted", None) is not None:  # no table fitted: one was drafted
-        tables = [result.drafted.table()]
-    spec = dict(next(t for t in tables if t.id == result.table_id).input)
+    spec = _table_spec(result.table_id, mapping, "input", getattr(result, "drafted", None))
     fixed = result.source_input_shape
     if fixed and len(fixed) == 3 and fixed[0] and fixed[1]:
         if fixed[0] != fixed[1]:
@@ -571,6 +590,7 @@ def _run_keras(
         "--mapping": opts.mapping,
         "--source-model": opts.source_model,
         "--format": opts.format,
+        "--pooling": opts.pooling,
     }
     cmd = [sys.executable, "-m", "converter.keras_runner"]
     cmd += [arg for flag, value in flags.items() if value for arg in (flag, str(value))]

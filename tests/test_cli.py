@@ -135,7 +135,7 @@ def test_verify_options_round_trip_through_the_cli_parser(tmp_path):
     sample = VerifyOptions(inputs=tmp_path / "x.npy", batch=3, seed=7, rtol=2.5e-5, atol=1e-6, train_step=True,
                            device="cpu", record=tmp_path / "r.safetensors", against=tmp_path / "a.safetensors",
                            mapping=tmp_path / "t.toml", source_model="pkg.mod:build", format="weights.h5",
-                           force=True)
+                           pooling="max", force=True)
     unset = [f.name for f in fields(VerifyOptions) if getattr(sample, f.name) == f.default]
     assert not unset, f"give {unset} a non-default value here so the round trip covers them"
     ctx = command.make_context("verify", ["src.keras", "out.safetensors", *sample.to_argv()])

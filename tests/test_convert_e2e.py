@@ -66,15 +66,6 @@ FAMILY_REPRESENTATIVES = [
 # Formats that do not tell EfficientNetV2 from its include_preprocessing=False twin (the same
 # weights; .weights.h5 lists every layer, TF object checkpoints number them): refused as ambiguous.
 AMBIGUOUS = {("keras:EfficientNetV2B0", f) for f in ("h5-weights", "tf-names", "tf-layer-with-weights", "savedmodel")}
-# Known gaps (issue 8), held as strict xfails so that they are noticed once fixed. ConvNeXt nests its
-# stem and downsampling layers as Sequentials: a TF object checkpoint stores their layers at
-# model/_operations/<block op>/_functional/_operations/<j>, which the manifests (op_index inside the
-# block only) cannot place yet; the tf-names / tf-layer-with-weights fixtures are written from the
-# top-level layers only, so they lack the blocks' 16 tensors.
-KNOWN_GAPS = {
-    ("keras:ConvNeXtTiny", fmt): "ConvNeXt's nested Sequential blocks in TF checkpoints"
-    for fmt in ("tf-checkpoint", "tf-names", "tf-layer-with-weights")
-}
 FORMATS = ["keras", "weights.h5", "h5", "h5-weights", "tf-checkpoint", "tf-names", "tf-layer-with-weights", "savedmodel"]
 
 
@@ -136,9 +127,7 @@ def test_variant_end_to_end(table, variant, tmp_path):
 def _format_params():
     for source_id in FAMILY_REPRESENTATIVES:
         for fmt in FORMATS:
-            gap = KNOWN_GAPS.get((source_id, fmt))
-            marks = [pytest.mark.xfail(strict=True, reason=gap)] if gap else []
-            yield pytest.param(source_id, fmt, id=f"{source_id}-{fmt}", marks=marks)
+            yield pytest.param(source_id, fmt, id=f"{source_id}-{fmt}")
 
 
 @pytest.mark.parametrize("source_id,fmt", list(_format_params()))

@@ -10,7 +10,9 @@ from .common import emit_json, json_option, stderr_console
 @click.command("archs")
 @json_option
 def command(as_json) -> int:
-    """List mapping tables: source architecture, target, surgeries (first target = default)."""
+    """List mapping tables: source architecture, target, surgeries (first target = default); then
+    the recognised architectures convert refuses (no exact PyTorch twin) and why."""
+    from ..refusals import unique_refusals
     from ..tables import builtin_tables
 
     rows = []
@@ -30,8 +32,18 @@ def command(as_json) -> int:
                 }
             )
             seen.add(v.source)
+    refusals = [
+        {
+            "sources": list(r.sources),
+            "reason": r.reason,
+            "closest": r.closest,
+            "differs": r.differs,
+            "remedy": r.remedy,
+        }
+        for r in unique_refusals()
+    ]
     if as_json:
-        emit_json({"tables": rows})
+        emit_json({"tables": rows, "refusals": refusals})
         return 0
     from rich.table import Table
 
@@ -43,5 +55,9 @@ def command(as_json) -> int:
             r["target"] + (" (default)" if r["default"] else ""),
             ", ".join(r["surgeries"]) or "-",
         )
+    refused = Table("recognised source", "refused: no exact PyTorch twin", "closest")
+    for r in refusals:
+        refused.add_row(", ".join(r["sources"]), r["reason"], r["closest"])
     stderr_console().print(t)
+    stderr_console().print(refused)
     return 0

@@ -159,7 +159,11 @@ def command(
     if result.drafted is not None:
         options["mapping"] = info["drafted_mapping"] = str(drafted_table_path(written))
         do_verify = do_verify or (not no_verify and _source_runs(result))
-    report = _verify_written(src, written, options, verify_inputs, info) if do_verify else None
+    report = (
+        _verify_written(src, written, {**options, "pooling": pooling}, verify_inputs, info)
+        if do_verify
+        else None
+    )
     rc = report.return_code if report else EXIT_OK
     if as_json:
         emit_json(info)

@@ -65,15 +65,10 @@ def _read_layer_groups(
     layers: Any, prefix: str, tensors: dict[str, RawTensor], names: dict[str, str], path: Path
 ) -> None:
     """``<prefix><group>/vars/<i>`` for every layer group; a nested model's group holds its own
-    ``layers/`` (``functional/layers/conv2d``): read one level deep, the resolver places it."""
+    ``layers/`` (``functional/layers/conv2d``, at any depth): the resolver places it."""
     for group_name, group in layers.items():
         where = f"{prefix}{group_name}"
         if "layers" in group:
-            if prefix:
-                raise SourceFormatError(
-                    f"{path}: layers/{where} is a model nested two levels deep; flatten it before"
-                    " saving"
-                )
             _read_layer_groups(group["layers"], f"{where}/layers/", tensors, names, path)
         if "vars" not in group:
             continue
