@@ -29,6 +29,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "converter.cli.recalibrate",
         "Recompute BN running stats as a true average (precise BN).",
     ),
+    "port": (
+        "converter.cli.port",
+        "Write a readable PyTorch module and its weights from a Keras model.",
+    ),
 }
 
 
