@@ -447,3 +447,17 @@ class SeparableConv2dT(LayerTransform):
                 child, _, leaf = param.partition(".")
                 self.emit(ctx, out, var, f"{children[child]}.{leaf}", tt)
         return out
+
+
+@register("normalization")
+class NormalizationTransform(LayerTransform):
+    """Keras Normalization kept in the model (``ckptport port``): adapted ``mean``/``variance``
+    -> buffers of the same names; ``count`` (how many samples adapt saw) has no use at inference
+    and is consumed without a target."""
+
+    params = {"mean": ("mean", IDENTITY), "variance": ("variance", IDENTITY)}
+
+    def apply(self, ctx: LayerContext) -> Emitted:
+        out = super().apply(ctx)
+        out.consumed |= {"count"} & set(ctx.layer.weights)
+        return out
