@@ -16,6 +16,7 @@ from .layer_emitters import Unsupported
 from .snippets import CLASSES, HELPERS
 
 # nn.Module attributes a layer name must not shadow (checked again against torch when writing)
+SHORT_NAMES = ("x", "y", "z", "u", "v", "w")
 NAMES_IN_FILE = {"torch", "F", "nn", "self", "factory", "pad_same", "avg_pool_same"}
 RESERVED = {"forward", "training", "eval", "train", "to", "type", "float", "half", "double"}
 
@@ -100,7 +101,7 @@ class _Writer:
     graph: Graph
     weights: dict[str, dict[str, tuple[int, ...]]]
     class_name: str
-    taken: set[str] = field(default_factory=lambda: set(NAMES_IN_FILE))
+    taken: set[str] = field(default_factory=lambda: set(NAMES_IN_FILE) | set(SHORT_NAMES))
     attrs: dict[str, str] = field(default_factory=dict)
     tensors: dict[Ref, Tensor] = field(default_factory=dict)
     init: list[str] = field(default_factory=list)
@@ -111,6 +112,7 @@ class _Writer:
     classes: list[str] = field(default_factory=list)
     uses: dict[Ref, int] = field(default_factory=dict)
     variables: set[str] = field(default_factory=set)
+    named: set[str] = field(default_factory=set)  # variables named after a layer or an input
 
     def write(self) -> ModuleSource:
         args = self._inputs()
@@ -135,6 +137,8 @@ class _Writer:
             var = "x" if len(self.graph.inputs) == 1 else identifier(ref.layer, self.taken)
             self.taken.add(var)
             self.variables.add(var)
+            if var != "x":
+                self.named.add(var)
             rank = len(shape) + 1
             self.tensors[ref] = Tensor(var, rank, CF if rank > 2 else CL)
             names.append(var)
@@ -177,18 +181,27 @@ class _Writer:
         return relayout(t.var, t.rank, t.layout, wants)
 
     def _out_var(self, c: Call, attr: str) -> str:
-        """Reuse the first input's name when this call is its last use (a chain reads
-        ``x = self.conv(x)``), else name the tensor after the layer."""
+        """The output's variable, as a person would name it: a tensor used more than once (a
+        branch point, an output) is named after its layer; a chain reuses its input's name when
+        that input is dead (``x = self.conv(x)``), else takes a free short name."""
         for ref in c.tensors:
             self.uses[ref] -= 1
+        if self.uses.get(c.output, 0) > 1 or c.output in self.graph.outputs:
+            return self._fresh(attr)
         first = c.tensors[0] if c.tensors else None
         if first is not None and self.uses[first] == 0 and first not in self.graph.outputs:
             return self.tensors[first].var
+        live = {t.var for ref, t in self.tensors.items() if self.uses.get(ref, 0) > 0}
+        free = [v for v in SHORT_NAMES if v not in live and v not in self.named]
+        return free[0] if free else self._fresh(attr)
+
+    def _fresh(self, attr: str) -> str:
         var, n = attr, 1
         while var in self.variables:
             n += 1
             var = f"{attr}_{n}"
         self.variables.add(var)
+        self.named.add(var)
         return var
 
     def _piece(self, c: Call) -> tuple[Site, Piece]:

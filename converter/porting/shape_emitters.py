@@ -284,7 +284,10 @@ class Rescaling(Emitter):
         else:
             scale, offset = number(scale), number(offset)
         expr = "{x}" + ("" if scale == "1.0" else f" * {scale}")
-        expr += "" if offset == "0.0" else f" + {offset}"
+        if offset.startswith("-"):
+            expr += f" - {offset[1:]}"
+        elif offset != "0.0":
+            expr += f" + {offset}"
         return Piece(None, expr, site.rank, layout)
 
 

@@ -1,0 +1,144 @@
+"""``ckptport port``: a readable PyTorch module + weights from a Keras model's config.
+
+Each ported module is loaded with plain torch (``factory()`` + ``load_state_dict(strict=True)``)
+and compared with Keras' own outputs. Tolerance: Keras and the port both compute in float32, so we
+require the port in float64 to be as close to Keras as float32 rounding allows: within 10x of the
+port's own float32-vs-float64 gap (floor 1e-6 of the output's std). A wrong weight layout, padding
+or BN setting is orders of magnitude above it."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import CACHE, ROOT, assert_clean_error, cached_build, make_keras_fixture
+
+PORT_GENERATOR = ROOT / "fixtures" / "keras_port_models.py"
+
+
+def port_models() -> dict:
+    """The custom models of fixtures/keras_port_models.py (built once, in one process)."""
+    import hashlib
+
+    version = hashlib.sha256(PORT_GENERATOR.read_bytes()).hexdigest()[:12]
+    return cached_build(CACHE / f"port-models-{version}", PORT_GENERATOR, [])["files"]
+
+
+def load_port(py: Path):
+    """The generated module, imported and loaded as a user would, with plain torch."""
+    from safetensors.torch import load_file
+
+    spec = importlib.util.spec_from_file_location(f"ported_{py.stem}_{id(py)}", py)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.factory()
+    model.load_state_dict(load_file(py.with_suffix(".safetensors")), strict=True)
+    return model.eval()
+
+
+def run(model, xs: list[np.ndarray], dtype) -> list[np.ndarray]:
+    import torch
+
+    feed = [torch.from_numpy(x).to(dtype) for x in xs]
+    feed = [t.movedim(-1, 1) if t.dim() > 2 else t for t in feed]  # channels-first in
+    with torch.no_grad():
+        out = model.to(dtype)(*feed)
+    outs = out if isinstance(out, tuple) else (out,)
+    return [o.movedim(1, -1).numpy() if o.dim() > 2 else o.numpy() for o in outs]
+
+
+def assert_matches_keras(model, xs: list[np.ndarray], refs: list[np.ndarray]) -> float:
+    import torch
+
+    got32, got64 = run(model, xs, torch.float32), run(model, xs, torch.float64)
+    worst = 0.0
+    for y32, y64, ref in zip(got32, got64, refs):
+        scale = float(np.std(ref)) or 1.0
+        rounding = max(float(np.abs(y32 - y64).max()) / scale, 1e-6)
+        err = float(np.abs(y64 - ref).max()) / scale
+        assert err <= 10 * rounding, f"port differs from Keras: {err:.2e} (rounding {rounding:.1e})"
+        worst = max(worst, err)
+    return worst
+
+
+def assert_readable(py: Path) -> None:
+    """Only torch imported, black-clean at black's default line length, no getattr strings."""
+    import black
+
+    code = py.read_text()
+    imports = [ln for ln in code.splitlines() if ln.startswith(("import ", "from "))]
+    assert imports == ["import torch", "import torch.nn.functional as F", "from torch import nn"]
+    assert black.format_str(code, mode=black.Mode()) == code
+    assert "getattr" not in code and "def factory():" in code
+
+
+def port(src, out: Path, **kwargs):
+    from converter.porting import port as run_port
+
+    return run_port(src, out, **kwargs)
+
+
+@pytest.mark.parametrize("fn", ["ResNet50V2", pytest.param("NASNetMobile", marks=pytest.mark.slow)])
+def test_port_application_without_twin(fn, tmp_path):
+    """The point of the issue: no PyTorch model computes what these compute; the port does."""
+    fx = make_keras_fixture(fn, {}, {"size": 32, "range": [0.0, 255.0]}, ["keras"])
+    result = port(fx["files"]["keras"], tmp_path / "net.py", verify=False)
+    assert result.stubs == [] and "tensorflow" not in sys.modules
+    assert_readable(tmp_path / "net.py")
+    assert_matches_keras(load_port(tmp_path / "net.py"), [fx["x"]], [fx["logits"]])
+
+
+def application_sources() -> list:
+    from converter.tables import builtin_tables
+
+    seen, params = set(), []
+    for table in builtin_tables():
+        for variant in table.variants:
+            if variant.source and variant.source not in seen:
+                seen.add(variant.source)
+                params.append(pytest.param(variant.source, table.input, marks=pytest.mark.slow))
+    return params
+
+
+@pytest.mark.parametrize("source,input_spec", application_sources())
+def test_port_every_application(source, input_spec, tmp_path):
+    from helpers import keras_build_args
+
+    fn, kwargs, _ = keras_build_args(source)
+    fx = make_keras_fixture(fn, kwargs, input_spec, ["keras"])
+    port(fx["files"]["keras"], tmp_path / "net.py", verify=False)
+    assert_matches_keras(load_port(tmp_path / "net.py"), [fx["x"]], [fx["logits"]])
+
+
+@pytest.mark.parametrize("fmt", ["keras", "h5"])
+def test_port_custom_zoo(fmt, tmp_path):
+    """Branches, merges, squeeze-excite, crop/pad, upsampling, LayerNorm on NHWC, Dense on 4-d,
+    Rescaling/Normalization kept in the module, a nested Sequential and a shared layer."""
+    fx = port_models()["zoo"]
+    ref = np.load(fx["reference"])
+    port(fx[fmt], tmp_path / "zoo.py", verify=False)
+    assert_readable(tmp_path / "zoo.py")
+    code = (tmp_path / "zoo.py").read_text()
+    assert "self.norm = Normalization(3)" in code and "x * 0.0078431372549 - 1.0" in code
+    assert_matches_keras(load_port(tmp_path / "zoo.py"), [ref["x/0"]], [ref["y/0"]])
+
+
+def test_port_lambda_refused_then_stubbed(tmp_path, cli):
+    fx = port_models()["with_lambda"]
+    out = tmp_path / "net.py"
+    rc, _, err = cli("port", fx["keras"], "-o", out)
+    assert_clean_error(rc, err, "'double'", "Lambda", "--allow-stubs", out=out)
+    assert not out.with_suffix(".safetensors").exists()
+    rc, _, err = cli("port", fx["keras"], "-o", out, "--allow-stubs")
+    assert rc == 0, err
+    assert "stub: DoubleStub for 'double' (Lambda)" in err
+    assert "verification skipped: the module has stubs" in err
+    model = load_port(out)
+    import torch
+
+    with pytest.raises(NotImplementedError, match="'double' \\(Lambda\\).*'name': 'double'"):
+        model(torch.zeros(1, 3, 8, 8))
