@@ -142,3 +142,70 @@ def test_port_lambda_refused_then_stubbed(tmp_path, cli):
 
     with pytest.raises(NotImplementedError, match="'double' \\(Lambda\\).*'name': 'double'"):
         model(torch.zeros(1, 3, 8, 8))
+
+
+def torch_bn_step(model, xs: list[np.ndarray]) -> dict[str, tuple]:
+    """One training-mode forward pass (dropout off): each BatchNorm's running stats after it, its
+    momentum and its input's biased batch variance and count."""
+    import torch
+
+    seen = {}
+
+    def hook(name):
+        def record(module, args, _):
+            x = args[0].double()
+            dims = [0] + list(range(2, x.dim()))
+            seen[name] = (x.var(dims, unbiased=False), x[:, 0].numel())
+
+        return record
+
+    bns = {
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+    }
+    handles = [m.register_forward_hook(hook(n)) for n, m in bns.items()]
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    model.train()
+    run(model, xs, torch.float32)
+    for h in handles:
+        h.remove()
+    return {
+        n: (m.running_mean.numpy(), m.running_var.numpy(), m.momentum, *seen[n])
+        for n, m in bns.items()
+    }
+
+
+def assert_bn_step_matches(model, xs: list[np.ndarray], ref) -> None:
+    """PyTorch's running_var takes the unbiased batch variance, Keras' the biased one: the
+    expected gap p * var_biased / (n - 1) is added to the Keras value (as `verify` does)."""
+    for name, (mean, var, p, var_b, n) in torch_bn_step(model, xs).items():
+        want_mean, want_var = ref[f"bn/{name}/mean_after"], ref[f"bn/{name}/var_after"]
+        want_var = want_var + p * var_b.numpy() / (n - 1)
+        change = np.abs(want_mean - ref[f"bn/{name}/mean_before"]).max()
+        assert np.abs(mean - want_mean).max() <= 1e-3 * change, name
+        change = np.abs(want_var - ref[f"bn/{name}/var_before"]).max()
+        assert np.abs(var - want_var).max() <= 1e-3 * change, name
+
+
+def test_port_published_keras2_h5(tmp_path, cli):
+    """A published-style Keras 2 HDF5 (model.save("x.h5")) with TF 'same' padding on even sizes,
+    'same' average pooling, Flatten -> Dense, softmax: ported from the CLI, verified layer by layer
+    and in a training-mode step, loaded with plain torch, matching Keras, fine-tuning like it."""
+    fx = port_models()["classic_cnn"]
+    ref = np.load(fx["reference"])
+    out = tmp_path / "classic.py"
+    rc, _, err = cli("port", fx["h5"], "-o", out)
+    assert rc == 0, err
+    assert "verification: PASS" in err and "torch momentum 0.01/0.1 (= 1 - Keras)" in err
+    code = out.read_text()
+    assert "self.bn1 = nn.BatchNorm2d(8, eps=0.001, momentum=0.1)" in code
+    assert "self.bn2.weight.requires_grad_(False)  # Keras scale=False" in code
+    assert "pad_same(x, (4, 4), (2, 2), (1, 1))" in code and "avg_pool_same(x" in code
+    assert "torch.flatten(x.permute(0, 2, 3, 1), 1)" in code
+    assert_readable(out)
+    model = load_port(out)
+    assert_matches_keras(model, [ref["x/0"]], [ref["y/0"]])
+    assert_bn_step_matches(model, [ref["x/0"]], ref)

@@ -162,6 +162,7 @@ def _convert_and_verify(
         spec = input_spec(module, source)
         mapping.write_text(table_toml(f"port:{py.stem}", target, module.rules, module.stubs, spec))
         result = convert(src, target, mapping=mapping, format=format)
+        result.metadata["target.output"] = "as-source"  # the module ends as the Keras model
         result.save(weights, force=force)
         report, why = None, verify_skipped(module, verify)
         if why is None:
