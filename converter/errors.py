@@ -35,6 +35,10 @@ class MappingError(ConverterError):
     """A mapping table is malformed, or a conversion leaves tensors unmapped or targets unfilled."""
 
 
+class AmbiguousMappingError(MappingError):
+    """A drafted mapping where the structure leaves a choice: the message lists the candidates."""
+
+
 class ShapeMismatchError(MappingError):
     """A tensor's shape after its transform differs from what the target expects."""
 

@@ -37,6 +37,9 @@ def rebuild(model_config: dict[str, Any], label: Path):
     legacy = "module" not in config
     for entry in (config, *layer_entries(config)):
         _check_layer(entry, legacy, label)
+    if legacy:
+        for model in (config, *layer_entries(config)):
+            shift_nested_model_nodes(model)
     try:
         return _deserialize(config, legacy)
     except Exception as exc:
@@ -89,6 +92,35 @@ def _check_layer(entry: dict[str, Any], legacy: bool, label: Path) -> None:
             f"{where} is not a Keras class (a custom layer?); ckptport does not import model code:"
             " pass --source-model module:function that builds the model"
         )
+
+
+def shift_nested_model_nodes(model: dict[str, Any]) -> None:
+    """Keras 2 counts a nested model's own construction as its node 0, so the first call of a nested
+    model is node 1 in a Keras 2 config; Keras 3's legacy loader looks for it at index 0 and fails
+    ("disconnected nodes"). References past a nested model's listed calls are shifted down by one
+    (in place); tf.keras 2.x SavedModels and .h5 files with a nested model need it."""
+    cfg = model.get("config")
+    entries = cfg.get("layers", []) if isinstance(cfg, dict) else []
+    calls = {
+        e.get("name") or (e.get("config") or {}).get("name"): len(e.get("inbound_nodes") or [])
+        for e in entries
+        if isinstance(e.get("config"), dict) and "layers" in e["config"]
+    }
+    if not calls:
+        return
+    for ref in _node_refs([e.get("inbound_nodes") for e in entries] + [cfg.get("output_layers")]):
+        if ref[0] in calls and ref[1] >= 1 and ref[1] >= calls[ref[0]]:
+            ref[1] -= 1
+
+
+def _node_refs(value: Any) -> Iterator[list]:
+    """Every Keras 2 ``[layer name, node index, tensor index, ...]`` list inside ``value``."""
+    if isinstance(value, list):
+        if len(value) >= 3 and isinstance(value[0], str) and isinstance(value[1], int):
+            yield value
+            return
+        for v in value:
+            yield from _node_refs(v)
 
 
 def _is_op_entry(entry: dict[str, Any]) -> bool:

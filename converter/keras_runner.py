@@ -269,6 +269,17 @@ def main(argv: list[str] | None = None) -> int:
     except ConverterError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # Keras/TensorFlow failing on the source: its message is the cause
+        import traceback
+
+        traceback.print_exc()
+        reason = " ".join(str(exc).split())
+        print(
+            f"error: Keras failed on {args.src}: {type(exc).__name__}:"
+            f" {reason[:400]}{'...' if len(reason) > 400 else ''}",
+            file=sys.stderr,
+        )
+        return 2
     return 0
 
 

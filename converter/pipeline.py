@@ -18,8 +18,8 @@ from .ledger import TargetLedger, check_finite, listing
 from .manifest import load_manifest, manifest_path, target_manifest_from_model
 from .refusals import refusal_for
 from .preprocessing import preprocessing_spec
-from .specs import parse_spec, same_spec
-from .source import SourceLayer, SourceModel, resolve_source
+from .specs import looks_like_spec, parse_spec, same_spec
+from .source import SourceLayer, SourceModel, fill_bn_momentum, resolve_source
 from .tables import Drop, Rule, Table, Variant, load_tables, render
 from .transforms import Emitted, LayerContext
 
@@ -67,6 +67,7 @@ class ConversionResult:
     notes: list[str] = field(
         default_factory=list
     )  # what the user should know (training=False, ...)
+    drafted: Any = None  # converter.drafting.Draft when no table fitted and one was drafted
 
     def save(self, path: str | os.PathLike, format: str | None = None, force: bool = False) -> Path:
         """Write atomically (safetensors unless the name ends in .pt/.pth); refuses to overwrite."""
@@ -90,6 +91,43 @@ def _covers(table: Table, source: SourceModel) -> bool:
     return all(table.match(layer.name) for layer in source.weighted)
 
 
+def check_shadowed_rules(table: Table, source: SourceModel) -> None:
+    """A rule that matches weighted layers of this source but maps none of them (an earlier rule
+    takes each) never applies: an error naming both rules, not a silent skip. (Specific rules
+    before a generic one that still maps other layers are fine.)"""
+    names = [lay.name for lay in source.weighted]
+    for j, rule in enumerate(table.rules):
+        hits = [n for n in names if rule.source.fullmatch(n)]
+        earlier = {
+            n: next((r for r in table.rules[:j] if r.source.fullmatch(n)), None) for n in hits
+        }
+        if hits and all(earlier.values()):
+            first = earlier[hits[0]]
+            raise MappingError(
+                f"table {table.id}: rule {rule!r} matches layer {hits[0]!r}, which rule {first!r}"
+                " already maps (the first matching rule wins), so it never applies; narrow the"
+                " earlier rule's pattern or put the specific rule first"
+            )
+
+
+def _closest_table(tables: list[Table], source: SourceModel) -> str:
+    """Why no table fits: the table whose rules match the most weighted layers, and what differs."""
+    names = [lay.name for lay in source.weighted]
+    if not tables or not names:
+        return "the source has no weighted layers" if tables else "no tables loaded"
+    scored = [(sum(t.match(n) is not None for n in names), -k, t) for k, t in enumerate(tables)]
+    hits, _, best = max(scored, key=lambda s: s[:2])
+    if hits == 0:
+        return f"no table's rules match any of its {len(names)} weighted layers: {listing(names)}"
+    missing = [n for n in names if best.match(n) is None]
+    why = f"closest: table {best.id}, whose rules match {hits} of {len(names)} weighted layers"
+    if missing:
+        return f"{why}; no rule for {listing(missing)}"
+    sources = sorted({v.source for v in best.variants if v.source})
+    got = source.manifest_id or "an unrecognised architecture"
+    return f"{why}, but its variants are for {listing(sources)} and this source is {got}"
+
+
 def select(tables: list[Table], source: SourceModel, to: str | None) -> tuple[Table, Variant]:
     """The (table, variant) for this source: the first listed for it, or the one whose target is
     ``to``."""
@@ -106,8 +144,10 @@ def select(tables: list[Table], source: SourceModel, to: str | None) -> tuple[Ta
         raise UnknownArchitectureError(refusal.message(label))
     if not candidates:
         raise UnknownArchitectureError(
-            f"{label}: no mapping table fits this source; `ckptport archs` lists the tables, "
-            "--mapping FILE adds your own"
+            f"{label}: no mapping table fits this source ({_why_no_table(source, tables)}); "
+            "`--to path/to/model.py:factory` drafts a mapping onto your own PyTorch module "
+            "(`ckptport draft` writes only the table), --mapping FILE uses your own table, "
+            "`ckptport archs` lists the shipped ones"
         )
     if to is None:
         return candidates[0]
@@ -120,12 +160,40 @@ def select(tables: list[Table], source: SourceModel, to: str | None) -> tuple[Ta
         raise UnknownArchitectureError(
             f"no table converts to {to!r}; targets for {label}: "
             f"{', '.join(v.target for _, v in candidates)} (all targets: {listing(all_targets)}); "
-            "for your own module use --mapping, or --to file.py:factory with a table for it"
+            "for your own module use --to file.py:factory (drafts a mapping) or --mapping"
         )
     raise UnknownArchitectureError(
         f"{label} cannot be converted to {to}; targets for this source: "
         f"{', '.join(v.target for _, v in candidates)}"
     )
+
+
+def _why_no_table(source: SourceModel, tables: list[Table]) -> str:
+    """Why ``select`` found no table: the source is no shipped architecture, or no table lists
+    the one it is, or the user's table's rules do not cover its layers."""
+    if source.manifest_id:
+        return f"it is {source.manifest_id}, which no table here converts"
+    return _closest_table(tables, source)
+
+
+def _select_or_draft(
+    tables: list[Table], source: SourceModel, to: str | None, mapping: Any
+) -> tuple[Table, Variant, Any]:
+    """``select``'s table and variant; when none fits and ``to`` is the user's own module (a
+    ``file.py:factory`` or ``module:factory`` spec) and no --mapping was given, a table drafted
+    from the structure of both (converter/drafting), returned as the third item."""
+    try:
+        return (*select(tables, source, to), None)
+    except UnknownArchitectureError:
+        if mapping is not None or to is None or not looks_like_spec(to):
+            raise
+        if parse_spec(to).is_library:
+            raise
+    from .drafting import draft_for_source
+
+    drafted = draft_for_source(source, to)
+    table = drafted.table()
+    return table, table.variants[0], drafted
 
 
 def target_manifest_for(
@@ -157,6 +225,8 @@ def convert(
     num_classes: int | None = None,
     pooling: str | None = None,
     progress: Progress | None = None,
+    use_ema: bool = False,
+    source_bn_momentum: float | None = None,
 ) -> ConversionResult:
     """Convert a Keras/TF checkpoint to a PyTorch state dict.
 
@@ -174,11 +244,14 @@ def convert(
         pooling: ``avg``, ``max`` or ``none``: the pooling after a headless or nested base, for
             files that do not record it (TF checkpoints, SavedModels; default avg, noted).
         progress: called as ``progress(done, total, layer_name)``.
+        use_ema: take a TF1 checkpoint's ExponentialMovingAverage shadow values.
+        source_bn_momentum: the source's BatchNorm momentum where the file does not record it
+            (TF1 checkpoints without a ``.meta`` graph).
     """
-    raw = formats.read(src, format)
     tables = load_tables(mapping)
-    source = resolve_source(raw, tables, source_model=source_model)
-    table, variant = select(tables, source, to)
+    source = _read_source(src, format, tables, source_model, use_ema, source_bn_momentum)
+    table, variant, drafted = _select_or_draft(tables, source, to, mapping)
+    check_shadowed_rules(table, source)
     from .heads import head_plan
 
     table, variant, source_head = _with_source_head(source, table, variant, pooling)
@@ -199,9 +272,30 @@ def convert(
         progress,
     )
     result.notes = source.notes + source_head.notes
+    result.drafted = drafted
     if result.notes:
         result.metadata["notes"] = json.dumps(result.notes)
     return result
+
+
+def _read_source(
+    src: str | os.PathLike,
+    format: str | None,
+    tables: list[Table],
+    source_model: str | None,
+    use_ema: bool,
+    source_bn_momentum: float | None,
+) -> SourceModel:
+    """Read and resolve the source; EMA shadows and the user's BN momentum applied."""
+    raw = formats.read(src, format)
+    if use_ema:
+        from .formats.tf1 import use_shadows
+
+        use_shadows(raw)
+    source = resolve_source(raw, tables, source_model=source_model)
+    if source_bn_momentum is not None:
+        fill_bn_momentum(source, source_bn_momentum)
+    return source
 
 
 def _with_source_head(
@@ -280,8 +374,12 @@ class _TableWalk:
         emitted = rule.transform.apply(
             LayerContext(layer, module, self.ledger.shapes, rule.args, fold)
         )
+        reads = ", ".join(rule.transform.params) or "its own variables"
         self.ledger.unmapped(
-            f"{layer.name}/{v}" for v in layer.weights if v not in emitted.consumed
+            f"{layer.name}/{v} (rule {rule!r} matched the layer; {rule.transform.name} reads"
+            f" {reads})"
+            for v in layer.weights
+            if v not in emitted.consumed
         )
         rows = self._place(layer, emitted)
         self.adjustments += emitted.adjust

@@ -76,6 +76,13 @@ class SourceModel:
     config_origin: str
     head: Head | None = None  # what the model ends with (see converter.nesting)
     nesting: Nesting | None = None  # set when the application is one layer of the user's model
+    source_model_config: dict[str, Any] | None = None  # the config --source-model's model has
+
+    @property
+    def model_config(self) -> dict[str, Any] | None:
+        """The Keras model config (layers and their connections): the file's, else the one of
+        the model ``--source-model`` built, else None."""
+        return self.raw.model_config or self.source_model_config
 
     @property
     def weighted(self) -> list[SourceLayer]:
@@ -95,7 +102,7 @@ class SourceModel:
     def notes(self) -> list[str]:
         """What the user should know about how the source was read."""
         if not self.renamed:
-            return []
+            return list(self.raw.notes)
         by_base: dict[str, list[tuple[str, str]]] = {}
         for old, new in self.renamed.items():
             by_base.setdefault(re.sub(r"_\d+$", "", new), []).append((old, new))
@@ -104,8 +111,9 @@ class SourceModel:
             old, new = min(pairs, key=lambda p: auto_number(p[1]))
             shown.append(f"{old} -> {new}" + (f" (+{len(pairs) - 1})" if len(pairs) > 1 else ""))
         return [
+            *self.raw.notes,
             "auto names renumbered (the model was built after other layers in its session):"
-            f" {', '.join(shown)}"
+            f" {', '.join(shown)}",
         ]
 
     def layer(self, name: str) -> SourceLayer:
@@ -498,6 +506,8 @@ _FLAT = re.compile(r"^variables/(?P<i>\d+)/\.ATTRIBUTES/VARIABLE_VALUE$")  # mod
 @RESOLVERS.register("tf-checkpoint")
 @RESOLVERS.register("savedmodel")
 def _resolve_tf(raw: RawCheckpoint, skel: list[LayerSkeleton]) -> dict[str, tuple[int, str]]:
+    if raw.object_paths:
+        return _resolve_object_paths(raw, skel)
     keys = list(raw.tensors)
     if all(_FLAT.match(k) for k in keys):
         return _resolve_flat(raw, skel)
@@ -531,6 +541,21 @@ def _resolve_tf(raw: RawCheckpoint, skel: list[LayerSkeleton]) -> dict[str, tupl
             out[k] = (index[layer_of[k]], k.rsplit("/", 1)[1].split(":")[0])
         return Assignment(out, renamed)
     return out
+
+
+def _resolve_object_paths(
+    raw: RawCheckpoint, skel: list[LayerSkeleton]
+) -> dict[str, tuple[int, str]]:
+    """Keys whose layer the file's object graph names (tf.keras 2.x SavedModel: a nested model's
+    variables are often keyed ``variables/<i>``): matched by (nested model, layer name)."""
+    paths = {k: raw.object_paths[k] for k in raw.tensors if k in raw.object_paths}
+    missing = [k for k in raw.tensors if k not in paths]
+    if missing:
+        raise NoFit(f"{missing[0]}: no layer in the file's object graph holds it")
+    index = _match_scoped({k: (scope, layer) for k, (scope, layer, _) in paths.items()}, skel)
+    return {
+        k: (index[k], canonical_attr(skel[index[k]].class_name, v)) for k, (*_, v) in paths.items()
+    }
 
 
 def _n_vars(s: LayerSkeleton) -> int:
@@ -637,7 +662,9 @@ def resolve(
                 f"{raw.path} does not fit the model from --source-model ({exc}); is it the same"
                 " architecture?"
             ) from None
-        return _described(raw, layers, manifests, heads, "model", getattr(skel, "nesting", None))
+        found = _described(raw, layers, manifests, heads, "model", getattr(skel, "nesting", None))
+        found.source_model_config = source_model.get("model_config")
+        return found
     if raw.model_config is not None:
         skel = skeleton_from_config(raw.model_config, raw.path)
         try:
@@ -651,6 +678,13 @@ def resolve(
         found = _fit_manifest(raw, man, heads.get(man["id"]))
         if found is not None:
             return _disambiguated(raw, found, man, manifests[n + 1 :], heads)
+    if raw.fallback_config is not None:  # layers inferred from variable names (TF1 checkpoints)
+        skel = skeleton_from_config(raw.fallback_config, raw.path)
+        try:
+            layers = build_layers(raw, skel, "variable names")
+        except NoFit as exc:
+            raise SourceFormatError(f"{raw.path}: cannot group its variables ({exc})") from None
+        return _described(raw, layers, [], heads, "variable names", None)
     raise UnknownArchitectureError(
         f"{raw.path} ({raw.format}, {len(raw.tensors)} tensors) stores no model config and matches"
         f" no known architecture ({len(manifests)} tried); pass --source-model module:function that"
@@ -918,6 +952,25 @@ def resolve_source(
     return resolve(raw, manifests, model_manifest, head_specs(tables))
 
 
+def fill_bn_momentum(source: SourceModel, momentum: float) -> list[str]:
+    """Give the BatchNorm layers whose momentum the file does not record ``momentum`` (the user's
+    ``--source-bn-momentum``); the layers filled, also in the source's notes."""
+    if not 0.0 <= momentum < 1.0:
+        raise ConverterError(
+            f"--source-bn-momentum {momentum} is not in [0, 1) (Keras' convention)"
+        )
+    filled = []
+    for lay in source.layers:
+        if lay.class_name == "BatchNormalization" and lay.config.get("momentum", 0) is None:
+            lay.config = {**lay.config, "momentum": momentum}
+            filled.append(lay.name)
+    source.raw.notes.append(
+        f"--source-bn-momentum {momentum}: set on {len(filled)} BatchNorm layers"
+        + ("" if filled else " (none: the file records every momentum; the flag was not used)")
+    )
+    return filled
+
+
 def _source_model_manifest(spec: str) -> dict[str, Any]:
     from .manifest import source_manifest_from_model
     from .model import call_factory, prefer_torch_first
@@ -925,4 +978,17 @@ def _source_model_manifest(spec: str) -> dict[str, Any]:
     prefer_torch_first()  # the factory imports Keras; a PyTorch target is built after it
 
     model = call_factory(spec, "--source-model")
-    return source_manifest_from_model(model, f"model:{spec}")
+    manifest = source_manifest_from_model(model, f"model:{spec}")
+    manifest["model_config"] = model_config_of(model)
+    return manifest
+
+
+def model_config_of(model: Any) -> dict[str, Any] | None:
+    """A live Keras model's config as ``model.save`` stores it (layers with their inbound nodes),
+    JSON-clean; None when Keras cannot serialize it."""
+    import keras
+
+    try:
+        return json.loads(json.dumps(keras.saving.serialize_keras_object(model), default=str))
+    except Exception:  # a subclassed model without get_config: no graph, not an error here
+        return None

@@ -168,7 +168,20 @@ def _input(p: Path, data: dict[str, Any]) -> dict[str, Any]:
 def load_table(path: str | Path) -> Table:
     """Parse and validate a table file; any error names the file, the entry and the fix."""
     p = Path(path)
-    data = _read_toml(p)
+    return table_from_data(p, _read_toml(p))
+
+
+def loads_table(text: str, label: str | Path) -> Table:
+    """Parse and validate a table given as TOML text (a drafted one); errors name ``label``."""
+    p = Path(label)
+    try:
+        return table_from_data(p, tomllib.loads(text))
+    except tomllib.TOMLDecodeError as exc:
+        raise _fail(p, f"not valid TOML ({exc})") from None
+
+
+def table_from_data(p: Path, data: dict[str, Any]) -> Table:
+    """Validate parsed TOML ``data`` as the table at ``p``."""
     for key in ("id", "version"):
         if key not in data.get("table", {}):
             raise _fail(p, f"[table] needs {key!r}")

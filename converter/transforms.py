@@ -219,6 +219,15 @@ class LayerTransform:
     name = "layer"
     #: transform applied to each source variable -> (target param name, tensor transform)
     params: dict[str, tuple[str, TensorTransform]] = {}
+    #: (Keras layer class, torch module class name) pairs this transform converts: drafted
+    #: mappings (converter/drafting) index the registry by them
+    pairs: tuple[tuple[str, str], ...] = ()
+
+    def draft_args(self, target_attrs: dict[str, Any]) -> dict[str, Any] | None:
+        """The table ``args`` a drafted rule gives this transform for a target module whose traced
+        attributes are ``target_attrs`` (converter/drafting/target.py), or None when this transform
+        does not fit that module (shapes aside)."""
+        return {}
 
     def apply(self, ctx: LayerContext) -> Emitted:
         out = Emitted()
@@ -289,6 +298,7 @@ def register(name: str) -> Callable[[type], type]:
 class Conv2dTransform(LayerTransform):
     """Keras Conv2D -> torch Conv2d: kernel HWIO -> OIHW, bias as is."""
 
+    pairs = (("Conv2D", "Conv2d"),)
     params = {"kernel": ("weight", CONV_HWIO_TO_OIHW), "bias": ("bias", IDENTITY)}
 
 
@@ -296,6 +306,7 @@ class Conv2dTransform(LayerTransform):
 class DepthwiseConv2dTransform(LayerTransform):
     """Keras DepthwiseConv2D -> torch grouped Conv2d: kernel (h,w,C,mult) -> (C*mult,1,h,w)."""
 
+    pairs = (("DepthwiseConv2D", "Conv2d"),)
     params = {"kernel": ("weight", DepthwiseToTorch()), "bias": ("bias", IDENTITY)}
 
 
@@ -303,13 +314,21 @@ class DepthwiseConv2dTransform(LayerTransform):
 class DenseTransform(LayerTransform):
     """Keras Dense -> torch Linear: kernel (in, out) -> weight (out, in)."""
 
+    pairs = (("Dense", "Linear"),)
     params = {"kernel": ("weight", DENSE_IN_OUT_TO_OUT_IN), "bias": ("bias", IDENTITY)}
+
+    def draft_args(self, target_attrs: dict[str, Any]) -> dict[str, Any] | None:
+        """Not where the Linear reads a flattened (C, H, W) map with H*W > 1 (that is
+        ``dense_after_flatten``)."""
+        hwc = target_attrs.get("flattened_from")
+        return None if hwc and hwc[0] * hwc[1] > 1 else {}
 
 
 @register("conv1x1_to_linear")
 class Conv1x1ToLinearTransform(LayerTransform):
     """Keras 1x1 Conv2D -> torch Linear: kernel (1, 1, in, out) -> weight (out, in)."""
 
+    pairs = (("Conv2D", "Linear"),)
     params = {"kernel": ("weight", Conv1x1ToLinear()), "bias": ("bias", IDENTITY)}
 
 
@@ -317,7 +336,14 @@ class Conv1x1ToLinearTransform(LayerTransform):
 class DenseAfterFlattenTransform(LayerTransform):
     """Dense fed by Flatten of an (H, W, C) map: table args ``hwc = [H, W, C]``."""
 
+    pairs = (("Dense", "Linear"),)
     params = {"kernel": ("weight", DENSE_IN_OUT_TO_OUT_IN), "bias": ("bias", IDENTITY)}
+
+    def draft_args(self, target_attrs: dict[str, Any]) -> dict[str, Any] | None:
+        """Where the Linear reads a flattened (C, H, W) map with H*W > 1: ``hwc`` from the
+        trace."""
+        hwc = target_attrs.get("flattened_from")
+        return {"hwc": list(hwc)} if hwc and hwc[0] * hwc[1] > 1 else None
 
     def apply(self, ctx: LayerContext) -> Emitted:
         hwc = ctx.args.get("hwc")
@@ -336,6 +362,7 @@ class DenseAfterFlattenTransform(LayerTransform):
 class LayerNormTransform(LayerTransform):
     """Keras LayerNormalization -> torch LayerNorm: gamma -> weight, beta -> bias."""
 
+    pairs = (("LayerNormalization", "LayerNorm"),)
     params = {"gamma": ("weight", IDENTITY), "beta": ("bias", IDENTITY)}
 
 
@@ -344,6 +371,11 @@ class BatchNormTransform(LayerTransform):
     """Keras BatchNormalization -> torch BatchNorm: gamma/beta (1/0 when scale/center=False),
     moving stats, num_batches_tracked = 0, and momentum p = 1 - m, eps carried per module."""
 
+    pairs = (
+        ("BatchNormalization", "BatchNorm2d"),
+        ("BatchNormalization", "BatchNorm1d"),
+        ("BatchNormalization", "BatchNorm3d"),
+    )
     params = {
         "gamma": ("weight", IDENTITY),
         "beta": ("bias", IDENTITY),
@@ -382,6 +414,12 @@ class BatchNormTransform(LayerTransform):
                 np.array(0, dtype=np.int64),
                 "",
                 "num_batches_tracked = 0 (Keras does not count)",
+            )
+        if cfg.get("momentum", 0.99) is None:  # a TF1 checkpoint without it (no .meta graph)
+            raise UnsupportedLayerError(
+                f"layer {layer.name!r}: its BatchNorm momentum is not recorded in the source (no"
+                " .meta graph with it); pass --source-bn-momentum M (the training code's BN"
+                " momentum/decay, e.g. 0.99 Keras, 0.997 slim ResNet) rather than PyTorch's 0.1"
             )
         m = float(cfg.get("momentum", 0.99))
         out.bn[ctx.target] = {
@@ -430,6 +468,7 @@ class SeparableConv2dT(LayerTransform):
     (Keras adds it after the pointwise conv). Child names default to timm's SeparableConv2d
     (``conv1``, ``pointwise``); table args ``depthwise``/``pointwise`` name others."""
 
+    pairs = (("SeparableConv2D", "SeparableConv2d"),)
     params = {
         "depthwise_kernel": ("conv1.weight", DepthwiseToTorch()),
         "pointwise_kernel": ("pointwise.weight", CONV_HWIO_TO_OIHW),

@@ -469,6 +469,8 @@ def _input_spec(result: Any, mapping: str | os.PathLike | None) -> dict[str, Any
     from .tables import builtin_tables, load_table
 
     tables = [load_table(mapping)] if mapping else builtin_tables()
+    if getattr(result, "drafted", None) is not None:  # no table fitted: one was drafted
+        tables = [result.drafted.table()]
     spec = dict(next(t for t in tables if t.id == result.table_id).input)
     fixed = result.source_input_shape
     if fixed and fixed[0] and fixed[1]:

@@ -42,6 +42,10 @@ WRITERS = {
         lambda f, out: ["verify", f.converted, "--against", f.reference, "--html", out],
         "report.html",
     ),
+    "draft -o": Writer(
+        lambda f, out: ["draft", f.src, "--to", "timm:tf_mobilenetv3_small_100", "-o", out],
+        "model.mapping.toml",
+    ),
     "recalibrate -o": Writer(
         lambda f, out: ["recalibrate", f.converted, "--data", f.data, "--batch-size", "2"]
         + ["--num-batches", "2", "-o", out],

@@ -12,6 +12,10 @@ from .common import run_main
 # name -> (module, one-line help). Help text is here so `--help` needs no subcommand import.
 COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("converter.cli.convert", "Convert a Keras/TF checkpoint to a PyTorch state dict."),
+    "draft": (
+        "converter.cli.draft",
+        "Draft a mapping table onto your own PyTorch module, from both structures.",
+    ),
     "verify": (
         "converter.cli.verify",
         "Run source and converted model and compare layer by layer.",

@@ -78,10 +78,32 @@ def summary(result, out: Path | None) -> dict:
     ),
 )
 @click.option(
+    "--use-ema",
+    is_flag=True,
+    help="TF1 checkpoints: take the ExponentialMovingAverage shadow values, not the raw ones.",
+)
+@click.option(
+    "--source-bn-momentum",
+    type=float,
+    metavar="M",
+    help="The source's BN momentum (Keras convention) where the file does not record it (TF1).",
+)
+@click.option(
     "--verify",
     "do_verify",
     is_flag=True,
     help="Run the layer-by-layer verification after converting.",
+)
+@click.option(
+    "--no-verify",
+    is_flag=True,
+    help="Skip the verification that follows a drafted mapping (see `ckptport draft`).",
+)
+@click.option(
+    "--inputs",
+    "verify_inputs",
+    type=click.Path(path_type=Path),
+    help="With --verify: a .npy/.npz NHWC batch or a folder of images to verify on.",
 )
 @force_option
 @json_option
@@ -94,28 +116,53 @@ def command(
     source_model,
     num_classes,
     pooling,
+    use_ema,
+    source_bn_momentum,
     do_verify,
+    no_verify,
+    verify_inputs,
     force,
     as_json,
 ) -> int:
-    """Convert a Keras/TF checkpoint SRC to a PyTorch state dict."""
+    """Convert a Keras/TF checkpoint SRC to a PyTorch state dict. With no table for SRC and
+    --to your own module (file.py:factory), a mapping is drafted from both structures, written
+    beside the output as OUT.mapping.toml, and the result verified layer by layer."""
+    from ..errors import ConverterError
     from ..formats import check_output
+
+    if verify_inputs is not None and not do_verify:
+        raise ConverterError("--inputs is for the verification: add --verify")
 
     out = check_output(
         output or Path.cwd() / (src.name.split(".")[0] + ".safetensors"), force, (src,)
     )
+    if mapping is None and _may_draft(to):  # refuse an existing table before the long work
+        check_output(drafted_table_path(out), force, (src,))
     console = stderr_console()
     options = dict(mapping=mapping, source_model=source_model, format=src_format)
     result, written = _convert_with_progress(
-        console, as_json, src, to, out, force, num_classes=num_classes, pooling=pooling, **options
+        console,
+        as_json,
+        src,
+        to,
+        out,
+        force,
+        num_classes=num_classes,
+        pooling=pooling,
+        use_ema=use_ema,
+        source_bn_momentum=source_bn_momentum,
+        **options,
     )
     info = summary(result, written)
+    if result.drafted is not None:
+        options["mapping"] = info["drafted_mapping"] = str(drafted_table_path(written))
+        do_verify = do_verify or (not no_verify and _source_runs(result))
     report = None
     if do_verify:
         from ..verification import VerifyOptions, verify
 
         # the source options the conversion used; a head reset is read from the written metadata
-        report = verify(src, written, VerifyOptions(**options))
+        report = verify(src, written, VerifyOptions(inputs=verify_inputs, **options))
         info["verification"] = report.to_dict()
     rc = report.return_code if report else EXIT_OK
     if as_json:
@@ -148,7 +195,28 @@ def _convert_with_progress(console, as_json: bool, src, to, out, force: bool, **
             bar.update(task, completed=done, total=total, description=name)
 
         result = convert(src, to, progress=progress, **kwargs)
-        return result, result.save(out, force=force)
+    if result.drafted is not None:  # the table first: a refused table leaves no output either
+        result.drafted.write(drafted_table_path(out), force=force)
+    return result, result.save(out, force=force)
+
+
+def drafted_table_path(out: Path) -> Path:
+    """Where a drafted table goes: beside the output, ``model.safetensors`` ->
+    ``model.mapping.toml``."""
+    return out.with_name(out.name.split(".")[0] + ".mapping.toml")
+
+
+def _may_draft(to: str | None) -> bool:
+    """Whether this conversion drafts its mapping when no table fits: ``to`` is the user's own
+    module."""
+    from ..specs import looks_like_spec, parse_spec
+
+    return bool(to) and looks_like_spec(to) and not parse_spec(to).is_library
+
+
+def _source_runs(result) -> bool:
+    """Whether verification can run the source: a Keras config from the file or --source-model."""
+    return result.config_origin in ("file", "model")
 
 
 def _print_summary(console, result, info: dict, written: Path, detected: bool) -> None:
@@ -161,6 +229,11 @@ def _print_summary(console, result, info: dict, written: Path, detected: bool) -
         f"wrote {written}: {info['tensors']} tensors for {result.target} (table {result.table_id})"
     )
     console.print(f"  layer config from: {result.config_origin}")
+    if result.drafted is not None:
+        console.print(
+            f"  mapping drafted from both structures ({len(result.drafted.matches)} rules):"
+            f" {info['drafted_mapping']} (review it; --mapping reuses it)"
+        )
     for line in _details(result, info):
         console.print(f"  {line}")
 
@@ -186,7 +259,7 @@ def _details(result, info: dict) -> list[str]:
         from ..nesting import Nesting
 
         lines.append(f"nested: {Nesting(**result.nesting).describe()}")
-    if result.source_head:
+    if result.source_head and (result.source_arch or result.nesting):  # custom: no [head] known
         from ..nesting import Head
 
         lines.append(f"source head: {Head(**result.source_head).describe()}")

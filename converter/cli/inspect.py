@@ -15,12 +15,18 @@ from .common import emit_json, json_option, stderr_console
 @click.option(
     "--tensors", "show_tensors", is_flag=True, help="List every tensor (default: layers)."
 )
+@click.option(
+    "--graph",
+    "show_graph",
+    is_flag=True,
+    help="Every layer: class, kernel/strides/padding/activation and inputs.",
+)
 @json_option
-def command(path, src_format, show_tensors, as_json) -> int:
+def command(path, src_format, show_tensors, show_graph, as_json) -> int:
     """List layers, tensors, shapes, dtypes and BN config of a source file or of our output."""
     from ..inspection import inspect
 
-    info = inspect(path, src_format)
+    info = inspect(path, src_format, graph=show_graph)
     if as_json:
         emit_json(info)
         return 0
@@ -35,8 +41,37 @@ def command(path, src_format, show_tensors, as_json) -> int:
     else:
         for line in _source_lines(info):
             console.print(f"  {line}")
-    console.print(_tensor_table(info) if show_tensors else _layer_table(info))
+    for note in info.get("notes", []):
+        console.print(f"  note: {note}")
+    if show_graph and info.get("graph") is not None:
+        console.print(_graph_table(info))
+    else:
+        console.print(_tensor_table(info) if show_tensors else _layer_table(info))
     return 0
+
+
+def _table(headers: list[str], rows: list[list[str]]):
+    """A table that never truncates: the first two columns (names, classes) keep their full width,
+    the others fold onto more lines when the terminal is narrow."""
+    from rich.table import Table
+
+    t = Table()
+    for i, h in enumerate(headers):
+        width = max([len(h), *(len(r[i]) for r in rows)]) if i < 2 else None
+        t.add_column(h, no_wrap=i < 2, min_width=width, overflow="fold")
+    for r in rows:
+        t.add_row(*r)
+    return t
+
+
+def _graph_table(info: dict):
+    rows = []
+    for lay in info["graph"]:
+        name = f"{lay['scope']}/{lay['name']}" if lay["scope"] else lay["name"]
+        conf = ", ".join(f"{k}={v}" for k, v in lay["config"].items())
+        inputs = ", ".join(lay["inputs"]) if lay["inputs"] is not None else "?"
+        rows.append([name, lay["class"], conf, inputs])
+    return _table(["layer", "class", "config", "inputs"], rows)
 
 
 def _print_converted(console, info: dict) -> None:
@@ -86,20 +121,15 @@ def _source_lines(info: dict) -> list[str]:
 
 
 def _tensor_table(info: dict):
-    from rich.table import Table
-
-    t = Table("key", "shape", "dtype")
-    for row in info["tensors"]:
-        t.add_row(row["key"], str(tuple(row["shape"])), row["dtype"])
-    return t
+    rows = [[r["key"], str(tuple(r["shape"])), r["dtype"]] for r in info["tensors"]]
+    return _table(["key", "shape", "dtype"], rows)
 
 
 def _layer_table(info: dict):
-    from rich.table import Table
-
-    t = Table("layer", "class", "variables", "BN config")
+    rows = []
     for lay in info["layers"]:
         shapes = ", ".join(f"{v}{tuple(d['shape'])}" for v, d in lay["vars"].items())
         bn = ", ".join(f"{k}={v}" for k, v in lay.get("bn", {}).items())
-        t.add_row(lay["name"], lay["class"], shapes, bn)
-    return t
+        name = f"{lay['scope']}/{lay['name']}" if lay.get("scope") else lay["name"]
+        rows.append([name, lay["class"], shapes, bn])
+    return _table(["layer", "class", "variables", "BN config"], rows)

@@ -56,6 +56,12 @@ class RawCheckpoint:
     group_names: dict[str, str] = field(default_factory=dict)  # .weights.h5 group -> layer name
     metadata: dict[str, str] = field(default_factory=dict)  # our own outputs' metadata
     ignored: dict[str, str] = field(default_factory=dict)  # key -> why it is not model state
+    # TF object-graph key -> (nested model or "", layer name, variable), when the file maps them
+    object_paths: dict[str, tuple[str, str, str]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # how the file was read, for the user
+    shadows: dict[str, RawTensor] = field(default_factory=dict)  # key -> its EMA shadow (TF1)
+    # layers inferred from variable names (TF1), used only when no shipped architecture fits
+    fallback_config: dict[str, Any] | None = None
     _sha256: str | None = field(default=None, repr=False)
 
     @property

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..errors import SourceFormatError
 from . import Format, RawCheckpoint, RawTensor, register
+from .tf_keras_graph import read_keras_graph
 
 _NOT_STATE = re.compile(
     r"(^_CHECKPOINTABLE_OBJECT_GRAPH$)|(^save_counter/)|(^(.*/)?optimizer/)|(\.OPTIMIZER_SLOT/)"
@@ -63,8 +64,24 @@ class SavedModel(Format):
         return _is_savedmodel(path)
 
     def read(self, path: Path) -> RawCheckpoint:
-        tensors, ignored = _bundle_tensors(path / "variables" / "variables", path)
-        return RawCheckpoint(path, self.name, tensors, ignored=ignored)
+        prefix = path / "variables" / "variables"
+        tensors, ignored = _bundle_tensors(prefix, path)
+        raw = RawCheckpoint(path, self.name, tensors, ignored=ignored)
+        keras = read_keras_graph(path, _object_graph_blob(prefix))
+        if keras is not None:
+            raw.model_config, raw.object_paths = keras.model_config, keras.object_paths
+            raw.notes += [f"model config read from {keras.source} (tf.keras 2.x)", *keras.notes]
+        return raw
+
+
+def _object_graph_blob(prefix: Path) -> bytes | None:
+    """The bundle's TrackableObjectGraph (``_CHECKPOINTABLE_OBJECT_GRAPH``), if it has one."""
+    from . import tf_bundle
+
+    entry = tf_bundle.read_index(prefix).get("_CHECKPOINTABLE_OBJECT_GRAPH")
+    if entry is None:
+        return None
+    return bytes(tf_bundle.load_tensor(prefix, entry).reshape(-1)[0])
 
 
 @register
@@ -88,4 +105,25 @@ class TFCheckpoint(Format):
 
         prefix = tf_bundle.resolve_prefix(path)
         tensors, ignored = _bundle_tensors(prefix, path)
-        return RawCheckpoint(prefix, self.name, tensors, ignored=ignored)
+        raw = RawCheckpoint(prefix, self.name, tensors, ignored=ignored)
+        raw.notes += _state_file_notes(Path(path), prefix)
+        if not any(".ATTRIBUTES/" in k for k in tensors):  # name-based (TF1 Saver)
+            from .tf1 import prepare_name_based
+
+            prepare_name_based(raw, prefix)
+        return raw
+
+
+def _state_file_notes(path: Path, prefix: Path) -> list[str]:
+    """What to say when a directory's ``checkpoint`` file names another path than the one read."""
+    from . import tf_bundle
+
+    target = tf_bundle.state_file_target(path) if path.is_dir() else None
+    if target is None or Path(target) == prefix or (path / target) == prefix:
+        return []
+    if Path(target).name == prefix.name:
+        return [f"the checkpoint file names {target} (another machine's path): read {prefix}"]
+    return [
+        f"the checkpoint file names {target}, which is not here: read the one bundle present,"
+        f" {prefix}"
+    ]

@@ -26,7 +26,7 @@ from ..errors import SourceFormatError
 
 __all__ = [
     "BundleEntry", "BundleHeader", "resolve_prefix", "read_index", "read_header", "load_tensor",
-    "sniff", "crc32c",
+    "sniff", "crc32c", "bundle_path", "state_file_target",
 ]  # fmt: skip
 
 _TABLE_MAGIC = 0xDB4775248B80FB57
@@ -492,8 +492,18 @@ def _parse_index(index_path: str, _stamp: tuple[int, int, int]) -> _Index:
     return _Index(header, entries, slice_values)
 
 
+def bundle_path(prefix: str | os.PathLike[str], suffix: str) -> Path:
+    """The bundle file ``<prefix><suffix>`` (``.index``, ``.data-00000-of-00001``, ``.meta``). A
+    checkpoint saved with an empty prefix (files named ``.index``, ``.data-...`` inside a
+    directory, as some are published) has that directory as its prefix."""
+    prefix = Path(prefix)
+    if prefix.is_dir() and not Path(str(prefix) + ".index").is_file():
+        return prefix / suffix
+    return Path(str(prefix) + suffix)
+
+
 def _index(prefix: Path) -> _Index:
-    index_path = Path(str(prefix) + ".index")
+    index_path = bundle_path(prefix, ".index")
     try:
         st = index_path.stat()
     except FileNotFoundError:
@@ -509,21 +519,32 @@ def _index(prefix: Path) -> _Index:
 _DATA_SUFFIX = re.compile(r"\.data-\d{5}-of-\d{5}$")
 
 
-def _state_file_prefix(directory: Path) -> Path | None:
+def state_file_target(directory: Path) -> str | None:
+    """The ``model_checkpoint_path`` a checkpoint directory's ``checkpoint`` state file names."""
     state = directory / "checkpoint"
     if not state.is_file():
         return None
     text = state.read_text(errors="replace")
     m = re.search(r'^model_checkpoint_path:\s*"((?:[^"\\]|\\.)*)"', text, re.MULTILINE)
-    if not m:
+    return m.group(1).replace('\\"', '"').replace("\\\\", "\\") if m else None
+
+
+def _state_file_prefix(directory: Path) -> Path | None:
+    """The prefix the state file names (or its file name here: a path from the machine that saved
+    it); None without a state file, or when it names nothing here but the directory holds a single
+    bundle (the caller falls back to it)."""
+    raw = state_file_target(directory)
+    if raw is None:
         return None
-    raw = m.group(1).replace('\\"', '"').replace("\\\\", "\\")
+    state = directory / "checkpoint"
     target = Path(raw)
     candidates = [target] if target.is_absolute() else [directory / target]
     candidates.append(directory / target.name)  # an absolute path from the machine that saved it
     for cand in candidates:
         if Path(str(cand) + ".index").is_file():
             return cand
+    if len(list(directory.glob("*.index"))) == 1:
+        return None
     raise SourceFormatError(
         f"{state} points to {raw!r}, which has no .index file next to it; pass the checkpoint"
         " prefix you want"
@@ -567,13 +588,15 @@ def resolve_prefix(path: str | os.PathLike[str]) -> Path:
             f" prefix, e.g. {p / indexes[-1].name[: -len('.index')]}"
         )
     s = str(p)
-    if s.endswith(".index"):
-        prefix = Path(s[: -len(".index")])
+    if p.name in (".index", ".meta"):
+        prefix = p.parent
+    elif s.endswith(".index") or s.endswith(".meta"):
+        prefix = Path(s[: s.rindex(".")])
     elif _DATA_SUFFIX.search(s):
         prefix = Path(_DATA_SUFFIX.sub("", s))
     else:
         prefix = p
-    if not Path(str(prefix) + ".index").is_file():
+    if not bundle_path(prefix, ".index").is_file():
         raise SourceFormatError(
             f"{prefix}.index not found; pass an existing checkpoint prefix (the path without"
             " .index), its .index file or the checkpoint directory"
@@ -715,7 +738,7 @@ def _load_whole(
             f"tensor {entry.name} in {prefix}.index names shard {entry.shard_id} of"
             f" {header.num_shards}: the index is corrupt"
         )
-    shard = Path(f"{prefix}.data-{entry.shard_id:05d}-of-{header.num_shards:05d}")
+    shard = bundle_path(prefix, f".data-{entry.shard_id:05d}-of-{header.num_shards:05d}")
     raw = bytearray(entry.size)
     try:
         with open(shard, "rb") as fh:
@@ -753,7 +776,7 @@ def _load_whole(
 def sniff(path: str | os.PathLike[str]) -> bool:
     """True if ``path`` resolves to a bundle whose index ends in the SSTable magic. Never raises."""
     try:
-        index_path = Path(str(resolve_prefix(path)) + ".index")
+        index_path = bundle_path(resolve_prefix(path), ".index")
         size = index_path.stat().st_size
         if size < _FOOTER_SIZE:
             return False

@@ -1,0 +1,313 @@
+"""Drafted mappings (converter/drafting): tiny custom Keras models (fixtures/keras_draft.py, built
+in one cached subprocess) onto PyTorch twins written the way users write them
+(fixtures/draft_models.py: BN at PyTorch defaults, shortcut registered first, BNs out of order),
+from .keras, legacy .h5 and .weights.h5; a shipped architecture drafted onto timm reproduces its
+hand-written table; an ambiguous block is refused with its candidates."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from helpers import (
+    CACHE,
+    GENERATOR,
+    ROOT,
+    assert_clean_error,
+    cached_build,
+    keras_build_args,
+    make_keras_fixture,
+    rel_err,
+    torch_logits,
+)
+
+DRAFT_GENERATOR = ROOT / "fixtures" / "keras_draft.py"
+TWINS = ROOT / "fixtures" / "draft_models.py"
+
+# what each source layer must become (checked besides the outputs: a wrong pairing of two
+# same-shaped modules could still be caught only numerically)
+EXPECTED = {
+    "resblock": {
+        "stem": "stem.0",
+        "stem_bn": "stem.1",
+        "conv_a": "conv_a",
+        "bn_a": "bn_a",
+        "conv_b": "conv_b",
+        "bn_b": "bn_b",
+        "conv_s": "shortcut.0",
+        "bn_s": "shortcut.1",
+        "conv_c": "down",
+        "bn_c": "bn_c",
+        "head": "fc",
+    },
+    "flat": {
+        "conv1": "conv",
+        "bn1": "norms.1",
+        "dw": "depthwise",
+        "bn2": "norms.0",
+        "fc1": "classifier.0",
+        "fc2": "classifier.3",
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def fx() -> dict:
+    version = hashlib.sha256(DRAFT_GENERATOR.read_bytes() + GENERATOR.read_bytes()).hexdigest()
+    info = cached_build(CACHE / f"keras-draft-{version[:12]}", DRAFT_GENERATOR, [])
+    info["ref"] = dict(np.load(info["dir"] / "reference.npz"))
+    return info
+
+
+def target(name: str) -> str:
+    return f"{TWINS}:{name}"
+
+
+@pytest.mark.parametrize("fmt", ["keras", "h5"])
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_drafted_mapping_matches_outputs(fx, name, fmt, tmp_path):
+    from converter import convert, load_model
+
+    result = convert(fx["files"][name][fmt], target(name))
+    assert result.drafted is not None and result.table_id == "drafted"
+    assert {m.source_layer: m.target_module for m in result.layers} == EXPECTED[name]
+    model = load_model(result.save(tmp_path / "out.safetensors"))
+    y = torch_logits(model, fx["ref"]["x"])
+    assert rel_err(y, fx["ref"][name]) < 1e-5
+
+
+def test_bn_settings_come_from_the_source_config(fx):
+    from converter import convert
+
+    bn = convert(fx["files"]["flat"]["keras"], target("flat")).bn_config
+    assert (bn["norms.1"]["momentum"], bn["norms.1"]["eps"]) == (pytest.approx(0.01), 1e-3)
+    assert (bn["norms.0"]["momentum"], bn["norms.0"]["eps"]) == (pytest.approx(0.1), 1e-5)
+
+
+def test_flatten_and_folded_bias_are_drafted(fx):
+    from converter.drafting import draft
+
+    rules = {r["source_layer"]: r for r in draft(fx["files"]["flat"]["h5"], target("flat")).rows()}
+    assert rules["fc1"]["transform"] == "dense_after_flatten"
+    assert rules["fc1"]["args"] == {"hwc": [4, 4, 8]}
+    assert rules["fc2"]["transform"] == "dense"
+    assert rules["conv1"]["fold_bias"] == "norms.1"
+
+
+def test_drafted_table_passes_back_with_mapping(fx, tmp_path, cli):
+    from converter import convert
+
+    src = fx["files"]["resblock"]["keras"]
+    table = tmp_path / "resblock.toml"
+    rc, _, err = cli("draft", src, "--to", target("resblock"), "-o", table)
+    assert rc == 0, err
+    assert "conv_s (Conv2D) -> shortcut.0 (Conv2d) [conv2d]" in err
+    text = table.read_text()
+    assert 'source = "^conv_s$"\ntarget = "shortcut.0"' in text
+    assert "# conv_s (Conv2D): kernel (3, 3, 8, 8), bias (8,)" in text
+    again = convert(src, target("resblock"), mapping=table)
+    assert again.drafted is None and again.table_id == "drafted"
+    fresh = convert(src, target("resblock"))
+    assert all(np.array_equal(again.state_dict[k], v) for k, v in fresh.state_dict.items())
+
+
+def test_ambiguous_block_is_refused_with_candidates(fx, tmp_path, cli):
+    out = tmp_path / "branches.toml"
+    rc, _, err = cli(
+        "draft", fx["files"]["branches"]["keras"], "--to", target("branches"), "-o", out
+    )
+    assert_clean_error(rc, err, "leaves a choice", "left -> a | b", "right -> a | b", out=out)
+
+
+def test_a_module_no_layer_fills_is_passed_through_and_named(fx):
+    """A buffer-only module at the input (no Keras twin) does not hide the structure; the
+    conversion's accounting names its tensor."""
+    from converter import convert
+    from converter.errors import MappingError
+
+    with pytest.raises(MappingError, match=r"1 target tensors left unfilled: centre\.mean"):
+        convert(fx["files"]["resblock"]["keras"], target("centred_resblock"))
+
+
+def test_no_table_message_says_why_and_suggests_drafting(fx, tmp_path, cli):
+    out = tmp_path / "x.safetensors"
+    rc, _, err = cli("convert", fx["files"]["flat"]["keras"], "-o", out)
+    assert_clean_error(
+        rc, err, "no mapping table fits", "custom model", "--to path/to/model.py:factory", out=out
+    )
+
+
+def test_convert_drafts_writes_the_table_beside_and_verifies(fx, tmp_path, cli):
+    """`ckptport convert SRC --to model.py:factory -o OUT` with no table: the drafted table lands
+    beside the output and the layer-by-layer verification runs (Keras in a subprocess)."""
+    out = tmp_path / "resblock.safetensors"
+    rc, _, err = cli(
+        "convert", fx["files"]["resblock"]["h5"], "--to", target("resblock"), "-o", out
+    )
+    assert rc == 0, err
+    assert "mapping drafted from both structures (11 rules)" in err
+    assert "verification: PASS" in err
+    table = tmp_path / "resblock.mapping.toml"
+    assert table.is_file()
+    out.unlink()  # the table beside it is not overwritten without --force either, before any work
+    before = table.read_bytes()
+    rc, _, err = cli(
+        "convert", fx["files"]["resblock"]["h5"], "--to", target("resblock"), "-o", out
+    )
+    assert_clean_error(rc, err, str(table), "--force", out=out)
+    assert table.read_bytes() == before
+
+
+def keras2_schema(path, out) -> None:
+    """Rewrite a Keras 3 legacy .h5's model config in the Keras 2 schema published files have:
+    class ``Model``, ``batch_input_shape``, inbound nodes as ``[layer, node, tensor, kwargs]``."""
+    import json
+    import shutil
+
+    import h5py
+
+    shutil.copy(path, out)
+    with h5py.File(out, "r+") as f:
+        cfg = json.loads(f.attrs["model_config"])
+        cfg["class_name"] = "Model"
+        for layer in cfg["config"]["layers"]:
+            if "batch_shape" in layer["config"]:
+                layer["config"]["batch_input_shape"] = layer["config"].pop("batch_shape")
+            layer["inbound_nodes"] = [
+                [[*t["config"]["keras_history"], {}] for t in _keras_tensors(node)]
+                for node in layer["inbound_nodes"]
+            ]
+        cfg["config"]["output_layers"] = [cfg["config"]["output_layers"]]
+        cfg["config"]["input_layers"] = [cfg["config"]["input_layers"]]
+        f.attrs["model_config"] = json.dumps(cfg)
+
+
+def _keras_tensors(obj) -> list:
+    if isinstance(obj, dict):
+        if obj.get("class_name") == "__keras_tensor__":
+            return [obj]
+        return [t for v in obj.values() for t in _keras_tensors(v)]
+    if isinstance(obj, list):
+        return [t for v in obj for t in _keras_tensors(v)]
+    return []
+
+
+def test_keras2_schema_h5_drafts_the_same(fx, tmp_path):
+    from converter import convert
+
+    src = tmp_path / "keras2.h5"
+    keras2_schema(fx["files"]["resblock"]["h5"], src)
+    result = convert(src, target("resblock"))
+    assert {m.source_layer: m.target_module for m in result.layers} == EXPECTED["resblock"]
+    fresh = convert(fx["files"]["resblock"]["h5"], target("resblock"))
+    assert all(np.array_equal(result.state_dict[k], v) for k, v in fresh.state_dict.items())
+
+
+@pytest.mark.slow  # two TensorFlow processes (the user's Keras code, then verification): ~40 s
+def test_weights_h5_with_source_model_converts_and_verifies(fx, tmp_path):
+    """The CLI a user runs: a config-less .weights.h5, their Keras code, their PyTorch module; the
+    drafted table lands beside the output and the layer-by-layer verification passes. Its own
+    process: --source-model imports TensorFlow."""
+    out = tmp_path / "flat.safetensors"
+    cmd = [sys.executable, "-m", "converter", "convert", fx["files"]["flat"]["weights.h5"]]
+    cmd += ["--source-model", f"{DRAFT_GENERATOR}:flat", "--to", target("flat"), "-o", out]
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mapping drafted from both structures (6 rules)" in proc.stderr
+    assert "verification: PASS" in proc.stderr
+    assert (tmp_path / "flat.mapping.toml").is_file()
+
+
+def test_shipped_architecture_drafted_onto_timm_equals_its_table(tmp_path):
+    """MobileNetV3Small onto timm's tf_mobilenetv3_small_100 (Conv2dSame, BatchNormAct2d, SE
+    blocks, a 1x1-conv classifier, Rescaling at the input): the drafted table gives the
+    hand-written table's tensors, BN settings and recorded preprocessing."""
+    from converter import convert
+    from converter.drafting import draft
+
+    fn, kw, inp = keras_build_args("keras:MobileNetV3Small")
+    src = make_keras_fixture(fn, kw, inp, ["keras"])["files"]["keras"]
+    to = "timm:tf_mobilenetv3_small_100"
+    shipped = convert(src, to)
+    table = draft(src, to).write(tmp_path / "mnv3.toml")
+    drafted = convert(src, to, mapping=table)
+    assert drafted.state_dict.keys() == shipped.state_dict.keys()
+    assert all(np.array_equal(drafted.state_dict[k], v) for k, v in shipped.state_dict.items())
+    assert drafted.bn_config == shipped.bn_config
+    assert drafted.preprocessing == shipped.preprocessing and drafted.preprocessing["steps"]
+
+
+def _k3(name: str, cls: str, *inputs: str, **config) -> dict:
+    """A Keras 3 functional layer entry reading ``inputs``."""
+    tensors = [
+        {"class_name": "__keras_tensor__", "config": {"keras_history": [i, 0, 0]}} for i in inputs
+    ]
+    args = [tensors] if len(tensors) > 1 else tensors
+    return {
+        "class_name": cls,
+        "config": {"name": name, **config},
+        "inbound_nodes": [{"args": args, "kwargs": {}}] if inputs else [],
+    }
+
+
+def test_graph_flattens_nested_models_and_contracts_to_weighted_nodes():
+    """A nested Sequential block and a nested Functional model are flattened in place with their
+    scope; the contracted edges skip unweighted layers (ReLU, Add)."""
+    from converter.drafting.graph import INPUT, graph_from_keras_config
+
+    block = {
+        "class_name": "Sequential",
+        "config": {
+            "name": "block",
+            "layers": [
+                {"class_name": "InputLayer", "config": {"name": "block_in"}},
+                {"class_name": "Conv2D", "config": {"name": "b_conv", "kernel_size": [3, 3]}},
+                {"class_name": "ReLU", "config": {"name": "b_relu"}},
+            ],
+        },
+        "inbound_nodes": _k3("block", "Sequential", "stem")["inbound_nodes"],
+    }
+    inner = {
+        "class_name": "Functional",
+        "config": {
+            "name": "inner",
+            "layers": [
+                _k3("inner_in", "InputLayer", batch_shape=[None, 8, 8, 4]),
+                _k3("i_conv", "Conv2D", "inner_in", strides=[2, 2]),
+            ],
+            "input_layers": [["inner_in", 0, 0]],
+            "output_layers": [["i_conv", 0, 0]],
+        },
+        "inbound_nodes": _k3("inner", "Functional", "add")["inbound_nodes"],
+    }
+    config = {
+        "class_name": "Functional",
+        "config": {
+            "name": "m",
+            "layers": [
+                _k3("x", "InputLayer", batch_shape=[None, 8, 8, 3]),
+                _k3("stem", "Conv2D", "x"),
+                block,
+                _k3("add", "Add", "block", "stem"),
+                inner,
+                _k3("head", "Dense", "inner", activation="relu"),
+            ],
+            "input_layers": [["x", 0, 0]],
+            "output_layers": ["head", 0, 0],
+        },
+    }
+    weights = {n: {"kernel": (1,)} for n in ("stem", "b_conv", "i_conv", "head")}
+    graph = graph_from_keras_config(config, weights)
+    assert [n.name for n in graph.weighted] == ["stem", "b_conv", "i_conv", "head"]
+    assert graph.by_name["b_conv"].scope == "block" and graph.by_name["i_conv"].scope == "inner"
+    assert graph.by_name["x"].kind == INPUT and graph.input_shape() == (8, 8, 3)
+    assert graph.weighted_inputs("b_conv") == {"stem"}
+    assert graph.weighted_inputs("i_conv") == {"b_conv", "stem"}  # through Add and ReLU
+    assert graph.weighted_inputs("head") == {"i_conv"}
+    assert graph.by_name["i_conv"].attrs["strides"] == (2, 2)
+    assert graph.by_name["head"].attrs["activation"] == "relu"
+    assert graph.outputs == ("head",)
