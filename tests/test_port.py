@@ -43,7 +43,9 @@ def load_port(py: Path):
 def run(model, xs: list[np.ndarray], dtype) -> list[np.ndarray]:
     import torch
 
-    feed = [torch.from_numpy(x).to(dtype) for x in xs]
+    feed = [
+        torch.from_numpy(x) if x.dtype.kind == "i" else torch.from_numpy(x).to(dtype) for x in xs
+    ]
     feed = [t.movedim(-1, 1) if t.dim() > 2 else t for t in feed]  # channels-first in
     with torch.no_grad():
         out = model.to(dtype)(*feed)
@@ -209,3 +211,29 @@ def test_port_published_keras2_h5(tmp_path, cli):
     model = load_port(out)
     assert_matches_keras(model, [ref["x/0"]], [ref["y/0"]])
     assert_bn_step_matches(model, [ref["x/0"]], ref)
+
+
+def needs_layer_kinds() -> None:
+    from converter.transforms import TRANSFORMS
+
+    missing = [
+        t for t in ("conv1d", "conv3d", "lstm", "gru", "embedding", "prelu") if t not in TRANSFORMS
+    ]
+    if missing:
+        pytest.skip(f"needs the layer-kind weight transforms (branch 'layers'): {missing}")
+
+
+@pytest.mark.parametrize("name", ["sequences", "multi_io"])
+def test_port_layer_kinds(name, tmp_path):
+    """Conv1D (causal), BN on sequences, SpatialDropout1D, LSTM/GRU batch_first; two inputs (token
+    ids, an image) and two outputs with Embedding, Conv2DTranspose ('same', stride 2: cropped in
+    forward), GroupNorm, PReLU, Permute, Reshape to a volume, Conv3D and Dense on 3-d tensors."""
+    needs_layer_kinds()
+    fx = port_models()[name]
+    ref = np.load(fx["reference"])
+    port(fx["keras"], tmp_path / "net.py", verify=False)
+    assert_readable(tmp_path / "net.py")
+    xs = [ref[k] for k in sorted(k for k in ref.files if k.startswith("x/"))]
+    xs = [x.astype(np.int64) if x.dtype.kind == "i" else x for x in xs]
+    ys = [ref[k] for k in sorted(k for k in ref.files if k.startswith("y/"))]
+    assert_matches_keras(load_port(tmp_path / "net.py"), xs, ys)

@@ -17,7 +17,7 @@ from typing import Any
 
 from .. import formats
 from ..errors import SourceFormatError, UnsupportedLayerError
-from . import layer_emitters, shape_emitters  # noqa: F401  (register the emitters)
+from . import layer_emitters, sequence_emitters, shape_emitters  # noqa: F401  (registering)
 from .codegen import ModuleSource, Stub, class_identifier, write_module
 from .graph import Graph, read_graph
 from .table import table_toml
