@@ -119,6 +119,11 @@ def _closest_table(tables: list[Table], source: SourceModel) -> str:
     hits, _, best = max(scored, key=lambda s: s[:2])
     if hits == 0:
         return f"no table's rules match any of its {len(names)} weighted layers: {listing(names)}"
+    if 2 * hits < len(names):
+        return (
+            f"a custom model: no shipped table maps most of its {len(names)} weighted layers"
+            f" (closest: {best.id}, {hits} of them)"
+        )
     missing = [n for n in names if best.match(n) is None]
     why = f"closest: table {best.id}, whose rules match {hits} of {len(names)} weighted layers"
     if missing:
@@ -252,6 +257,21 @@ def convert(
     source = _read_source(src, format, tables, source_model, use_ema, source_bn_momentum)
     table, variant, drafted = _select_or_draft(tables, source, to, mapping)
     check_shadowed_rules(table, source)
+    result = _convert_selected(source, table, variant, num_classes, pooling, progress)
+    result.drafted = drafted
+    return result
+
+
+def _convert_selected(
+    source: SourceModel,
+    table: Table,
+    variant: Variant,
+    num_classes: int | None,
+    pooling: str | None,
+    progress: Progress | None,
+) -> ConversionResult:
+    """The conversion once the table and variant are chosen: the source's own head and any head
+    reset planned, the target manifest built, every layer mapped, notes recorded."""
     from .heads import head_plan
 
     table, variant, source_head = _with_source_head(source, table, variant, pooling)
@@ -272,7 +292,6 @@ def convert(
         progress,
     )
     result.notes = source.notes + source_head.notes
-    result.drafted = drafted
     if result.notes:
         result.metadata["notes"] = json.dumps(result.notes)
     return result

@@ -157,13 +157,7 @@ def command(
     if result.drafted is not None:
         options["mapping"] = info["drafted_mapping"] = str(drafted_table_path(written))
         do_verify = do_verify or (not no_verify and _source_runs(result))
-    report = None
-    if do_verify:
-        from ..verification import VerifyOptions, verify
-
-        # the source options the conversion used; a head reset is read from the written metadata
-        report = verify(src, written, VerifyOptions(inputs=verify_inputs, **options))
-        info["verification"] = report.to_dict()
+    report = _verify_written(src, written, options, verify_inputs, info) if do_verify else None
     rc = report.return_code if report else EXIT_OK
     if as_json:
         emit_json(info)
@@ -172,6 +166,16 @@ def command(
         if report is not None:
             _print_verification(console, report)
     return rc
+
+
+def _verify_written(src, written: Path, options: dict, inputs, info: dict):
+    """The layer-by-layer verification of the written output, its report also put in ``info``."""
+    from ..verification import VerifyOptions, verify
+
+    # the source options the conversion used; a head reset is read from the written metadata
+    report = verify(src, written, VerifyOptions(inputs=inputs, **options))
+    info["verification"] = report.to_dict()
+    return report
 
 
 def _convert_with_progress(console, as_json: bool, src, to, out, force: bool, **kwargs):
