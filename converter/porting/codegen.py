@@ -186,7 +186,8 @@ class _Writer:
         that input is dead (``x = self.conv(x)``), else takes a free short name."""
         for ref in c.tensors:
             self.uses[ref] -= 1
-        if self.uses.get(c.output, 0) > 1 or c.output in self.graph.outputs:
+        several_outputs = len(self.graph.outputs) > 1 and c.output in self.graph.outputs
+        if self.uses.get(c.output, 0) > 1 or several_outputs:
             return self._fresh(attr)
         first = c.tensors[0] if c.tensors else None
         if first is not None and self.uses[first] == 0 and first not in self.graph.outputs:
