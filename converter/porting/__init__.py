@@ -181,8 +181,20 @@ def _convert_and_verify(
         module.stubs,
         result,
         report,
-        notes + result.notes,
+        notes + result.notes + nesting_notes(source),
     )
+
+
+def nesting_notes(source: Any) -> list[str]:
+    """What inlining a nested model changes for fine-tuning."""
+    nesting = source.nesting
+    if nesting is None or nesting.training is not False:
+        return []
+    return [
+        f"the nested model {nesting.layer!r} is called with training=False in Keras (its BatchNorm"
+        " stays frozen while fine-tuning); its layers are inlined here: keep their BatchNorm in"
+        " eval mode (converter.bn.freeze) to fine-tune the same way"
+    ]
 
 
 def _has_black() -> bool:
