@@ -239,3 +239,70 @@ def test_port_layer_kinds(name, tmp_path):
     xs = [x.astype(np.int64) if x.dtype.kind == "i" else x for x in xs]
     ys = [ref[k] for k in sorted(k for k in ref.files if k.startswith("y/"))]
     assert_matches_keras(load_port(tmp_path / "net.py"), xs, ys)
+
+
+def _tensor(layer: str) -> dict:
+    return {"class_name": "__keras_tensor__", "config": {"keras_history": [layer, 0, 0]}}
+
+
+def test_port_graph_of_stored_configs_without_keras():
+    """Keras 3 op entries other than arithmetic become stubs (``ops.average`` is a reduction, not
+    the Average merge layer); Keras 2 inbound nodes (``[[name, node, index, kwargs]]``) read."""
+    from converter.porting import class_identifier, write_module
+    from converter.porting.graph import read_graph
+
+    keras3 = {
+        "class_name": "Functional",
+        "config": {
+            "name": "m",
+            "layers": [
+                {
+                    "class_name": "InputLayer",
+                    "name": "x",
+                    "config": {"batch_shape": [None, 4, 4, 3]},
+                },
+                {
+                    "class_name": "Average",
+                    "name": "average",
+                    "config": {"name": "average", "axis": 1},
+                    "inbound_nodes": [{"args": [_tensor("x")], "kwargs": {}}],
+                },
+                {
+                    "class_name": "Add",
+                    "name": "add",
+                    "config": {"name": "add"},
+                    "inbound_nodes": [{"args": [_tensor("average"), 3.0], "kwargs": {}}],
+                },
+            ],
+            "input_layers": [["x", 0, 0]],
+            "output_layers": [["add", 0, 0]],
+        },
+    }
+    module = write_module(read_graph(keras3, "m.keras"), {}, class_identifier("m"))
+    assert [(s.layer, s.reason) for s in module.stubs] == [
+        ("average", "the Keras op Average is not ported")
+    ]
+    assert "x = x + 3.0" in module.code
+    keras2 = {
+        "class_name": "Model",
+        "config": {
+            "name": "old",
+            "layers": [
+                {
+                    "class_name": "InputLayer",
+                    "name": "in",
+                    "config": {"batch_input_shape": [None, 5]},
+                },
+                {
+                    "class_name": "Activation",
+                    "name": "act",
+                    "config": {"name": "act", "trainable": True, "activation": "relu"},
+                    "inbound_nodes": [[["in", 0, 0, {}]]],
+                },
+            ],
+            "input_layers": [["in", 0, 0]],
+            "output_layers": [["act", 0, 0]],
+        },
+    }
+    module = write_module(read_graph(keras2, "old.h5"), {}, "Old")
+    assert module.stubs == [] and "self.act = nn.ReLU()" in module.code

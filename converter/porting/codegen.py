@@ -16,6 +16,8 @@ from .layer_emitters import Unsupported
 from .snippets import CLASSES, HELPERS
 
 # nn.Module attributes a layer name must not shadow (checked again against torch when writing)
+# Keras ops (``x + 3.0`` in a functional model) ported: arithmetic; other ops become stubs
+OPS = ("Add", "Subtract", "Multiply", "Divide", "TrueDivide")
 SHORT_NAMES = ("x", "y", "z", "u", "v", "w")
 NAMES_IN_FILE = {"torch", "F", "nn", "self", "factory", "pad_same", "avg_pool_same"}
 RESERVED = {"forward", "training", "eval", "train", "to", "type", "float", "half", "double"}
@@ -217,6 +219,8 @@ class _Writer:
             self.weights.get(c.layer, {}),
         )
         try:
+            if c.is_op and c.class_name not in OPS:
+                raise Unsupported(f"the Keras op {c.class_name} is not ported")
             return site, EMITTERS.get(c.class_name).emit(site)
         except (RegistryError, Unsupported, KeyError, ValueError, TypeError) as exc:
             return site, self._stub(c, site, exc)
