@@ -114,6 +114,7 @@ class _Writer:
     classes: list[str] = field(default_factory=list)
     uses: dict[Ref, int] = field(default_factory=dict)
     variables: set[str] = field(default_factory=set)
+    built: set[str] = field(default_factory=set)  # attributes whose constructor is written
     named: set[str] = field(default_factory=set)  # variables named after a layer or an input
 
     def write(self) -> ModuleSource:
@@ -245,8 +246,9 @@ class _Writer:
         for name in piece.classes:
             if CLASSES[name] not in self.classes:
                 self.classes.append(CLASSES[name])
-        if piece.init is None or any(line.startswith(f"self.{site.attr} =") for line in self.init):
+        if piece.init is None or site.attr in self.built:
             return
+        self.built.add(site.attr)
         self.init.append(f"self.{site.attr} = {piece.init}")
         self.init += [a.format(m=f"self.{site.attr}") for a in piece.after]
         if piece.transform and site.weights:
