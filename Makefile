@@ -9,6 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	$(BIN)/pip install -q -c constraints.txt --no-deps tf2onnx  # pins protobuf 3.20; runs on 7
 	# tf.keras 2.x, for the legacy SavedModel fixtures only; it requires `tensorflow`, we pin -cpu
 	$(BIN)/pip install -q --no-deps -c constraints.txt tf_keras
 	touch $(STAMP)

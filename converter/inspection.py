@@ -40,6 +40,8 @@ def inspect(
             if k in meta:
                 info[k] = json.loads(meta[k])
         return info
+    if raw.format == "onnx":  # converter.onnx_source
+        return {**info, **_onnx_info(raw)}
     try:
         source = resolve_source(raw)
     except ConverterError as exc:
@@ -136,6 +138,12 @@ def _history_names(nodes: Any) -> list[str]:
         for v in nodes:
             found += _history_names(v)
     return list(dict.fromkeys(found))
+
+
+def _onnx_info(raw: Any) -> dict[str, Any]:
+    from .onnx_source import inspect_onnx
+
+    return inspect_onnx(raw)
 
 
 def _family(manifest_id: str | None) -> dict[str, Any]:

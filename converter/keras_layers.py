@@ -15,8 +15,12 @@ from .registry import Registry
 
 @dataclass(frozen=True)
 class LayerVars:
+    """``names``: the variables in save order; ``subs``: a sublayer's path in a ``.weights.h5``
+    group (``cell``, ``forward_layer/cell``) -> the prefix of its variables' names."""
+
     names: Callable[[dict[str, Any]], list[str]]
     aliases: dict[str, str] = field(default_factory=dict)
+    subs: dict[str, str] = field(default_factory=dict)
 
 
 KERAS_LAYERS: Registry[LayerVars] = Registry("Keras layer class")
@@ -26,17 +30,51 @@ def _kernel_bias(kernel: str = "kernel") -> Callable[[dict[str, Any]], list[str]
     return lambda c: [kernel] + (["bias"] if c.get("use_bias", True) else [])
 
 
-for _cls in ("Conv1D", "Conv2D", "Conv3D", "Conv2DTranspose", "Dense"):
+for _cls in (
+    "Conv1D",
+    "Conv2D",
+    "Conv3D",
+    "Conv1DTranspose",
+    "Conv2DTranspose",
+    "Conv3DTranspose",
+    "Dense",
+):
     KERAS_LAYERS.add(_cls, LayerVars(_kernel_bias(), {"_kernel": "kernel"}))
+for _cls in ("DepthwiseConv1D", "DepthwiseConv2D"):
+    KERAS_LAYERS.add(
+        _cls, LayerVars(_kernel_bias(), {"_kernel": "kernel", "depthwise_kernel": "kernel"})
+    )
+for _cls in ("SeparableConv1D", "SeparableConv2D"):
+    KERAS_LAYERS.add(
+        _cls,
+        LayerVars(
+            lambda c: ["depthwise_kernel", "pointwise_kernel"]
+            + (["bias"] if c.get("use_bias", True) else [])
+        ),
+    )
+KERAS_LAYERS.add("Embedding", LayerVars(lambda c: ["embeddings"]))
+KERAS_LAYERS.add("PReLU", LayerVars(lambda c: ["alpha"]))
+
+
+def _rnn_vars(c: dict[str, Any]) -> list[str]:
+    return ["kernel", "recurrent_kernel"] + (["bias"] if c.get("use_bias", True) else [])
+
+
+# recurrent layers keep their variables in a ``cell`` sublayer
+for _cls in ("LSTM", "GRU", "SimpleRNN"):
+    KERAS_LAYERS.add(_cls, LayerVars(_rnn_vars, subs={"cell": ""}))
+
+
+def _bidirectional_vars(c: dict[str, Any]) -> list[str]:
+    inner = c.get("layer", {}).get("config", {})
+    return [f"{d}/{v}" for d in ("forward", "backward") for v in _rnn_vars(inner)]
+
+
 KERAS_LAYERS.add(
-    "DepthwiseConv2D",
-    LayerVars(_kernel_bias(), {"_kernel": "kernel", "depthwise_kernel": "kernel"}),
-)
-KERAS_LAYERS.add(
-    "SeparableConv2D",
+    "Bidirectional",
     LayerVars(
-        lambda c: ["depthwise_kernel", "pointwise_kernel"]
-        + (["bias"] if c.get("use_bias", True) else [])
+        _bidirectional_vars,
+        subs={"forward_layer/cell": "forward/", "backward_layer/cell": "backward/"},
     ),
 )
 
@@ -76,6 +114,19 @@ def var_names(class_name: str, config: dict[str, Any], n_found: int) -> list[str
         return None
     names = KERAS_LAYERS.get(class_name).names(config)
     return names if len(names) == n_found else None
+
+
+def sub_var_name(class_name: str, config: dict[str, Any], sub: str, index: int) -> str | None:
+    """The name of variable ``index`` of sublayer ``sub`` (a ``.weights.h5`` path such as
+    ``cell`` or ``forward_layer/cell``), or None when the class has no such sublayer."""
+    if class_name not in KERAS_LAYERS:
+        return None
+    spec = KERAS_LAYERS.get(class_name)
+    if sub not in spec.subs:
+        return None
+    prefix = spec.subs[sub]
+    names = [n for n in spec.names(config) if n.startswith(prefix) and "/" not in n[len(prefix) :]]
+    return names[index] if index < len(names) else None
 
 
 def canonical_attr(class_name: str, attr: str) -> str:

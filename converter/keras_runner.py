@@ -97,15 +97,32 @@ def _load_weights(model, source) -> dict[str, str]:
             continue
         klayer = live_layers[index[lay.name]]
         mapping[lay.name] = klayer.name
-        for v in list(klayer._trainable_variables) + list(klayer._non_trainable_variables):
-            if unnumbered_var(v.name) not in lay.weights:
+        for name, v in live_variables(klayer):
+            if name not in lay.weights:
                 from .errors import VerificationError
 
-                raise VerificationError(f"layer {lay.name}: the file has no variable {v.name}")
-            v.assign(lay.load(unnumbered_var(v.name)).astype(v.dtype))
+                raise VerificationError(f"layer {lay.name}: the file has no variable {name}")
+            v.assign(lay.load(name).astype(v.dtype))
         if hasattr(klayer, "finalize_state"):
             klayer.finalize_state()  # Normalization computes with a snapshot of its variables
     return mapping
+
+
+def live_variables(layer) -> list:
+    """(variable name as ckptport reads it, variable) of a live layer: its own variables, a
+    recurrent layer's cell's, a Bidirectional's ``forward/...`` and ``backward/...``."""
+    from .source import unnumbered_var
+
+    if type(layer).__name__ == "Bidirectional":
+        return [
+            (f"{d}/{name}", v)
+            for d, sub in (("forward", layer.forward_layer), ("backward", layer.backward_layer))
+            for name, v in live_variables(sub)
+        ]
+    own = list(layer._trainable_variables) + list(layer._non_trainable_variables)
+    if not own and hasattr(layer, "cell"):
+        return live_variables(layer.cell)
+    return [(unnumbered_var(v.name), v) for v in own]
 
 
 def _tap_outputs(model, tap_layers: list, x: np.ndarray) -> list:
@@ -151,7 +168,8 @@ def run(args: argparse.Namespace) -> None:
     from . import formats
 
     source, manifest = _resolve(args)
-    x = np.load(args.inputs).astype("float32")
+    x = np.load(args.inputs)
+    x = x.astype("int32" if x.dtype.kind in "iu" else "float32")  # token ids stay integers
     taps = json.loads(Path(args.taps).read_text())
     _configure_tf(args.device)
     import keras
@@ -163,7 +181,8 @@ def run(args: argparse.Namespace) -> None:
     # a nested Sequential block (ConvNeXt's stem) is tapped whole, by its own name
     by_name = {layer.name: layer for layer in model.layers}
     by_name.update({layer.name: layer for _, layer in flat_layers(model)})
-    tensors, t_run = _inference_tensors(model, [by_name[live.get(src, src)] for src, _ in taps], x)
+    tap_layers = [by_name[live.get(src, src)] for src, _ in taps]
+    tensors, t_run = _inference_tensors(model, tap_layers, x)
     bn_info = {}
     if args.train_step:
         bn_info = _train_step(model, x, {v: k for k, v in live.items()}, tensors)
@@ -178,6 +197,13 @@ def run(args: argparse.Namespace) -> None:
         "train_step": json.dumps(bn_info) if args.train_step else "",
         "timing.source_run_s": f"{t_run:.6f}",
         "device": "cpu" if args.device == "cpu" else "auto",
+        "layouts": json.dumps(
+            {
+                "input": input_layout(model),
+                "taps": [layer_layout(lay) for lay in tap_layers],
+                "output": layer_layout(model.layers[-1]),
+            }
+        ),
     }
     formats.write(args.out, tensors, meta, format="safetensors", force=True)
     assert "torchvision" not in sys.modules, "torchvision must never be imported next to Keras"
@@ -231,7 +257,8 @@ def _train_step(model, x: np.ndarray, file_names: dict[str, str], tensors: dict)
     bn_info = {}
     for b, inp in zip(bns, feats[: len(bns)]):
         a = np.asarray(inp, np.float64)
-        axes = tuple(range(a.ndim - 1))
+        axis = b.axis[0] if isinstance(b.axis, (list, tuple)) else b.axis
+        axes = tuple(i for i in range(a.ndim) if i != axis % a.ndim)  # BN on any axis
         name = file_names.get(b.name, b.name)
         tensors[f"bn/{name}/batch_mean"] = a.mean(axis=axes).astype(np.float32)
         tensors[f"bn/{name}/batch_var"] = a.var(axis=axes).astype(np.float32)  # biased, as Keras
@@ -248,6 +275,44 @@ def _train_step(model, x: np.ndarray, file_names: dict[str, str], tensors: dict)
             "epsilon": float(b.epsilon),
         }
     return bn_info
+
+
+RECURRENT = ("LSTM", "GRU", "SimpleRNN", "Bidirectional")
+
+
+def layer_layout(layer) -> str:
+    """How this layer's output relates to its PyTorch twin's: ``channels_last`` (a conv, pool or
+    BN over the last axis of a >= 3-d tensor: PyTorch has channels first), ``sequence`` /
+    ``last_state`` (a recurrent layer returning sequences or its last state: batch-first), or
+    ``as_is`` (Dense, LayerNorm, Embedding, ...: the same layout in both)."""
+    cls = type(layer).__name__
+    if cls in RECURRENT:
+        inner = getattr(layer, "forward_layer", layer)
+        return "sequence" if getattr(inner, "return_sequences", False) else "last_state"
+    try:
+        ndim = len(layer.output.shape)
+    except (AttributeError, ValueError):
+        return ""
+    if ndim < 3:
+        return "as_is"
+    if getattr(layer, "data_format", None) in ("channels_last", "channels_first"):
+        return "channels_last" if layer.data_format == "channels_last" else "as_is"
+    if cls == "BatchNormalization":
+        axis = layer.axis[0] if isinstance(layer.axis, (list, tuple)) else layer.axis
+        return "channels_last" if axis % ndim == ndim - 1 else "as_is"
+    if cls in ("Dense", "EinsumDense", "LayerNormalization", "Embedding"):
+        return "as_is"
+    return "channels_last" if ndim == 4 else ""
+
+
+def input_layout(model) -> str:
+    """The model input's layout for PyTorch: that of the first layer reading it (a Conv1D's input
+    goes channels-first, an LSTM's or a Dense's stays as it is)."""
+    first = next((lay for lay in model.layers if type(lay).__name__ != "InputLayer"), None)
+    if first is None:
+        return ""
+    hint = layer_layout(first)
+    return "as_is" if hint in ("sequence", "last_state") else hint
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -61,6 +61,7 @@ class ConversionResult:
     config_origin: str
     head_reset: dict[str, Any] | None = None
     source_input_shape: list[int | None] | None = None  # (H, W, C) when the source declares it
+    source_input: dict[str, Any] | None = None  # its dtype and, for token ids, the vocabulary size
     source_path: Path | None = None  # never written over: save() refuses it as an output
     source_head: dict[str, Any] | None = None  # converter.nesting.Head.report()
     nesting: dict[str, Any] | None = None  # converter.nesting.Nesting.report(), when nested
@@ -232,8 +233,9 @@ def convert(
     progress: Progress | None = None,
     use_ema: bool = False,
     source_bn_momentum: float | None = None,
+    accept_folded_bn: bool = False,
 ) -> ConversionResult:
-    """Convert a Keras/TF checkpoint to a PyTorch state dict.
+    """Convert a Keras/TF checkpoint (or an ONNX model) to a PyTorch state dict.
 
     Args:
         src: ``.keras``, ``.weights.h5``, legacy ``.h5``, TF checkpoint (prefix, ``.index`` or
@@ -252,7 +254,10 @@ def convert(
         use_ema: take a TF1 checkpoint's ExponentialMovingAverage shadow values.
         source_bn_momentum: the source's BatchNorm momentum where the file does not record it
             (TF1 checkpoints without a ``.meta`` graph).
+        accept_folded_bn: ONNX only: convert BN folded by the exporter with identity BN stats.
     """
+    if (format or formats.sniff(src)) == "onnx":  # converter.onnx_source
+        return _convert_onnx(src, to, mapping, num_classes, accept_folded_bn, progress)
     tables = load_tables(mapping)
     source = _read_source(src, format, tables, source_model, use_ema, source_bn_momentum)
     table, variant, drafted = _select_or_draft(tables, source, to, mapping)
@@ -260,6 +265,13 @@ def convert(
     result = _convert_selected(source, table, variant, num_classes, pooling, progress)
     result.drafted = drafted
     return result
+
+
+def _convert_onnx(src, to, mapping, num_classes, accept_folded_bn, progress) -> ConversionResult:
+    from .onnx_source import convert_onnx
+
+    options = dict(mapping=mapping, num_classes=num_classes, accept_folded_bn=accept_folded_bn)
+    return convert_onnx(formats.read(src, "onnx"), to, progress=progress, **options)
 
 
 def _convert_selected(
@@ -460,6 +472,19 @@ def _apply(
     return result
 
 
+def apply_table(
+    source: SourceModel,
+    table: Table,
+    variant: Variant,
+    target_manifest: dict[str, Any],
+    kwargs: dict[str, Any],
+    progress: Progress | None = None,
+) -> ConversionResult:
+    """Apply ``table``'s ``variant`` to a resolved source (no head reset): what converters of other
+    source kinds (ONNX) share with the Keras path."""
+    return _apply(source, table, variant, target_manifest, kwargs, None, progress)
+
+
 def _check_layer_tensors(layer: SourceLayer) -> None:
     """Refuse NaN/inf in any variable and a negative BN moving variance."""
     for var in layer.weights:
@@ -500,6 +525,7 @@ def _result(
         config_origin=source.config_origin,
         head_reset=head.report() if head else None,
         source_input_shape=_input_shape(source),
+        source_input=input_info(source),
         source_path=source.raw.path,
         source_head=source.head.report() if source.head else None,
         nesting=source.nesting.report() if source.nesting else None,
@@ -550,6 +576,25 @@ def _input_shape(source: SourceModel) -> list[int | None] | None:
             if shape:
                 return list(shape[1:])
     return None
+
+
+def input_info(source: SourceModel) -> dict[str, Any] | None:
+    """What verification feeds the source: the declared input's dtype, and for integer inputs
+    (token ids) the smallest Embedding vocabulary (ids stay below it)."""
+    if source.config_origin not in ("file", "model"):
+        return None
+    dtype = next(
+        (
+            str(lay.config.get("dtype", "float32"))
+            for lay in source.layers
+            if lay.class_name == "InputLayer"
+        ),
+        None,
+    )
+    if dtype is None:
+        return None
+    vocab = [int(lay.config["input_dim"]) for lay in source.layers if lay.class_name == "Embedding"]
+    return {"dtype": dtype, **({"vocab": min(vocab)} if vocab and "int" in dtype else {})}
 
 
 def dry_run(table: Table, variant: Variant, seed: int = 0) -> ConversionResult:

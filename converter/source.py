@@ -27,7 +27,7 @@ from .errors import (
     UnsupportedLayerError,
 )
 from .formats import RawCheckpoint, RawTensor
-from .keras_layers import KERAS_LAYERS, canonical_attr, var_names
+from .keras_layers import KERAS_LAYERS, canonical_attr, sub_var_name, var_names
 from .manifest import load_manifest
 from .refusals import refused_manifests
 from .nesting import (
@@ -362,8 +362,18 @@ def _match_auto_names(
 
 def _group_of(key: str) -> str:
     """``layers/<group>/vars/<i>`` -> ``<group>`` (``functional/layers/conv2d`` inside a nested
-    model)."""
-    return key[len("layers/") : key.rindex("/vars/")]
+    model; ``lstm`` for a sublayer's ``layers/lstm/cell/vars/0``)."""
+    return _split_group(key)[0]
+
+
+def _split_group(key: str) -> tuple[str, str]:
+    """(layer group, sublayer path) of a ``.weights.h5`` key: ``layers/lstm/cell/vars/0`` ->
+    (``lstm``, ``cell``); ``layers/conv2d/vars/0`` -> (``conv2d``, ``"``)."""
+    parts = key[len("layers/") : key.rindex("/vars/")].split("/")
+    group, i = parts[0], 1
+    while i + 1 < len(parts) and parts[i] == "layers":
+        group, i = f"{group}/layers/{parts[i + 1]}", i + 2
+    return group, "/".join(parts[i:])
 
 
 def _numbered_vars(
@@ -377,14 +387,31 @@ def _numbered_vars(
         if g not in group_index:
             raise NoFit(g)
         i = group_index[g]
-        names = var_names(skel[i].class_name, skel[i].config, len(keys))
+        own = [k for k in keys if not _split_group(k)[1]]
+        out.update(_sublayer_vars(skel[i], i, [k for k in keys if k not in own]))
+        if not own:
+            continue
+        names = var_names(skel[i].class_name, skel[i].config, len(own))
         if names is None:
-            if skel[i].shapes and len(skel[i].shapes) == len(keys):
+            if skel[i].shapes and len(skel[i].shapes) == len(own):
                 names = [v for v, _ in skel[i].shapes]
             else:
-                raise NoFit(f"{g}: cannot name {len(keys)} variables of {skel[i].class_name}")
-        for key in sorted(keys, key=lambda k: int(k.rsplit("/", 1)[1])):
+                raise NoFit(f"{g}: cannot name {len(own)} variables of {skel[i].class_name}")
+        for key in sorted(own, key=lambda k: int(k.rsplit("/", 1)[1])):
             out[key] = (i, names[int(key.rsplit("/", 1)[1])])
+    return out
+
+
+def _sublayer_vars(s: LayerSkeleton, i: int, keys: list[str]) -> dict[str, tuple[int, str]]:
+    """Names of a layer's sublayer variables (an LSTM's ``cell``, a Bidirectional's
+    ``forward_layer/cell``), or NoFit when the class has no such sublayer."""
+    out = {}
+    for key in keys:
+        sub, index = _split_group(key)[1], int(key.rsplit("/", 1)[1])
+        name = sub_var_name(s.class_name, s.config, sub, index)
+        if name is None:
+            raise NoFit(f"{key}: {s.class_name} has no variable {index} in sublayer {sub!r}")
+        out[key] = (i, name)
     return out
 
 
@@ -493,6 +520,10 @@ def _resolve_legacy_h5(raw: RawCheckpoint, skel: list[LayerSkeleton]) -> dict[st
         var[k] = p[-1].split(":")[0]
     renamed: dict[str, str] = {}
     index = _match_scoped(names, skel, renamed=renamed)
+    for k in raw.tensors:  # <bidirectional>/<forward_lstm>/<lstm_cell>/<var>
+        if skel[index[k]].class_name == "Bidirectional":
+            side = [d for d in ("forward", "backward") if f"/{d}_" in k]
+            var[k] = f"{side[0]}/{var[k]}" if side else var[k]
     return Assignment({k: (index[k], var[k]) for k in raw.tensors}, renamed)
 
 

@@ -229,6 +229,14 @@ class LayerTransform:
         does not fit that module (shapes aside)."""
         return {}
 
+    def tensor_params(
+        self, config: dict[str, Any], shapes: dict[str, tuple], args: dict[str, Any] | None = None
+    ) -> dict[str, tuple[str, TensorTransform]]:
+        """Source variable -> (target parameter, tensor transform) for a layer with this config
+        and these variable shapes: ``params`` here; transforms whose layout depends on the layer
+        override it (drafting checks shapes through it)."""
+        return self.params
+
     def apply(self, ctx: LayerContext) -> Emitted:
         out = Emitted()
         for var, (param, tensor_transform) in self.params.items():
@@ -500,3 +508,4 @@ class NormalizationTransform(LayerTransform):
         out = super().apply(ctx)
         out.consumed |= {"count"} & set(ctx.layer.weights)
         return out
+from . import layer_kinds  # noqa: E402,F401  (more layer kinds, registered on import)

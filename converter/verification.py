@@ -229,25 +229,51 @@ def _measure(ref: np.ndarray, got: np.ndarray) -> tuple[float, float, float, flo
     return _metrics(ref, got)
 
 
+measure = _measure  # public: ckptport export compares its three outputs the same way
+
+
 def _within(max_abs: float, rel: float, rtol: float, atol: float) -> bool:
     return max_abs <= atol or rel <= rtol
 
 
-def _to_torch_layout(a: np.ndarray) -> np.ndarray:
-    return a.transpose(0, 3, 1, 2) if a.ndim == 4 else a
+def _to_torch_layout(a: np.ndarray, layout: str = "", like: tuple[int, ...] | None = None):
+    """A Keras tensor in PyTorch's layout. ``layout`` (the Keras runner's hint for that tensor):
+    ``channels_last`` (a conv/pool/BN output, NWC/NHWC/NDHWC) -> channels first; ``as_is`` (Dense,
+    LayerNorm, Embedding, recurrent outputs: batch-first either way); none (a reference recorded
+    before hints): 4-D tensors permuted NHWC -> NCHW. With ``like`` (the PyTorch tensor's shape),
+    the other layout is taken when only it fits."""
+    moved = np.moveaxis(a, -1, 1) if a.ndim >= 3 else a
+    if not layout:
+        layout = "channels_last" if a.ndim == 4 else "as_is"
+    first, second = (moved, a) if layout == "channels_last" else (a, moved)
+    if like is not None and first.shape != tuple(like) and second.shape == tuple(like):
+        return second
+    return first
+
+
+def torch_input(x: np.ndarray, layout: str = "") -> np.ndarray:
+    """The model input as PyTorch takes it: token ids as int64, channels-last feature maps
+    channels-first (``layout``: the Keras runner's hint; default: 4-D images permuted)."""
+    if x.dtype.kind in "iu":
+        return x.astype(np.int64)
+    return np.ascontiguousarray(_to_torch_layout(x, layout))
 
 
 def _make_inputs(
     inputs: str | os.PathLike | np.ndarray | None, spec: dict[str, Any], batch: int, seed: int
 ) -> np.ndarray:
-    """NHWC float32 batch in the Keras model's input domain."""
+    """A batch in the Keras model's input domain and shape (``spec["shape"]``: the source's
+    declared input, e.g. (T, C) audio, (H, W, 1) grayscale, (T,) token ids; else an RGB image)."""
     if inputs is None:
         lo, hi = spec["range"]
         rng = np.random.default_rng(seed)
         h, w = spec.get("hw", (spec["size"], spec["size"]))
-        return rng.uniform(lo, hi, (batch, h, w, 3)).astype(np.float32)
+        shape = spec.get("shape") or (h, w, 3)
+        if "int" in spec.get("dtype", "float32"):
+            return rng.integers(0, spec.get("vocab", 2), (batch, *shape)).astype(np.int32)
+        return rng.uniform(lo, hi, (batch, *shape)).astype(np.float32)
     if isinstance(inputs, np.ndarray):
-        return inputs.astype(np.float32)
+        return _checked_inputs(inputs, spec, "inputs")
     p = Path(inputs)
     if p.is_dir():
         return _load_images(p, spec)
@@ -255,16 +281,36 @@ def _make_inputs(
         data = np.load(p)
     except Exception as exc:
         raise VerificationError(
-            f"{p}: cannot read inputs ({exc}); give a .npy/.npz NHWC batch or a folder of images"
+            f"{p}: cannot read inputs ({exc}); give a .npy/.npz batch or a folder of images"
         ) from None
     if isinstance(data, np.lib.npyio.NpzFile):
         key = "x" if "x" in data.files else data.files[0]
         data = data[key]
-    if data.ndim != 4 or data.shape[-1] not in (1, 3):
-        raise VerificationError(
-            f"{p}: inputs have shape {data.shape}; expected NHWC (batch, height, width, channels)"
+    return _checked_inputs(data, spec, str(p))
+
+
+def _checked_inputs(data: np.ndarray, spec: dict[str, Any], label: str) -> np.ndarray:
+    """A user batch of the source's input shape (None dims free), else NHWC with 1 or 3 channels;
+    integer arrays (token ids) stay integers."""
+    shape = spec.get("declared")
+    if shape is not None:
+        fits = data.ndim == len(shape) + 1 and all(
+            d is None or d == n for d, n in zip(shape, data.shape[1:])
         )
-    return data.astype(np.float32)
+        if not fits:
+            want = ", ".join("any" if d is None else str(d) for d in shape)
+            raise VerificationError(
+                f"{label}: inputs have shape {data.shape}; the source takes (batch, {want})"
+            )
+    elif data.ndim != 4 or data.shape[-1] not in (1, 3):
+        raise VerificationError(
+            f"{label}: inputs have shape {data.shape}; expected NHWC (batch, height, width,"
+            " channels)"
+        )
+    return data.astype(np.int32 if data.dtype.kind in "iu" else np.float32)
+
+
+make_inputs = _make_inputs  # public: ckptport export feeds the same verification inputs
 
 
 def _load_images(folder: Path, spec: dict[str, Any]) -> np.ndarray:
@@ -375,7 +421,15 @@ def verify(
     device = _resolve_device(opts.device)
     ref = _reference(src, conv, opts, device)
     taps, excluded = _exclude_head(ref.taps, conv.head)
-    run = _run_target(converted, ref.tensors["input"], conv, [m for _, _, m in taps], device)
+    layouts = json.loads(ref.meta.get("layouts", "{}"))
+    run = _run_target(
+        converted,
+        ref.tensors["input"],
+        conv,
+        [m for _, _, m in taps],
+        device,
+        layouts.get("input", ""),
+    )
     rtol = DEFAULT_RTOL["float32"] if opts.rtol is None else opts.rtol
     as_source = conv.meta.get("target.output") == "as-source"
     output, compared, note = _compare_output(ref, run, conv.head, rtol, opts.atol, as_source)
@@ -453,30 +507,47 @@ def _fresh_reference(
         source_model=opts.source_model,
         format=opts.format,
         num_classes=num_classes,
+        accept_folded_bn="source.folded_bn" in conv.meta,
     )
     x = _make_inputs(opts.inputs, _input_spec(result, opts.mapping), opts.batch, opts.seed)
     t0 = time.perf_counter()
-    tensors, meta = _read_reference(_run_keras(src, result.taps, x, opts, device, workdir))
+    if result.metadata.get("source.format") == "onnx":  # onnxruntime instead of Keras
+        from .onnx_runner import onnx_reference
+
+        tensors, meta = onnx_reference(src, result, x, opts.train_step)
+        notes = [f"reference: the ONNX model in onnxruntime {meta['onnxruntime.version']}"]
+    else:
+        tensors, meta = _read_reference(_run_keras(src, result.taps, x, opts, device, workdir))
+        notes = []
     timings = {
         "source_process_s": time.perf_counter() - t0,
         "source_run_s": float(meta.get("timing.source_run_s", "nan")),
     }
-    return _Reference(tensors, meta, [], timings)
+    return _Reference(tensors, meta, notes, timings)
 
 
 def _input_spec(result: Any, mapping: str | os.PathLike | None) -> dict[str, Any]:
-    """The table's [input] (size, value range); a source that fixes its input size is run at it."""
+    """The table's [input] (size, value range); a source that declares its input is fed that
+    shape (free dims at the table's size) and dtype (token ids below the Embedding's vocabulary)."""
     from .tables import builtin_tables, load_table
 
+    if "source.input" in result.metadata:  # a source that states its own (ONNX)
+        return json.loads(result.metadata["source.input"])
     tables = [load_table(mapping)] if mapping else builtin_tables()
     if getattr(result, "drafted", None) is not None:  # no table fitted: one was drafted
         tables = [result.drafted.table()]
     spec = dict(next(t for t in tables if t.id == result.table_id).input)
     fixed = result.source_input_shape
-    if fixed and fixed[0] and fixed[1]:
+    if fixed and len(fixed) == 3 and fixed[0] and fixed[1]:
         if fixed[0] != fixed[1]:
             spec["hw"] = (fixed[0], fixed[1])
         spec["size"] = fixed[0]
+    if fixed:
+        spec["declared"] = list(fixed)
+        spec["shape"] = [d or spec["size"] for d in fixed]
+        if len(fixed) == 3 and not fixed[-1]:
+            spec["shape"][-1] = 3
+    spec.update(getattr(result, "source_input", None) or {})
     return spec
 
 
@@ -542,7 +613,12 @@ def _exclude_head(
 
 
 def _run_target(
-    converted: str | os.PathLike, x: np.ndarray, conv: _Conversion, modules: list[str], device: str
+    converted: str | os.PathLike,
+    x: np.ndarray,
+    conv: _Conversion,
+    modules: list[str],
+    device: str,
+    input_layout: str = "",
 ) -> _TargetRun:
     """Load the converted model and run it on the Keras inputs (preprocessing applied), once plain
     (timed) and once with forward hooks on ``modules``."""
@@ -551,11 +627,12 @@ def _run_target(
     from .model import load_model
 
     model = load_model(converted, device=device)
-    xt = x.astype(np.float64)
+    xt = x.astype(np.float64) if x.dtype.kind == "f" else x
     if conv.preprocessing.get("steps"):
         pre = conv.preprocessing
         xt = xt * np.asarray(pre["scale"]) + np.asarray(pre["offset"])
-    xt = torch.from_numpy(xt.astype(np.float32)).permute(0, 3, 1, 2).contiguous().to(device)
+    xt = xt.astype(np.float32) if xt.dtype.kind == "f" else xt
+    xt = torch.from_numpy(torch_input(xt, input_layout)).to(device)
     named = dict(model.named_modules())
     missing = [m for m in modules if m not in named]
     if missing:
@@ -586,14 +663,34 @@ def _compare_layers(
     ref: _Reference, run: _TargetRun, taps: list[tuple[int, str, str]], rtol: float, atol: float
 ) -> list[LayerResult]:
     layers = []
+    hints = json.loads(ref.meta.get("layouts", "{}")).get("taps", [])
+    named = dict(run.model.named_modules())
     for i, src_layer, module in taps:
-        got = run.captured[module].cpu().numpy()
-        max_abs, rel, cos, max_rel = _measure(_to_torch_layout(ref.tensors[f"tap/{i}"]), got)
+        hint = hints[i] if i < len(hints) else ""
+        want = ref.tensors[f"tap/{i}"]
+        got = _sequence_output(run.captured[module].cpu().numpy(), named[module], hint, want)
+        max_abs, rel, cos, max_rel = _measure(_to_torch_layout(want, hint, got.shape), got)
         ok = _within(max_abs, rel, rtol, atol)
         layers.append(
             LayerResult(i, src_layer, module, list(got.shape), max_abs, rel, cos, ok, max_rel)
         )
     return layers
+
+
+def _sequence_output(got: np.ndarray, module: Any, hint: str, want: np.ndarray) -> np.ndarray:
+    """A torch recurrent module's output sequence as Keras returned it: batch-first, and for a
+    Keras layer with return_sequences=False (hint ``last_state``) the last step (a bidirectional
+    one: the forward direction's last step and the backward direction's first)."""
+    if hint not in ("sequence", "last_state"):
+        return got
+    if got.ndim == 3 and getattr(module, "batch_first", True) is False:
+        got = got.transpose(1, 0, 2)
+    if hint == "sequence" or got.ndim != want.ndim + 1:
+        return got
+    if getattr(module, "bidirectional", False):
+        h = got.shape[-1] // 2
+        return np.concatenate([got[:, -1, :h], got[:, 0, h:]], axis=-1)
+    return got[:, -1]
 
 
 def _compare_output(
@@ -616,7 +713,8 @@ def _compare_output(
         got = torch.softmax(run.out.double(), dim=-1).cpu().numpy()
         compared = "probabilities"
         note = "the Keras model ends in softmax: probabilities are compared on both sides"
-    want = ref.tensors["logits"]
+    hint = json.loads(ref.meta.get("layouts", "{}")).get("output", "as_is")
+    want = _to_torch_layout(ref.tensors["logits"], hint, got.shape)  # a feature-map output too
     max_abs, rel, cos, max_rel = _measure(want, got)
     if want.shape != got.shape:
         note = f"output shapes differ: Keras {list(want.shape)}, PyTorch {list(got.shape)}"

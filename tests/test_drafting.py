@@ -7,6 +7,7 @@ hand-written table; an ambiguous block is refused with its candidates."""
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import sys
 
@@ -109,6 +110,11 @@ def test_drafted_table_passes_back_with_mapping(fx, tmp_path, cli):
     text = table.read_text()
     assert 'source = "^conv_s$"\ntarget = "shortcut.0"' in text
     assert "# conv_s (Conv2D): kernel (3, 3, 8, 8), bias (8,)" in text
+    rc, out, err = cli(
+        "draft", src, "--to", target("resblock"), "-o", tmp_path / "j.toml", "--json"
+    )
+    rows = {r["source_layer"]: r for r in json.loads(out)["rules"]}
+    assert rc == 0 and rows["bn_s"]["target_module"] == "shortcut.1", err
     again = convert(src, target("resblock"), mapping=table)
     assert again.drafted is None and again.table_id == "drafted"
     fresh = convert(src, target("resblock"))
@@ -311,3 +317,25 @@ def test_graph_flattens_nested_models_and_contracts_to_weighted_nodes():
     assert graph.by_name["i_conv"].attrs["strides"] == (2, 2)
     assert graph.by_name["head"].attrs["activation"] == "relu"
     assert graph.outputs == ("head",)
+
+
+def test_graph_of_a_keras2_sequential_without_input_layer():
+    """Keras 2 Sequential configs start with the first layer, which carries the input shape."""
+    from converter.drafting.graph import graph_from_keras_config
+
+    first = {"name": "c", "batch_input_shape": [None, 28, 28, 1], "kernel_size": [3, 3]}
+    config = {
+        "class_name": "Sequential",
+        "config": {
+            "name": "s",
+            "layers": [
+                {"class_name": "Conv2D", "config": first},
+                {"class_name": "Flatten", "config": {"name": "f"}},
+                {"class_name": "Dense", "config": {"name": "d"}},
+            ],
+        },
+    }
+    graph = graph_from_keras_config(config, {"c": {"kernel": (3, 3, 1, 4)}, "d": {"kernel": (1,)}})
+    assert graph.input_shape() == (28, 28, 1)
+    assert graph.weighted_inputs("c") == {"input"} and graph.weighted_inputs("d") == {"c"}
+    assert graph.outputs == ("d",)

@@ -62,6 +62,9 @@ WRITERS = {
         "model.safetensors",
         also=("model.py",),
     ),
+    "export -o": Writer(
+        lambda f, out: ["export", f.converted, "--against", f.reference, "-o", out], "model.onnx"
+    ),
 }
 
 

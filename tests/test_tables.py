@@ -63,6 +63,7 @@ def test_layer_transforms_invert(name):
             "depthwise_kernel": (3, 3, 4, 1),
             "pointwise_kernel": (1, 1, 4, 6),
         }.get(var, (6,))
+        shape = getattr(t, "example", {}).get("shapes", {}).get(var, shape)  # layer_kinds.py
         x = rng.normal(size=shape).astype(np.float32)
         np.testing.assert_array_equal(tt.inverse(tt(x)), x)
         assert repr(tt)

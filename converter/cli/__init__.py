@@ -37,6 +37,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "converter.cli.port",
         "Write a readable PyTorch module and its weights from a Keras model.",
     ),
+    "export": (
+        "converter.cli.export",
+        "Export a converted checkpoint to ONNX, checked in onnxruntime.",
+    ),
 }
 
 

@@ -95,6 +95,14 @@ def summary(result, out: Path | None) -> dict:
     help="Run the layer-by-layer verification after converting.",
 )
 @click.option(
+    "--accept-folded-bn",
+    is_flag=True,
+    help=(
+        "ONNX sources whose BatchNorm the exporter folded into the convs: convert anyway, the"
+        " target's BatchNorm modules getting identity statistics."
+    ),
+)
+@click.option(
     "--no-verify",
     is_flag=True,
     help="Skip the verification that follows a drafted mapping (see `ckptport draft`).",
@@ -119,14 +127,16 @@ def command(
     use_ema,
     source_bn_momentum,
     do_verify,
+    accept_folded_bn,
     no_verify,
     verify_inputs,
     force,
     as_json,
 ) -> int:
-    """Convert a Keras/TF checkpoint SRC to a PyTorch state dict. With no table for SRC and
-    --to your own module (file.py:factory), a mapping is drafted from both structures, written
-    beside the output as OUT.mapping.toml, and the result verified layer by layer."""
+    """Convert a Keras/TF checkpoint or an ONNX model SRC to a PyTorch state dict. With no table
+    for SRC and --to your own module (file.py:factory), a mapping is drafted from both
+    structures, written beside the output as OUT.mapping.toml, and the result verified layer by
+    layer."""
     from ..errors import ConverterError
     from ..formats import check_output
 
@@ -140,18 +150,10 @@ def command(
         check_output(drafted_table_path(out), force, (src,))
     console = stderr_console()
     options = dict(mapping=mapping, source_model=source_model, format=src_format)
+    more = dict(num_classes=num_classes, pooling=pooling, use_ema=use_ema)
+    more.update(source_bn_momentum=source_bn_momentum, accept_folded_bn=accept_folded_bn)
     result, written = _convert_with_progress(
-        console,
-        as_json,
-        src,
-        to,
-        out,
-        force,
-        num_classes=num_classes,
-        pooling=pooling,
-        use_ema=use_ema,
-        source_bn_momentum=source_bn_momentum,
-        **options,
+        console, as_json, src, to, out, force, **more, **options
     )
     info = summary(result, written)
     if result.drafted is not None:
@@ -248,7 +250,7 @@ def _details(result, info: dict) -> list[str]:
     if result.bn_config:
         lines.append(
             f"BatchNorm: {info['bn_modules']} modules, torch momentum"
-            f" {momenta_str(info['bn_momentum_torch'])} (= 1 - Keras), eps"
+            f" {momenta_str(info['bn_momentum_torch'])} (= 1 - {_convention(result)}), eps"
             f" {momenta_str(info['bn_eps'])}"
         )
     if info["surgeries"]:
@@ -274,6 +276,11 @@ def _details(result, info: dict) -> list[str]:
             f" {', '.join(result.head_reset['dropped_source_layers'])}"
         )
     return lines
+
+
+def _convention(result) -> str:
+    """Whose momentum the BN momentum is 1 minus (ONNX has Keras' convention)."""
+    return "ONNX momentum" if result.metadata.get("source.format") == "onnx" else "Keras"
 
 
 def _print_verification(console, report) -> None:

@@ -102,6 +102,10 @@ def _source_lines(info: dict) -> list[str]:
         f"architecture: {info['architecture'] or 'not a shipped one'}; layer config from:"
         f" {info['config_origin']}"
     ]
+    if "exporter" in info:
+        lines.append(f"exported by {info['exporter']}, opset {info['opset']}")
+    if info.get("folded_bn"):
+        lines.append(info["folded_bn"]["message"])
     if info.get("refused"):
         lines.append(f"recognised: {info['architecture']} (refused: {info['refused']})")
     if info.get("family"):

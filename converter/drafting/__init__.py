@@ -90,11 +90,12 @@ def draft(
 def draft_for_source(source: SourceModel, to: str) -> Draft:
     """Draft the table for an already resolved source (what ``convert`` does when no table fits)."""
     from ..model import build_target
-    from .target import dummy_input, trace_target
+    from .target import dummy_inputs, trace_target
 
     graph, moved = without_preprocessing(source_graph(source))
     model = build_target(to)
-    matches = align(graph, trace_target(model, dummy_input(graph.input_shape())))
+    traced = trace_target(model, dummy_inputs(graph.input_shape()), graph.input_dtype())
+    matches = align(graph, traced)
     text = render_table(matches, to, source, graph, moved)
     return Draft(text, matches, to, source.raw.path)
 

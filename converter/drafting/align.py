@@ -19,16 +19,16 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
-from ..errors import AmbiguousMappingError, MappingError
-from ..transforms import TRANSFORMS, LayerTransform
+from ..errors import AmbiguousMappingError, ConverterError, MappingError
+from ..transforms import TRANSFORMS, LayerTransform, TensorTransform
 from .graph import INPUT, SourceGraph, SourceNode
 from .target import MODEL_INPUT, TargetGraph, TargetNode
 
 OUTPUT = "<output>"
 HYPER = ("kernel_size", "strides", "dilation", "groups")
-COUNTERS = ("num_batches_tracked",)  # target buffers no source variable fills
 
 
 @dataclass
@@ -71,7 +71,7 @@ def options(s: SourceNode, t: TargetNode, index: dict, hyper: bool = True) -> li
     kind = next((k for k in (t.kind, *t.bases) if (s.kind, k) in index), t.kind)
     for transform in index.get((s.kind, kind), []):
         args = transform.draft_args(t.attrs)
-        fold = _shapes_fit(s, t, transform) if args is not None else None
+        fold = _shapes_fit(s, t, transform, args) if args is not None else None
         if fold is not None:
             out.append(Option(transform, args, fold))
     return out
@@ -90,28 +90,41 @@ def _tup(v: Any) -> tuple:
     return tuple(v) if isinstance(v, (list, tuple)) else (v,)
 
 
-def _shapes_fit(s: SourceNode, t: TargetNode, transform: LayerTransform) -> bool | None:
+def _shapes_fit(
+    s: SourceNode, t: TargetNode, transform: LayerTransform, args: dict[str, Any]
+) -> bool | None:
     """None when ``transform`` cannot put ``s``'s variables on ``t``; else whether the bias
     folds (the target has no bias)."""
     placed, folds = set(), False
+    try:
+        params = transform.tensor_params(s.config, dict(s.weights), args)
+    except (ConverterError, KeyError, ValueError, IndexError, TypeError):
+        return None  # a transform that cannot describe this layer does not fit it
     for var, shape in s.weights.items():
-        if var not in transform.params:
+        if var not in params:
             return None
-        param, tensor = transform.params[var]
+        param, tensor = params[var]
         if param not in t.tensors:
             if var != "bias":
                 return None
             folds = True
             continue
-        try:
-            if tuple(tensor.shape(tuple(shape))) != tuple(t.tensors[param]):
-                return None
-        except (ValueError, MappingError):
+        if transformed_shape(tensor, tuple(shape)) != tuple(t.tensors[param]):
             return None
         placed.add(param)
-    fills = {param for param, _ in transform.params.values()}
-    left = set(t.tensors) - placed - set(COUNTERS)
-    return folds if placed and left <= fills else None
+    # target tensors no variable lands on are the transform's to fill (BatchNorm's gamma with
+    # scale=False, an RNN's second bias) or are named unfilled by the conversion's accounting
+    return folds if placed else None
+
+
+@lru_cache(maxsize=8192)
+def transformed_shape(tensor: TensorTransform, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """``tensor.shape(shape)``, None where the transform refuses the shape (memoised: alignment
+    asks for every source-target pair of a kind)."""
+    try:
+        return tuple(tensor.shape(shape))
+    except (ValueError, MappingError):
+        return None
 
 
 # ------------------------------------------------------------------ structure

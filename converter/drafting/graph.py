@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from ..errors import SourceFormatError
+from ..errors import MappingError, SourceFormatError
 
 INPUT = "<input>"  # kind of a model input node
 
@@ -76,6 +76,14 @@ class SourceGraph:
                 stack.extend(node.inputs)
         return frozenset(out)
 
+    def input_dtype(self) -> str:
+        """The first input's dtype (``float32`` unless the source says otherwise)."""
+        for node in self.inputs:
+            dtype = node.attrs.get("dtype")
+            if isinstance(dtype, str):
+                return dtype
+        return "float32"
+
     def input_shape(self) -> tuple[int | None, ...] | None:
         """The first input's shape without the batch axis, when the source declares it."""
         for node in self.inputs:
@@ -132,8 +140,10 @@ class _KerasGraph:
                     self._add(entry, (), scope, kind=INPUT)
                     prev = (name,)
                 continue
-            if prev is None:  # a Sequential built without an Input: its first layer reads it
-                self._add({"class_name": INPUT, "config": {"name": "input"}}, (), scope, INPUT)
+            if prev is None:  # no InputLayer (Keras 2): the first layer may state the shape
+                shape = entry.get("config", {}).get("batch_input_shape")
+                cfg = {"name": "input", **({"batch_input_shape": shape} if shape else {})}
+                self._add({"class_name": INPUT, "config": cfg}, (), scope, INPUT)
                 prev = ("input",)
             prev = self._layer(entry, prev, scope)
         return list(prev or ())
@@ -148,7 +158,10 @@ class _KerasGraph:
             return
         refs = list(_inbound_refs(entry.get("inbound_nodes", [])))
         if len({r[1] for r in refs}) > 1:
-            raise SourceFormatError(f"layer {name!r} is called more than once (shared layer)")
+            raise MappingError(
+                f"layer {name!r} is called more than once (a shared layer); a drafted mapping needs"
+                " one call per layer: write a --mapping table for this model"
+            )
         self._layer(entry, tuple(p for r in refs for p in self._ref(r)), scope)
 
     def _layer(self, entry: dict, inputs: tuple[str, ...], scope: str) -> tuple[str, ...]:
@@ -228,4 +241,6 @@ def keras_attrs(cfg: dict[str, Any]) -> dict[str, Any]:
     shape = cfg.get("batch_shape") or cfg.get("batch_input_shape")
     if shape:
         out["shape"] = tuple(shape[1:])
+        if isinstance(cfg.get("dtype"), str):
+            out["dtype"] = cfg["dtype"]
     return out

@@ -41,16 +41,38 @@ class TargetGraph:
     outputs: frozenset[str]
 
 
-def dummy_input(shape: tuple[int | None, ...] | None, default: int = 32) -> tuple[int, ...]:
-    """A batch-of-2 channels-first shape from a channels-last source input shape: (H, W, C) ->
-    (2, C, H, W), (L, C) -> (2, C, L), (F,) -> (2, F); unknown sizes become ``default``."""
+def dummy_inputs(shape: tuple[int | None, ...] | None, default: int = 32) -> list[tuple[int, ...]]:
+    """Batch-of-1 input shapes to try, from a channels-last source input shape: channels-first
+    first ((H, W, C) -> (1, C, H, W), (L, C) -> (1, C, L): convolutions), then as the source has
+    it ((1, L, C): recurrent, Embedding and Dense-on-sequence models); unknown sizes become
+    ``default``."""
     if not shape:
-        return (2, 3, default, default)
+        return [(1, 3, default, default)]
     dims = [d if d else default for d in shape]
-    return (2, *dims) if len(dims) == 1 else (2, dims[-1], *dims[:-1])
+    first = (1, *dims) if len(dims) == 1 else (1, dims[-1], *dims[:-1])
+    return [first] if first == (1, *dims) else [first, (1, *dims)]
 
 
-def trace_target(model: Any, input_shape: tuple[int, ...]) -> TargetGraph:
+def trace_target(model: Any, shapes: list[tuple[int, ...]], dtype: str = "float32") -> TargetGraph:
+    """:func:`trace_once` on the first input shape the model accepts (``dtype``: the source's
+    input dtype; integer ids for an Embedding)."""
+    failures = []
+    for shape in shapes:
+        try:
+            return trace_once(model, shape, dtype)
+        except _ForwardFailed as exc:
+            failures.append(f"{shape}: {exc}")
+    raise MappingError(
+        f"running the target on a dummy input failed ({'; '.join(failures)}); does it take the "
+        "source's input shape?"
+    )
+
+
+class _ForwardFailed(Exception):
+    pass
+
+
+def trace_once(model: Any, input_shape: tuple[int, ...], dtype: str = "float32") -> TargetGraph:
     """Run ``model`` once on zeros of ``input_shape`` (eval mode, no grad) and return its
     parameterised modules in the order they ran. Modules that never run are left out (their
     tensors stay unfilled and the conversion's accounting names them)."""
@@ -68,17 +90,14 @@ def trace_target(model: Any, input_shape: tuple[int, ...]) -> TargetGraph:
             handles.append(module.register_forward_hook(tracker.post(name)))
     was_training = model.training
     model.eval()
-    x = torch.zeros(input_shape)
+    x = torch.zeros(input_shape, dtype=torch.long if dtype.startswith(("int", "uint")) else None)
     tracker.sources[id(x)] = frozenset({MODEL_INPUT})
     tracker.keep.append(x)
     try:
-        with torch.no_grad(), _FlowMode(tracker):
+        with torch.no_grad(), _flow_mode(tracker):
             y = model(x)
     except Exception as exc:
-        raise MappingError(
-            f"running the target on a dummy input of shape {tuple(input_shape)} failed "
-            f"({type(exc).__name__}: {exc}); does it take the source's input shape?"
-        ) from None
+        raise _ForwardFailed(f"{type(exc).__name__}: {exc}") from None
     finally:
         for h in handles:
             h.remove()
@@ -94,7 +113,6 @@ class _Tracker:
         self.flat: dict[int, tuple[int, int, int]] = {}
         self.keep: list[Any] = []  # tensors stay alive so their ids are not reused
         self.nodes: dict[str, TargetNode] = {}
-        self.depth = 0
 
     def origin(self, tensors: list[Any]) -> frozenset[str]:
         out: set[str] = set()
@@ -115,13 +133,11 @@ class _Tracker:
                 node = TargetNode(name, type(module).__name__, tensors, attrs, bases=bases)
                 self.nodes[name] = node
             node.inputs = node.inputs | self.origin(flat)
-            self.depth += 1
 
         return hook
 
     def post(self, name: str):
         def hook(mod, args, output):
-            self.depth -= 1
             for t in _tensors(output):
                 self.sources[id(t)] = frozenset({name})
                 self.keep.append(t)
@@ -144,24 +160,23 @@ class _Tracker:
         it through shape-preserving operations (dropout, activations)."""
         for t in ins:
             if id(t) in self.flat and tuple(t.shape) == tuple(out.shape):
-                self.flat[id(out)] = self.flat[id(t)]
-                return
-            if t.dim() == 4 and out.dim() == 2 and out.shape[1] == t[0].numel():
+                hwc = self.flat[id(t)]
+            elif t.dim() == 4 and out.dim() == 2 and out.shape[1] == t[0].numel():
                 _, c, h, w = t.shape
-                self.flat[id(out)] = (int(h), int(w), int(c))
-                return
+                hwc = (int(h), int(w), int(c))
+            else:
+                continue
+            self.flat[id(out)] = hwc
+            self.keep.append(out)  # its id must not be reused while recorded
+            return
 
 
-def _flow_mode_base():
+def _flow_mode(tracker: _Tracker) -> Any:
+    """A TorchFunctionMode that reports every torch function call to ``tracker`` (defined here:
+    torch is imported only when a target is traced)."""
     from torch.overrides import TorchFunctionMode
 
-    return TorchFunctionMode
-
-
-def _FlowMode(tracker: _Tracker):
-    """A TorchFunctionMode that reports every torch function call to ``tracker``."""
-
-    class FlowMode(_flow_mode_base()):
+    class FlowMode(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
             result = func(*args, **(kwargs or {}))
             tracker.op([args, kwargs], result)

@@ -236,4 +236,4 @@ def _to_numpy(v: Any) -> np.ndarray:
 
 
 # Register the built-in formats (import order = sniff order).
-from . import keras_h5, safetensors_file, torch_file, tf  # noqa: E402,F401
+from . import keras_h5, safetensors_file, torch_file, tf, onnx_file  # noqa: E402,F401

@@ -79,9 +79,18 @@ def _read_layer_groups(
             continue
         vars_ = group["vars"]
         names[where] = str(vars_.attrs.get("name", group_name))
-        for idx in sorted(vars_, key=int):
-            key = f"layers/{where}/vars/{idx}"
-            tensors[key] = _dataset_tensor(key, vars_[idx])
+        _read_vars(group, f"layers/{where}", tensors)
+
+
+def _read_vars(group: Any, where: str, tensors: dict[str, RawTensor]) -> None:
+    """``<where>/vars/<i>``, and those of sublayer groups (an LSTM's ``cell``, a Bidirectional's
+    ``forward_layer/cell``) as ``<where>/<sublayer path>/vars/<i>``."""
+    for idx in sorted(group.get("vars", {}), key=int):
+        key = f"{where}/vars/{idx}"
+        tensors[key] = _dataset_tensor(key, group["vars"][idx])
+    for name, sub in group.items():
+        if name not in ("vars", "layers") and hasattr(sub, "items"):
+            _read_vars(sub, f"{where}/{name}", tensors)
 
 
 @register
