@@ -508,4 +508,6 @@ class NormalizationTransform(LayerTransform):
         out = super().apply(ctx)
         out.consumed |= {"count"} & set(ctx.layer.weights)
         return out
+
+
 from . import layer_kinds  # noqa: E402,F401  (more layer kinds, registered on import)
