@@ -138,10 +138,21 @@ class _Walk:
             for k, out in enumerate(outs):
                 self.alias[Ref(name, node, k)] = out
             return outs[0]
-        is_op = isinstance(cfg, dict) and "trainable" not in cfg and cls != "InputLayer"
+        is_op = is_op_entry(entry)
         out = Ref(name, node, 0)
         self.calls.append(Call(name, cls, cfg, inputs, out, kwargs, is_op))
         return out
+
+
+def is_op_entry(entry: dict[str, Any]) -> bool:
+    """A Keras op (``x + 3.0``), not a layer: its module says so in a ``.keras`` config; a legacy
+    config writes no module, and an op's config holds neither ``trainable`` nor ``dtype`` (every
+    layer's does)."""
+    cfg = entry.get("config")
+    if "module" in entry and entry["module"] is not None:
+        return str(entry["module"]).startswith(("keras.src.ops", "keras.ops"))
+    keys = set(cfg) if isinstance(cfg, dict) else set()
+    return not keys & {"trainable", "dtype"} and entry.get("class_name") != "InputLayer"
 
 
 def _layer_name(entry: dict[str, Any]) -> str:
