@@ -135,3 +135,13 @@ def canonical_attr(class_name: str, attr: str) -> str:
     if class_name in KERAS_LAYERS:
         attr = KERAS_LAYERS.get(class_name).aliases.get(attr, attr)
     return attr.lstrip("_")
+
+
+# ckptport port keeps GroupNormalization as torch GroupNorm (gamma, beta like LayerNormalization)
+KERAS_LAYERS.add(
+    "GroupNormalization",
+    LayerVars(
+        lambda c: (["gamma"] if c.get("scale", True) else [])
+        + (["beta"] if c.get("center", True) else [])
+    ),
+)

@@ -496,4 +496,18 @@ class SeparableConv2dT(LayerTransform):
         return out
 
 
+@register("normalization")
+class NormalizationTransform(LayerTransform):
+    """Keras Normalization kept in the model (``ckptport port``): adapted ``mean``/``variance``
+    -> buffers of the same names; ``count`` (how many samples adapt saw) has no use at inference
+    and is consumed without a target."""
+
+    params = {"mean": ("mean", IDENTITY), "variance": ("variance", IDENTITY)}
+
+    def apply(self, ctx: LayerContext) -> Emitted:
+        out = super().apply(ctx)
+        out.consumed |= {"count"} & set(ctx.layer.weights)
+        return out
+
+
 from . import layer_kinds  # noqa: E402,F401  (more layer kinds, registered on import)

@@ -440,7 +440,8 @@ def verify(
         "rtol", DEFAULT_RTOL["float32"]
     )
     rtol = rtol if opts.rtol is None else opts.rtol
-    output, compared, note = _compare_output(ref, run, conv.head, rtol, opts.atol)
+    as_source = conv.meta.get("target.output") == "as-source"
+    output, compared, note = _compare_output(ref, run, conv.head, rtol, opts.atol, as_source)
     x = ref.tensors["input"]
     report = VerificationReport(
         _compare_layers(ref, run, taps, rtol, opts.atol),
@@ -713,16 +714,22 @@ def _sequence_output(got: np.ndarray, module: Any, hint: str, want: np.ndarray) 
 
 
 def _compare_output(
-    ref: _Reference, run: _TargetRun, head: dict[str, Any] | None, rtol: float, atol: float
+    ref: _Reference,
+    run: _TargetRun,
+    head: dict[str, Any] | None,
+    rtol: float,
+    atol: float,
+    as_source: bool = False,
 ) -> tuple[dict[str, Any], str, str | None]:
     """(output entry, what was compared, note). A fresh head cannot match the Keras classifier: the
-    output is then not comparable, which the report says (it is not a mismatch)."""
+    output is then not comparable, which the report says (it is not a mismatch). ``as_source``:
+    the target ends as the Keras model does (``ckptport port``: a final softmax included)."""
     import torch
 
     if head is not None:
         return _output_not_comparable(head)
     got, compared, note = run.out.cpu().numpy(), "logits", None
-    if ref.meta.get("final_activation", "linear") == "softmax":
+    if ref.meta.get("final_activation", "linear") == "softmax" and not as_source:
         got = torch.softmax(run.out.double(), dim=-1).cpu().numpy()
         compared = "probabilities"
         note = "the Keras model ends in softmax: probabilities are compared on both sides"

@@ -30,6 +30,7 @@ class Writer(NamedTuple):
     argv: Callable[[Inputs, Path], list]  # the command line (without --force) writing to a path
     output_name: str  # the file it writes
     exit_with_force: int = 0  # the exit code once it may write
+    also: tuple[str, ...] = ()  # other files the command writes beside it (refused the same way)
 
 
 WRITERS = {
@@ -50,6 +51,16 @@ WRITERS = {
         lambda f, out: ["recalibrate", f.converted, "--data", f.data, "--batch-size", "2"]
         + ["--num-batches", "2", "-o", out],
         "recalibrated.safetensors",
+    ),
+    "port -o": Writer(
+        lambda f, out: ["port", f.src, "-o", out, "--no-verify"],
+        "model.py",
+        also=("model.safetensors",),
+    ),
+    "port -o (weights beside it)": Writer(
+        lambda f, out: ["port", f.src, "-o", out.with_suffix(".py"), "--no-verify"],
+        "model.safetensors",
+        also=("model.py",),
     ),
     "export -o": Writer(
         lambda f, out: ["export", f.converted, "--against", f.reference, "-o", out], "model.onnx"
@@ -87,5 +98,6 @@ def test_refuses_to_overwrite_without_force(name, inputs, tmp_path, cli):
     rc, _, err = cli(*writer.argv(inputs, out), "--force")
     assert rc == writer.exit_with_force, err
     assert out.read_bytes() != PLACEHOLDER and out.stat().st_size > 0
-    assert sorted(tmp_path.iterdir()) == [out], "a partial file was left behind"
+    written = sorted([out, *(tmp_path / name for name in writer.also)])
+    assert sorted(tmp_path.iterdir()) == written, "a partial file was left behind"
     assert {p: p.read_bytes() for p in inputs} == before, "an input was touched"

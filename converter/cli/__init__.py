@@ -33,6 +33,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "converter.cli.recalibrate",
         "Recompute BN running stats as a true average (precise BN).",
     ),
+    "port": (
+        "converter.cli.port",
+        "Write a readable PyTorch module and its weights from a Keras model.",
+    ),
     "export": (
         "converter.cli.export",
         "Export a converted checkpoint to ONNX, checked in onnxruntime.",
