@@ -13,14 +13,22 @@ PACKAGE = ROOT / "converter"
 
 
 def test_black_formats_the_package():
-    proc = subprocess.run([sys.executable, "-m", "black", "--check", "-q", str(PACKAGE)],
-                          capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "black", "--check", "-q", str(PACKAGE)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, f"run `black converter`:\n{proc.stderr}"
 
 
 def test_no_line_over_100_columns():
-    long = [f"{p.relative_to(ROOT)}:{i}" for p in PACKAGE.rglob("*.py")
-            for i, line in enumerate(p.read_text().splitlines(), 1) if len(line) > 100]
+    long = [
+        f"{p.relative_to(ROOT)}:{i}"
+        for p in PACKAGE.rglob("*.py")
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if len(line) > 100
+    ]
     assert not long, long
 
 
@@ -34,3 +42,19 @@ def test_no_long_function_without_a_reason():
                 if size > 60 and "long because" not in (ast.get_docstring(node) or ""):
                     long.append(f"{p.relative_to(ROOT)}:{node.name} ({size} lines)")
     assert not long, long
+
+
+def test_every_package_is_installed():
+    """pyproject lists packages explicitly: a subpackage left out works in the editable install
+    and is missing from a wheel."""
+    import tomllib
+
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    found = {
+        ".".join(p.parent.relative_to(ROOT).parts)
+        for p in (ROOT / "converter").rglob("__init__.py")
+        if "__pycache__" not in p.parts
+    }
+    assert found <= listed, f"missing from pyproject's packages: {sorted(found - listed)}"
