@@ -20,7 +20,7 @@ class ProtoError(ValueError):
     """The bytes are not a well-formed protobuf message."""
 
 
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+def varint(buf: bytes, pos: int) -> tuple[int, int]:
     result, shift = 0, 0
     while True:
         if pos >= len(buf) or shift > 63:
@@ -38,10 +38,10 @@ def fields(buf: bytes) -> Iterator[tuple[int, int, int | bytes]]:
     length-delimited ones (sub-messages, strings, packed repeated scalars)."""
     pos, n = 0, len(buf)
     while pos < n:
-        key, pos = _varint(buf, pos)
+        key, pos = varint(buf, pos)
         num, wire = key >> 3, key & 7
         if wire == 0:
-            val, pos = _varint(buf, pos)
+            val, pos = varint(buf, pos)
             yield num, wire, val
         elif wire in (1, 5):
             size = 8 if wire == 1 else 4
@@ -50,7 +50,7 @@ def fields(buf: bytes) -> Iterator[tuple[int, int, int | bytes]]:
             yield num, wire, int.from_bytes(buf[pos : pos + size], "little")
             pos += size
         elif wire == 2:
-            length, pos = _varint(buf, pos)
+            length, pos = varint(buf, pos)
             if pos + length > n:
                 raise ProtoError("truncated length-delimited field")
             yield num, wire, buf[pos : pos + length]
@@ -93,7 +93,7 @@ def as_ints(wire: int, value: int | bytes) -> list[int]:
         return [value]
     out, pos = [], 0
     while isinstance(value, bytes) and pos < len(value):
-        v, pos = _varint(value, pos)
+        v, pos = varint(value, pos)
         out.append(v)
     return out
 

@@ -23,6 +23,7 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import SourceFormatError
+from .protowire import fields, varint
 
 __all__ = [
     "BundleEntry", "BundleHeader", "resolve_prefix", "read_index", "read_header", "load_tensor",
@@ -228,19 +229,6 @@ def _mask(crc: int) -> int:
 # --------------------------------------------------------------------------- protobuf wire format
 
 
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-    result, shift = 0, 0
-    while True:
-        if pos >= len(buf) or shift > 63:
-            raise ValueError("truncated varint")
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return result, pos
-        shift += 7
-
-
 def _signed64(v: int) -> int:
     v &= (1 << 64) - 1
     return v - (1 << 64) if v >= 1 << 63 else v
@@ -248,31 +236,8 @@ def _signed64(v: int) -> int:
 
 def _fields(buf: bytes) -> Iterator[tuple[int, int | bytes]]:
     """(field number, value) pairs: ints for varint/fixed, bytes for length-delimited fields."""
-    pos = 0
-    while pos < len(buf):
-        key, pos = _varint(buf, pos)
-        num, wire = key >> 3, key & 7
-        if wire == 0:
-            val, pos = _varint(buf, pos)
-            yield num, val
-        elif wire == 1:
-            if pos + 8 > len(buf):
-                raise ValueError("truncated fixed64")
-            yield num, int.from_bytes(buf[pos : pos + 8], "little")
-            pos += 8
-        elif wire == 2:
-            length, pos = _varint(buf, pos)
-            if pos + length > len(buf):
-                raise ValueError("truncated length-delimited field")
-            yield num, bytes(buf[pos : pos + length])
-            pos += length
-        elif wire == 5:
-            if pos + 4 > len(buf):
-                raise ValueError("truncated fixed32")
-            yield num, int.from_bytes(buf[pos : pos + 4], "little")
-            pos += 4
-        else:
-            raise ValueError(f"unsupported wire type {wire}")
+    for num, _, val in fields(buf):
+        yield num, bytes(val) if isinstance(val, (bytes, memoryview)) else val
 
 
 def _parse_shape(buf: bytes) -> tuple[int, ...]:
@@ -418,9 +383,9 @@ def _block_entries(block: bytes) -> Iterator[tuple[bytes, bytes]]:
         raise ValueError("bad restart count")
     pos, key = 0, b""
     while pos < limit:
-        shared, pos = _varint(block, pos)
-        non_shared, pos = _varint(block, pos)
-        value_len, pos = _varint(block, pos)
+        shared, pos = varint(block, pos)
+        non_shared, pos = varint(block, pos)
+        value_len, pos = varint(block, pos)
         if shared > len(key) or pos + non_shared + value_len > limit:
             raise ValueError("bad block entry")
         key = key[:shared] + block[pos : pos + non_shared]
@@ -430,8 +395,8 @@ def _block_entries(block: bytes) -> Iterator[tuple[bytes, bytes]]:
 
 
 def _handle(buf: bytes, pos: int = 0) -> tuple[tuple[int, int], int]:
-    off, pos = _varint(buf, pos)
-    size, pos = _varint(buf, pos)
+    off, pos = varint(buf, pos)
+    size, pos = varint(buf, pos)
     return (off, size), pos
 
 
@@ -626,7 +591,7 @@ def _string_tensor(
     pos, lengths = 0, []
     try:
         for _ in range(count):
-            n, pos = _varint(raw, pos)
+            n, pos = varint(raw, pos)
             lengths.append(n)
     except ValueError:
         lengths = []
