@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import UnsupportedLayerError, VerificationError
+from .keras_graph import MODEL_CLASSES
 
 # layers that run code stored in the file (marshalled Python, TF ops) or load other files
 CODE_LAYERS = ("Lambda", "TFOpLambda", "SlicingOpLambda", "TFSMLayer")
 OP_MODULES = ("numpy", "nn", "math", "core", "image", "linalg", "einops")  # keras.src.ops.*
-MODEL_CLASSES = ("Functional", "Model", "Sequential")
 WRAPPED_KEYS = ("layer", "forward_layer", "backward_layer")  # TimeDistributed, Bidirectional
 
 

@@ -319,6 +319,39 @@ def test_graph_flattens_nested_models_and_contracts_to_weighted_nodes():
     assert graph.outputs == ("head",)
 
 
+def test_graph_refuses_a_shared_layer_and_follows_keras2_nested_node_indices():
+    """A layer called twice (on two different tensors) is refused by name; a Keras 2 config refers
+    to a nested model's first call as node 1 (its construction is node 0), which still leads to
+    the nested model's output."""
+    from converter.drafting.graph import graph_from_keras_config
+    from converter.errors import MappingError
+
+    def functional(name, layers, inputs, outputs):
+        cfg = {"name": name, "layers": layers, "input_layers": inputs, "output_layers": outputs}
+        return {"class_name": "Functional", "config": cfg}
+
+    shared = _k3("dense", "Dense", "a")
+    shared["inbound_nodes"] += _k3("dense", "Dense", "b")["inbound_nodes"]
+    layers = [_k3("a", "InputLayer"), _k3("b", "InputLayer"), shared]
+    config = functional("m", layers, [["a", 0, 0], ["b", 0, 0]], [["dense", 1, 0]])
+    with pytest.raises(MappingError, match="layer 'dense' is called more than once"):
+        graph_from_keras_config(config, {})
+
+    inner = functional(
+        "inner", [_k3("i", "InputLayer"), _k3("c", "Conv2D", "i")], [["i", 0, 0]], [["c", 0, 0]]
+    )
+    inner["inbound_nodes"] = [[["x", 0, 0, {}]]]
+    head = {
+        "class_name": "Dense",
+        "config": {"name": "head"},
+        "inbound_nodes": [[["inner", 1, 0, {}]]],
+    }
+    config = functional("m", [_k3("x", "InputLayer"), inner, head], [["x", 0, 0]], [["head", 0, 0]])
+    graph = graph_from_keras_config(config, {"c": {"kernel": (1,)}, "head": {"kernel": (1,)}})
+    assert graph.weighted_inputs("c") == {"x"} and graph.weighted_inputs("head") == {"c"}
+    assert graph.by_name["c"].scope == "inner" and graph.outputs == ("head",)
+
+
 def test_graph_of_a_keras2_sequential_without_input_layer():
     """Keras 2 Sequential configs start with the first layer, which carries the input shape."""
     from converter.drafting.graph import graph_from_keras_config

@@ -251,7 +251,7 @@ def test_port_graph_of_stored_configs_without_keras():
     """Keras 3 op entries other than arithmetic become stubs (``ops.average`` is a reduction, not
     the Average merge layer); Keras 2 inbound nodes (``[[name, node, index, kwargs]]``) read."""
     from converter.porting import class_identifier, write_module
-    from converter.porting.graph import read_graph
+    from converter.keras_graph import read_graph
 
     keras3 = {
         "class_name": "Functional",

@@ -16,9 +16,10 @@ source side (Keras layer classes today).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
-from ..errors import MappingError, SourceFormatError
+from ..errors import MappingError
+from ..keras_graph import Graph, Ref, layer_name, walk_config
 
 INPUT = "<input>"  # kind of a model input node
 
@@ -100,124 +101,64 @@ def graph_from_keras_config(
     model_config: dict[str, Any], weights: dict[str, dict[str, tuple[int, ...]]]
 ) -> SourceGraph:
     """The graph of a stored Keras model config (Functional in the Keras 3 and Keras 2 schemas,
-    Sequential, nested models flattened with their scope) with ``weights`` (layer name -> variable
-    -> shape, as converter/source.py resolved them from the checkpoint)."""
-    builder = _KerasGraph(weights)
-    outputs = builder.model(model_config, inputs=None, scope="")
-    return SourceGraph(builder.nodes, tuple(outputs))
-
-
-class _KerasGraph:
-    """Walks a Keras config; ``alias`` maps a nested model's name (or a nested model's input
-    layer) to the nodes that produce its tensor."""
-
-    def __init__(self, weights: dict[str, dict[str, tuple[int, ...]]]) -> None:
-        self.weights = weights
-        self.nodes: list[SourceNode] = []
-        self.alias: dict[str, tuple[str, ...]] = {}
-
-    def model(self, config: dict[str, Any], inputs: tuple[str, ...] | None, scope: str) -> list:
-        """Add the model's layers; ``inputs``: the producers feeding a nested model (None at the
-        top). Returns the names of the nodes producing its outputs."""
-        cfg = config.get("config", config)
-        if not isinstance(cfg, dict) or not isinstance(cfg.get("layers"), list):
-            raise SourceFormatError("the stored model config has no layer list")
-        if config.get("class_name") == "Sequential" or "input_layers" not in cfg:
-            return self._sequential(cfg["layers"], inputs, scope)
-        for entry in cfg["layers"]:
-            self._functional_layer(entry, inputs, scope)
-        refs = cfg.get("output_layers") or []
-        if refs and isinstance(refs[0], str):  # Keras 3 writes one output as a bare reference
-            refs = [refs]
-        return [p for ref in refs for p in self._ref(ref)]
-
-    def _sequential(self, layers: list, inputs: tuple[str, ...] | None, scope: str) -> list:
-        prev: tuple[str, ...] | None = inputs
-        for entry in layers:
-            name = _layer_name(entry)
-            if entry.get("class_name") == "InputLayer":
-                if prev is None:
-                    self._add(entry, (), scope, kind=INPUT)
-                    prev = (name,)
-                continue
-            if prev is None:  # no InputLayer (Keras 2): the first layer may state the shape
-                shape = entry.get("config", {}).get("batch_input_shape")
-                cfg = {"name": "input", **({"batch_input_shape": shape} if shape else {})}
-                self._add({"class_name": INPUT, "config": cfg}, (), scope, INPUT)
-                prev = ("input",)
-            prev = self._layer(entry, prev, scope)
-        return list(prev or ())
-
-    def _functional_layer(self, entry: dict, inputs: tuple[str, ...] | None, scope: str) -> None:
-        name = _layer_name(entry)
-        if entry.get("class_name") == "InputLayer":
-            if inputs is None:
-                self._add(entry, (), scope, kind=INPUT)
-            else:
-                self.alias[name] = inputs
-            return
-        refs = list(_inbound_refs(entry.get("inbound_nodes", [])))
-        if len({r[1] for r in refs}) > 1:
-            raise MappingError(
-                f"layer {name!r} is called more than once (a shared layer); a drafted mapping needs"
-                " one call per layer: write a --mapping table for this model"
-            )
-        self._layer(entry, tuple(p for r in refs for p in self._ref(r)), scope)
-
-    def _layer(self, entry: dict, inputs: tuple[str, ...], scope: str) -> tuple[str, ...]:
-        """Add one layer (a nested model: its layers) reading ``inputs``; its producers."""
-        cfg = entry.get("config", {})
-        name = _layer_name(entry)
-        if isinstance(cfg, dict) and isinstance(cfg.get("layers"), list):
-            inner = f"{scope}/{name}" if scope else name
-            self.alias[name] = tuple(self.model(entry, inputs, inner))
-            return self.alias[name]
-        self._add(entry, inputs, scope)
-        return (name,)
-
-    def _add(self, entry: dict, inputs: tuple[str, ...], scope: str, kind: str = "") -> None:
-        cfg = entry.get("config", {}) if isinstance(entry.get("config"), dict) else {}
-        name = _layer_name(entry)
-        kind = kind or entry.get("class_name", "")
+    Sequential, nested models flattened with their scope: converter/keras_graph.py reads it) with
+    ``weights`` (layer name -> variable -> shape, as converter/source.py resolved them from the
+    checkpoint)."""
+    graph = walk_config(model_config)
+    if graph.shared:
+        raise MappingError(
+            f"layer {_first_shared(graph)!r} is called more than once (a shared layer); a drafted"
+            " mapping needs one call per layer: write a --mapping table for this model"
+        )
+    names = _Producers(graph, model_config["config"]["layers"])
+    nodes = [_input_node(entry, names.of(ref)[0], shape) for (ref, shape, _), entry in names.inputs]
+    for call in graph.calls:
+        inputs = tuple(p for ref in call.tensors + call.kwarg_tensors for p in names.of(ref))
+        cfg = call.config if isinstance(call.config, dict) else {}
         attrs = keras_attrs(cfg)
-        node = SourceNode(name, kind, dict(self.weights.get(name, {})), attrs, inputs, scope, cfg)
-        self.nodes.append(node)
-
-    def _ref(self, ref: Any) -> tuple[str, ...]:
-        """A (layer name, node index, tensor index) reference -> the node names producing it."""
-        name = ref[0]
-        return self.alias.get(name, (name,))
-
-
-def _layer_name(entry: dict) -> str:
-    cfg = entry.get("config", {})
-    return (cfg.get("name") if isinstance(cfg, dict) else None) or entry.get("name", "")
+        node_weights = dict(weights.get(call.layer, {}))
+        nodes.append(
+            SourceNode(call.layer, call.class_name, node_weights, attrs, inputs, call.scope, cfg)
+        )
+    outputs = tuple(p for ref in graph.outputs for p in names.of(ref))
+    return SourceGraph(nodes, outputs)
 
 
-def _inbound_refs(inbound: Any) -> Iterator[tuple[str, int, int]]:
-    """(layer, node index, tensor index) of each tensor a layer reads: Keras 3 nodes are dicts of
-    ``args``/``kwargs`` holding ``__keras_tensor__`` entries with a ``keras_history``; Keras 2
-    nodes are lists of ``[layer, node_index, tensor_index, kwargs]``."""
-    for node in inbound:
-        if isinstance(node, dict):
-            yield from _keras3_refs(node)
-        else:
-            for ref in node:
-                if isinstance(ref, list) and ref and isinstance(ref[0], str):
-                    yield ref[0], int(ref[1]), int(ref[2])
+def _first_shared(graph: Graph) -> str:
+    return next(call.layer for call in graph.calls if call.layer in graph.shared)
 
 
-def _keras3_refs(obj: Any) -> Iterator[tuple[str, int, int]]:
-    if isinstance(obj, dict):
-        history = obj.get("config", {}).get("keras_history") if "config" in obj else None
-        if obj.get("class_name") == "__keras_tensor__" and history:
-            yield history[0], int(history[1]), int(history[2])
-            return
-        for value in obj.values():
-            yield from _keras3_refs(value)
-    elif isinstance(obj, list):
-        for value in obj:
-            yield from _keras3_refs(value)
+class _Producers:
+    """The node names producing a tensor of the walked graph: a model input's node, the layer
+    that computed it, or (a Keras 2 reference to a nested model by a node index of its own) the
+    nodes producing that nested model's outputs."""
+
+    def __init__(self, graph: Graph, layers: list[dict[str, Any]]) -> None:
+        self.graph = graph
+        order = {id(entry): i for i, entry in enumerate(layers)}
+        self.inputs = list(zip(graph.inputs, graph.input_layers))
+        self.inputs.sort(key=lambda item: order.get(id(item[1]), 0))  # as the config lists them
+        self.input_names = {
+            ref: layer_name(entry) if entry is not None else "input"
+            for (ref, _, _), entry in self.inputs
+        }
+
+    def of(self, ref: Ref) -> tuple[str, ...]:
+        if ref in self.input_names:
+            return (self.input_names[ref],)
+        if ref.layer in self.graph.nested:
+            return tuple(p for out in self.graph.nested[ref.layer] for p in self.of(out))
+        return (ref.layer,)
+
+
+def _input_node(entry: dict[str, Any] | None, name: str, shape: Any = None) -> SourceNode:
+    """The node of a model input: its InputLayer, or one named ``input`` (a Sequential model
+    without an InputLayer: its first layer may state the shape)."""
+    if entry is None:
+        stated = {"batch_input_shape": [None, *shape]} if shape else {}
+        entry = {"config": {"name": name, **stated}}
+    cfg = entry.get("config") if isinstance(entry.get("config"), dict) else {}
+    return SourceNode(name, INPUT, {}, keras_attrs(cfg), (), "", cfg)
 
 
 KERAS_ATTRS = {

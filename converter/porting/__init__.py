@@ -19,7 +19,7 @@ from .. import formats
 from ..errors import SourceFormatError, UnsupportedLayerError
 from . import layer_emitters, sequence_emitters, shape_emitters  # noqa: F401  (registering)
 from .codegen import ModuleSource, Stub, class_identifier, write_module
-from .graph import Graph, read_graph
+from ..keras_graph import Graph, read_graph
 from .table import table_toml
 
 BLACK_LINE_LENGTH = 88  # black's default: the generated file passes a plain `black --check`

@@ -11,7 +11,7 @@ from typing import Any
 from ..errors import UnsupportedLayerError
 from ..registry import RegistryError
 from .emitters import ANY, CF, CL, EMITTERS, Piece, Site, comparable
-from .graph import Call, Graph, Ref
+from ..keras_graph import Call, Graph, Ref
 from .layer_emitters import Unsupported
 from .snippets import CLASSES, HELPERS
 

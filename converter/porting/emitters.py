@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..registry import Registry
-from .graph import Call
+from ..keras_graph import Call
 
 CF, CL, ANY = "channels_first", "channels_last", "any"
 
