@@ -436,10 +436,7 @@ def verify(
         device,
         layouts.get("input", ""),
     )
-    rtol = _table_spec(conv.meta.get("table.id"), opts.mapping, "verify").get(
-        "rtol", DEFAULT_RTOL["float32"]
-    )
-    rtol = rtol if opts.rtol is None else opts.rtol
+    rtol = _rtol(conv, opts)
     as_source = conv.meta.get("target.output") == "as-source"
     output, compared, note = _compare_output(ref, run, conv.head, rtol, opts.atol, as_source)
     x = ref.tensors["input"]
@@ -461,6 +458,14 @@ def verify(
         report.train_step = _train_step(run.model, run.x, ref.tensors, bn_info, conv.bn_config)
         report.notes.append(TRAIN_STEP_NOTE)
     return report
+
+
+def _rtol(conv: _Conversion, opts: VerifyOptions) -> float:
+    """The user's --rtol, else the table's ``[verify] rtol``, else the float32 default."""
+    if opts.rtol is not None:
+        return opts.rtol
+    spec = _table_spec(conv.meta.get("table.id"), opts.mapping, "verify")
+    return spec.get("rtol", DEFAULT_RTOL["float32"])
 
 
 def _reference(
