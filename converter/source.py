@@ -599,12 +599,17 @@ def _resolve_tf_names(
     named: list[str], skel: list[LayerSkeleton], out: dict[str, tuple[int, str]]
 ) -> Assignment:
     """TF1 name-keyed ``[<block>/]<layer>/<var>``: layer names matched within their scope (a
-    nested layer keyed by its own name alone: in the one scope that has it)."""
+    nested layer keyed by its own name alone: in the one scope that has it); a layer the config
+    names by its whole variable scope (TF-slim's ``net/conv1/BatchNorm``) taken as it is."""
     scope_of: dict[str, str] = {}
     for s in skel:
         scope_of[s.name] = s.scope if scope_of.get(s.name, s.scope) == s.scope else ""
+    top_level = {s.name for s in skel if not s.scope}
     names = {}
     for k in named:
+        if k.rsplit("/", 1)[0] in top_level:  # a layer named by its whole variable scope (slim)
+            names[k] = ("", k.rsplit("/", 1)[0])
+            continue
         *scope, leaf, _ = k.split("/")
         where = _scope_of_path(scope, skel, k) if scope else scope_of.get(leaf, "")
         names[k] = (where, leaf)
