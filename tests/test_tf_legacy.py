@@ -265,3 +265,44 @@ def test_tf1_damaged_meta_is_said_and_weights_still_read(legacy, tmp_path, cli):
     dst = tmp_path / "o.safetensors"
     rc, _, err = cli("convert", src, "--mapping", tf1_table(tmp_path), "-o", dst)
     assert_clean_error(rc, err, "bn1", "--source-bn-momentum", out=dst)
+
+
+# (source, twin, reference logits, --use-ema, {module: (torch momentum, eps)}): every BN module
+DRAFTED = {
+    "tfk_custom": ("user_custom", "tfk_custom", False,
+                   {"norm": (0.1, 1e-4), "proj.1": (0.01, 1e-3)}),
+    "tfk_v24": ("user_custom", "tfk_v24", False, {"norm": (0.1, 1e-4), "proj.1": (0.01, 1e-3)}),
+    "tf1": ("user_tf1", "tf1", False, {"norms.0": (0.05, 2e-3), "norms.1": (0.1, 1e-3)}),
+    "tf1/model.ckpt-5.meta": ("user_tf1", "tf1_ema", True,
+                              {"norms.0": (0.05, 2e-3), "norms.1": (0.1, 1e-3)}),
+    "keras21.h5": ("user_nested", "keras21.h5", False, {"bn": (0.03, 1e-5)}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(DRAFTED))
+def test_drafted_mapping_without_table(legacy, name, tmp_path, cli):
+    """``convert SRC --to model.py:factory`` with no table, for a tf.keras SavedModel with a custom
+    layer (its parameter named like the Keras variable), a TF1 checkpoint with Adam slots, EMA
+    shadows and a .meta graph (layers chained in creation order: no connections stored), and a
+    Keras 2.1 HDF5 file, each onto a module written the user's way (own names, registered in
+    another order, BN at PyTorch's defaults): the logits match the source's recorded ones, and
+    every BN module carries 1 - m and the source's eps."""
+    import torch
+
+    import converter
+
+    twin, ref_key, ema, bns = DRAFTED[name]
+    out = tmp_path / "o.safetensors"
+    args = ["--use-ema"] if ema else []
+    rc, stdout, err = cli("convert", Path(legacy["dir"]) / name, "--to", f"{TWINS}:{twin}",
+                          "-o", out, "--no-verify", "--json", *args)  # fmt: skip
+    assert rc == 0, err
+    table = (tmp_path / "o.mapping.toml").read_text()
+    assert ("drafted as a chain in creation order" in table) == name.startswith("tf1")
+    model = converter.load_model(out)
+    found = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert found.keys() == bns.keys()
+    for module, (momentum, eps) in bns.items():
+        assert (found[module].momentum, found[module].eps) == pytest.approx((momentum, eps))
+    ref = np.load(Path(legacy["dir"]) / "reference.npz")[ref_key]
+    assert rel_err(torch_logits(model, legacy["x"]), ref) < 1e-5
