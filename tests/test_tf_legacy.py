@@ -293,12 +293,16 @@ def test_drafted_mapping_without_table(legacy, name, tmp_path, cli):
 
     twin, ref_key, ema, bns = DRAFTED[name]
     out = tmp_path / "o.safetensors"
-    args = ["--use-ema"] if ema else []
+    chain = name.startswith("tf1")  # no Keras config: nothing to run, and convert says so
+    args = (["--use-ema"] if ema else []) + ([] if chain else ["--no-verify"])
     rc, stdout, err = cli("convert", Path(legacy["dir"]) / name, "--to", f"{TWINS}:{twin}",
-                          "-o", out, "--no-verify", "--json", *args)  # fmt: skip
+                          "-o", out, "--json", *args)  # fmt: skip
     assert rc == 0, err
-    table = (tmp_path / "o.mapping.toml").read_text()
-    assert ("drafted as a chain in creation order" in table) == name.startswith("tf1")
+    skipped = json.loads(stdout).get("verification_skipped", "")
+    assert ("no Keras model config to run" in skipped) == chain
+    assert chain == (
+        "drafted as a chain in creation order" in (tmp_path / "o.mapping.toml").read_text()
+    )
     model = converter.load_model(out)
     found = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
     assert found.keys() == bns.keys()
@@ -306,3 +310,50 @@ def test_drafted_mapping_without_table(legacy, name, tmp_path, cli):
         assert (found[module].momentum, found[module].eps) == pytest.approx((momentum, eps))
     ref = np.load(Path(legacy["dir"]) / "reference.npz")[ref_key]
     assert rel_err(torch_logits(model, legacy["x"]), ref) < 1e-5
+
+
+def test_drafting_without_connections_chains_in_creation_order(legacy):
+    """A config without connections (what a model whose custom layer lacks get_config may store)
+    drafts its weighted layers as a chain in creation order: the same rules as the connected
+    config on this chain-shaped model, and the table says how it was drafted."""
+    from converter.drafting import draft_for_source
+    from converter.source import resolve_source
+
+    src, spec = Path(legacy["dir"]) / "tfk_custom", f"{TWINS}:user_custom"
+    connected = draft_for_source(resolve_source(src), spec)
+    source = resolve_source(src)
+    cfg = source.raw.model_config["config"]
+    for key in ("input_layers", "output_layers"):
+        del cfg[key]
+    for entry in cfg["layers"]:
+        entry.pop("inbound_nodes", None)
+    chained = draft_for_source(source, spec)
+    assert chained.rows() == connected.rows() and len(chained.rows()) == 6
+    assert "drafted as a chain" in chained.text and "drafted as a chain" not in connected.text
+
+
+def test_custom_layer_needs_parameters_named_like_its_variables(legacy, tmp_path, cli):
+    """A custom layer pairs only with a module whose parameters carry its variables' names (and
+    sizes up to size-1 axes); otherwise the refusal names the layer, its variables and the fix."""
+    from helpers import assert_clean_error
+
+    twins = tmp_path / "twins.py"
+    twins.write_text(TWINS.read_text().replace("self.gain", "self.g"))
+    out = tmp_path / "o.safetensors"
+    rc, _, err = cli("convert", Path(legacy["dir"]) / "tfk_custom", "--to",
+                     f"{twins}:user_custom", "-o", out)  # fmt: skip
+    assert_clean_error(rc, err, "'scale' (Scale: gain (4,))", "named like its variables", out=out)
+
+
+def test_to_shape_reshapes_across_size_one_axes_only():
+    from converter.transforms import TRANSFORMS, ToShape
+
+    x = np.arange(4, dtype=np.float32)
+    t = ToShape((4, 1, 1), (4,))
+    assert t(x).shape == (4, 1, 1) and t(x)[2, 0, 0] == 2.0
+    np.testing.assert_array_equal(t.inverse(t(x)), x)
+    with pytest.raises(ValueError):
+        ToShape((3, 2), (2, 3)).shape((2, 3))  # a transposed matrix is not a reshape
+    same = TRANSFORMS.get("same_names")
+    assert same.draft_args({"tensors": {"gain": (4, 1, 1)}}) == {"gain": [4, 1, 1]}
+    assert same.draft_args({"tensors": {"0.weight": (4,)}}) is None  # not a TOML bare key
