@@ -126,8 +126,8 @@ def without_preprocessing(graph: SourceGraph) -> tuple[SourceGraph, list[SourceN
 
 
 CHAINED = (
-    "the source stores no connections between its layers (a TF1 checkpoint, a tf.keras model "
-    "with a custom layer lacking get_config), so they were drafted as a chain in creation order; "
+    "the source stores no connections between its layers (a TF1 checkpoint, a model config "
+    "without inbound_nodes), so they were drafted as a chain in creation order; "
     "a model with branches needs a --mapping table"
 )
 

@@ -4,7 +4,10 @@
    their kinds (``LayerTransform.pairs``), accepts the module (``draft_args``), every source
    variable lands on a target tensor of the same shape after its tensor transform (a bias the
    target lacks may fold into the next BatchNorm), and the hyper-parameters both sides state
-   (kernel size, strides, dilation, groups) agree.
+   (kernel size, strides, dilation, groups) agree. A source kind no transform pairs (a user's own
+   Keras layer) takes the transforms registered for ``CUSTOM_PAIR`` (``same_names``: parameters
+   named like its variables); ``draft_args`` sees the module's traced attributes plus ``tensors``
+   (its parameter and buffer shapes).
 2. Structure: both graphs are contracted to their weighted nodes plus the model input and output
    (an edge where data flows through unweighted operations only). A candidate survives while its
    predecessors and successors can be candidates of the source node's predecessors and
