@@ -372,3 +372,21 @@ def test_graph_of_a_keras2_sequential_without_input_layer():
     assert graph.input_shape() == (28, 28, 1)
     assert graph.weighted_inputs("c") == {"input"} and graph.weighted_inputs("d") == {"c"}
     assert graph.outputs == ("d",)
+
+
+def test_a_branched_model_without_connections_is_refused_as_a_chain(fx):
+    """Where the source stores no connections (TF1 checkpoints) its layers are drafted as a chain
+    in creation order; a residual block then fails the structure check, and the error says the
+    source was chained and that a table is needed."""
+    from converter.drafting import draft_for_source
+    from converter.source import resolve_source
+    from converter.errors import MappingError
+
+    source = resolve_source(fx["files"]["resblock"]["keras"])
+    cfg = source.raw.model_config["config"]
+    for key in ("input_layers", "output_layers"):
+        del cfg[key]
+    for entry in cfg["layers"]:
+        entry.pop("inbound_nodes", None)
+    with pytest.raises(MappingError, match="drafted as a chain in creation order.*--mapping"):
+        draft_for_source(source, target("resblock"))

@@ -265,3 +265,95 @@ def test_tf1_damaged_meta_is_said_and_weights_still_read(legacy, tmp_path, cli):
     dst = tmp_path / "o.safetensors"
     rc, _, err = cli("convert", src, "--mapping", tf1_table(tmp_path), "-o", dst)
     assert_clean_error(rc, err, "bn1", "--source-bn-momentum", out=dst)
+
+
+# (source, twin, reference logits, --use-ema, {module: (torch momentum, eps)}): every BN module
+DRAFTED = {
+    "tfk_custom": ("user_custom", "tfk_custom", False,
+                   {"norm": (0.1, 1e-4), "proj.1": (0.01, 1e-3)}),
+    "tfk_v24": ("user_custom", "tfk_v24", False, {"norm": (0.1, 1e-4), "proj.1": (0.01, 1e-3)}),
+    "tf1": ("user_tf1", "tf1", False, {"norms.0": (0.05, 2e-3), "norms.1": (0.1, 1e-3)}),
+    "tf1/model.ckpt-5.meta": ("user_tf1", "tf1_ema", True,
+                              {"norms.0": (0.05, 2e-3), "norms.1": (0.1, 1e-3)}),
+    "keras21.h5": ("user_nested", "keras21.h5", False, {"bn": (0.03, 1e-5)}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(DRAFTED))
+def test_drafted_mapping_without_table(legacy, name, tmp_path, cli):
+    """``convert SRC --to model.py:factory`` with no table, for a tf.keras SavedModel with a custom
+    layer (its parameter named like the Keras variable), a TF1 checkpoint with Adam slots, EMA
+    shadows and a .meta graph (layers chained in creation order: no connections stored), and a
+    Keras 2.1 HDF5 file, each onto a module written the user's way (own names, registered in
+    another order, BN at PyTorch's defaults): the logits match the source's recorded ones, and
+    every BN module carries 1 - m and the source's eps."""
+    import torch
+
+    import converter
+
+    twin, ref_key, ema, bns = DRAFTED[name]
+    out = tmp_path / "o.safetensors"
+    chain = name.startswith("tf1")  # no Keras config: nothing to run, and convert says so
+    args = (["--use-ema"] if ema else []) + ([] if chain else ["--no-verify"])
+    rc, stdout, err = cli("convert", Path(legacy["dir"]) / name, "--to", f"{TWINS}:{twin}",
+                          "-o", out, "--json", *args)  # fmt: skip
+    assert rc == 0, err
+    skipped = json.loads(stdout).get("verification_skipped", "")
+    assert ("no Keras model config to run" in skipped) == chain
+    assert chain == (
+        "drafted as a chain in creation order" in (tmp_path / "o.mapping.toml").read_text()
+    )
+    model = converter.load_model(out)
+    found = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert found.keys() == bns.keys()
+    for module, (momentum, eps) in bns.items():
+        assert (found[module].momentum, found[module].eps) == pytest.approx((momentum, eps))
+    ref = np.load(Path(legacy["dir"]) / "reference.npz")[ref_key]
+    assert rel_err(torch_logits(model, legacy["x"]), ref) < 1e-5
+
+
+def test_drafting_without_connections_chains_in_creation_order(legacy):
+    """A config without connections (what a model whose custom layer lacks get_config may store)
+    drafts its weighted layers as a chain in creation order: the same rules as the connected
+    config on this chain-shaped model, and the table says how it was drafted."""
+    from converter.drafting import draft_for_source
+    from converter.source import resolve_source
+
+    src, spec = Path(legacy["dir"]) / "tfk_custom", f"{TWINS}:user_custom"
+    connected = draft_for_source(resolve_source(src), spec)
+    source = resolve_source(src)
+    cfg = source.raw.model_config["config"]
+    for key in ("input_layers", "output_layers"):
+        del cfg[key]
+    for entry in cfg["layers"]:
+        entry.pop("inbound_nodes", None)
+    chained = draft_for_source(source, spec)
+    assert chained.rows() == connected.rows() and len(chained.rows()) == 6
+    assert "drafted as a chain" in chained.text and "drafted as a chain" not in connected.text
+
+
+def test_custom_layer_needs_parameters_named_like_its_variables(legacy, tmp_path, cli):
+    """A custom layer pairs only with a module whose parameters carry its variables' names (and
+    sizes up to size-1 axes); otherwise the refusal names the layer, its variables and the fix."""
+    from helpers import assert_clean_error
+
+    twins = tmp_path / "twins.py"
+    twins.write_text(TWINS.read_text().replace("self.gain", "self.g"))
+    out = tmp_path / "o.safetensors"
+    rc, _, err = cli("convert", Path(legacy["dir"]) / "tfk_custom", "--to",
+                     f"{twins}:user_custom", "-o", out)  # fmt: skip
+    assert_clean_error(rc, err, "'scale' (Scale: gain (4,))", "named like its variables", out=out)
+
+
+def test_to_shape_reshapes_across_size_one_axes_only():
+    from converter.transforms import TRANSFORMS, ToShape
+
+    x = np.arange(4, dtype=np.float32)
+    t = ToShape((4, 1, 1), (4,))
+    assert t(x).shape == (4, 1, 1) and t(x)[2, 0, 0] == 2.0
+    np.testing.assert_array_equal(t.inverse(t(x)), x)
+    with pytest.raises(ValueError):
+        ToShape((3, 2), (2, 3)).shape((2, 3))  # a transposed matrix is not a reshape
+    same = TRANSFORMS.get("same_names")
+    assert same.draft_args({"tensors": {"gain": (4, 1, 1)}}) == {"gain": [4, 1, 1]}
+    assert same.draft_args({"tensors": {"0.weight": (4,)}}) is None  # not a TOML bare key

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ..errors import UnsupportedLayerError, VerificationError
 from .common import EXIT_OK, emit_json, force_option, json_option, stderr_console
 
 
@@ -156,14 +157,9 @@ def command(
         console, as_json, src, to, out, force, **more, **options
     )
     info = summary(result, written)
-    if result.drafted is not None:
-        options["mapping"] = info["drafted_mapping"] = str(drafted_table_path(written))
-        do_verify = do_verify or (not no_verify and _source_runs(result))
-    report = (
-        _verify_written(src, written, {**options, "pooling": pooling}, verify_inputs, info)
-        if do_verify
-        else None
-    )
+    verify_options = {**options, "pooling": pooling}
+    report = _verification(src, result, written, verify_options, verify_inputs, info, do_verify,
+                           no_verify)  # fmt: skip
     rc = report.return_code if report else EXIT_OK
     if as_json:
         emit_json(info)
@@ -171,7 +167,40 @@ def command(
         _print_summary(console, result, info, written, detected=to is None)
         if report is not None:
             _print_verification(console, report)
+        if "verification_skipped" in info:
+            console.print(f"  verification: not run ({info['verification_skipped']})")
     return rc
+
+
+NO_CONFIG_TO_RUN = (
+    "the source stores no Keras model config to run; compare the outputs yourself, e.g. "
+    "verify OUT --against a recording of the source's"
+)
+
+
+def _verification(src, result, written, options, inputs, info, do_verify, no_verify):
+    """The verification after converting: --verify, or automatic after a drafted mapping when the
+    source can be run (else why not, in ``info``)."""
+    auto = result.drafted is not None and not do_verify and not no_verify
+    if result.drafted is not None:
+        options["mapping"] = info["drafted_mapping"] = str(drafted_table_path(written))
+        do_verify = do_verify or (auto and _source_runs(result))
+        if auto and not do_verify:
+            info["verification_skipped"] = NO_CONFIG_TO_RUN
+    return _auto_verify(src, written, options, inputs, info, auto) if do_verify else None
+
+
+def _auto_verify(src, written: Path, options: dict, inputs, info: dict, auto: bool):
+    """The verification; when it only follows a drafted mapping (``auto``, not --verify) and the
+    source cannot be run (a custom layer Keras does not know), said in ``info`` instead of failing
+    the written conversion."""
+    try:
+        return _verify_written(src, written, options, inputs, info)
+    except (VerificationError, UnsupportedLayerError) as exc:
+        if not auto:
+            raise
+        info["verification_skipped"] = f"the source could not be run: {exc}"
+        return None
 
 
 def _verify_written(src, written: Path, options: dict, inputs, info: dict):

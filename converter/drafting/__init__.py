@@ -95,7 +95,12 @@ def draft_for_source(source: SourceModel, to: str) -> Draft:
     graph, moved = without_preprocessing(source_graph(source))
     model = build_target(to)
     traced = trace_target(model, dummy_inputs(graph.input_shape()), graph.input_dtype())
-    matches = align(graph, traced)
+    try:
+        matches = align(graph, traced)
+    except MappingError as exc:
+        if not chained(source_config(source)):
+            raise
+        raise type(exc)(f"{exc} ({CHAINED})") from exc
     text = render_table(matches, to, source, graph, moved)
     return Draft(text, matches, to, source.raw.path)
 
@@ -120,9 +125,35 @@ def without_preprocessing(graph: SourceGraph) -> tuple[SourceGraph, list[SourceN
     return SourceGraph(nodes, graph.outputs), moved
 
 
+CHAINED = (
+    "the source stores no connections between its layers (a TF1 checkpoint, a model config "
+    "without inbound_nodes), so they were drafted as a chain in creation order; "
+    "a model with branches needs a --mapping table"
+)
+
+
+def source_config(source: SourceModel) -> dict[str, Any] | None:
+    """The Keras model config drafting reads: the file's (or --source-model's), else the layer
+    list a TF1 checkpoint's variable names give (converter/formats/tf1.py), else None."""
+    if source.model_config is None and source.config_origin == "variable names":
+        return source.raw.fallback_config
+    return source.model_config
+
+
+def chained(config: dict[str, Any] | None) -> bool:
+    """A functional model's config without connections (no ``input_layers``): its weighted layers
+    are read as a chain in creation order, which only shapes, kinds and verification check."""
+    cfg = (config or {}).get("config", {})
+    return (
+        config is not None
+        and config.get("class_name") != "Sequential"
+        and ("input_layers" not in cfg)
+    )
+
+
 def source_graph(source: SourceModel) -> SourceGraph:
     """The layer graph of a resolved source: its Keras config with the checkpoint's shapes."""
-    config = source.model_config
+    config = source_config(source)
     if config is None:
         raise MappingError(
             f"{source.raw.path} ({source.raw.format}) stores no model config, so there is no layer "
@@ -153,6 +184,7 @@ def render_table(
         f"# and {to}: review it, edit it if needed, and pass it back with --mapping.",
         "# Each rule: source layer (anchored regex) -> target module, transform; shapes in the",
         "# comment above it. [input] range: the values the source expects (edit to yours).",
+        *(_comment("Note: " + CHAINED + ".") if chained(source_config(source)) else []),
         "[table]",
         f'id = "{DRAFTED_ID}"',
         "version = 1",
@@ -204,6 +236,13 @@ def _untapped(m: Match) -> str:
     if m.fold_bias:
         return f"its bias is folded into {m.fold_bias}: compared there"
     return f"the Keras layer applies {m.source.attrs['activation']} inside; the module does not"
+
+
+def _comment(text: str) -> list[str]:
+    """``text`` as TOML comment lines of at most 100 characters."""
+    import textwrap
+
+    return ["# " + line for line in textwrap.wrap(text, 98)]
 
 
 def _q(text: str) -> str:

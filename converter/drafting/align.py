@@ -4,7 +4,10 @@
    their kinds (``LayerTransform.pairs``), accepts the module (``draft_args``), every source
    variable lands on a target tensor of the same shape after its tensor transform (a bias the
    target lacks may fold into the next BatchNorm), and the hyper-parameters both sides state
-   (kernel size, strides, dilation, groups) agree.
+   (kernel size, strides, dilation, groups) agree. A source kind no transform pairs (a user's own
+   Keras layer) takes the transforms registered for ``CUSTOM_PAIR`` (``same_names``: parameters
+   named like its variables); ``draft_args`` sees the module's traced attributes plus ``tensors``
+   (its parameter and buffer shapes).
 2. Structure: both graphs are contracted to their weighted nodes plus the model input and output
    (an edge where data flows through unweighted operations only). A candidate survives while its
    predecessors and successors can be candidates of the source node's predecessors and
@@ -23,7 +26,7 @@ from functools import lru_cache
 from typing import Any
 
 from ..errors import AmbiguousMappingError, ConverterError, MappingError
-from ..transforms import TRANSFORMS, LayerTransform, TensorTransform
+from ..transforms import CUSTOM_PAIR, TRANSFORMS, LayerTransform, TensorTransform
 from .graph import INPUT, SourceGraph, SourceNode
 from .target import MODEL_INPUT, TargetGraph, TargetNode
 
@@ -69,12 +72,19 @@ def options(s: SourceNode, t: TargetNode, index: dict, hyper: bool = True) -> li
         return []
     out = []
     kind = next((k for k in (t.kind, *t.bases) if (s.kind, k) in index), t.kind)
-    for transform in index.get((s.kind, kind), []):
-        args = transform.draft_args(t.attrs)
+    found = index.get(CUSTOM_PAIR, []) if is_custom(s.kind, index) else index.get((s.kind, kind))
+    for transform in found or []:
+        args = transform.draft_args({**t.attrs, "tensors": dict(t.tensors)})
         fold = _shapes_fit(s, t, transform, args) if args is not None else None
         if fold is not None:
             out.append(Option(transform, args, fold))
     return out
+
+
+def is_custom(kind: str, index: dict) -> bool:
+    """A source kind no transform pairs with anything (a user's own Keras layer): the transforms
+    registered for :data:`CUSTOM_PAIR` are its candidates (parameters named like its variables)."""
+    return not any(k == kind for k, _ in index)
 
 
 def _hyper_differ(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
@@ -199,12 +209,13 @@ def _unpairable(source: SourceGraph, target: TargetGraph, cands: dict, index: di
         if cands[s.name]:
             continue
         kinds = sorted({t for (k, t) in index if k == s.kind})
-        if not kinds:
-            raise MappingError(
-                f"source layer {s.name!r} ({s.kind}) has no layer transform pairing it with a "
-                "torch module; write a --mapping table for it"
-            )
         shapes = ", ".join(f"{v} {tuple(sh)}" for v, sh in s.weights.items())
+        if is_custom(s.kind, index):
+            raise MappingError(
+                f"source layer {s.name!r} ({s.kind}: {shapes}) is a layer no transform knows, and "
+                "no target module has parameters named like its variables with those sizes: name "
+                "the module's parameters like them, or write a --mapping table for it"
+            )
         shaped = [t for t in target.nodes if options(s, t, index, hyper=False)]
         if shaped:
             differ = "; ".join(
