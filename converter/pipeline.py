@@ -258,6 +258,10 @@ def convert(
             (TF1 checkpoints without a ``.meta`` graph).
         accept_folded_bn: ONNX only: convert BN folded by the exporter with identity BN stats.
     """
+    if to is not None:
+        from .model import check_spec
+
+        check_spec(to)  # a bad --to names itself before the source is read
     if (format or formats.sniff(src)) == "onnx":  # converter.onnx_source
         return _convert_onnx(src, to, mapping, num_classes, accept_folded_bn, progress)
     tables = load_tables(mapping)

@@ -339,3 +339,24 @@ def test_graph_of_a_keras2_sequential_without_input_layer():
     assert graph.input_shape() == (28, 28, 1)
     assert graph.weighted_inputs("c") == {"input"} and graph.weighted_inputs("d") == {"c"}
     assert graph.outputs == ("d",)
+
+
+@pytest.mark.parametrize(
+    "spec, needle",
+    [
+        ("torchvision:resnet999", "torchvision has no model 'resnet999'"),
+        ("timm:nonexist", "timm has no model 'nonexist'"),
+        (str(TWINS), "names a file but no function: add ':factory'"),
+        (f"{TWINS}:", "must end in ':function'"),
+        (":x", "must end in ':function'"),
+    ],
+)
+def test_a_bad_to_names_itself_before_source_and_output(fx, tmp_path, cli, spec, needle):
+    """A bad --to on a Keras source is the error (not "no table fits this source"), and it comes
+    before the output-exists check; an unrelated name gets no "close" noise."""
+    existing = tmp_path / "existing.safetensors"
+    existing.write_bytes(b"x")
+    for command in ("convert", "draft"):
+        rc, _, err = cli(command, fx["files"]["flat"]["keras"], "--to", spec, "-o", existing)
+        assert_clean_error(rc, err, needle)
+        assert "no mapping table fits" not in err and "close: nfnet" not in err

@@ -68,7 +68,9 @@ def test_wrong_architecture_target(r50, tmp_path, capsys):
 def test_unknown_target(r50, tmp_path, capsys):
     out = tmp_path / "out.safetensors"
     rc, _, err = run_cli(["convert", r50["files"]["keras"], "--to", "timm:nonexistent", "-o", out], capsys)
-    assert_clean_error(rc, err, "no table converts to 'timm:nonexistent'", "torchvision:resnet50",
+    assert_clean_error(rc, err, "timm has no model 'nonexistent'", out=out)  # checked up front
+    rc, _, err = run_cli(["convert", r50["files"]["keras"], "--to", "timm:resnet18", "-o", out], capsys)
+    assert_clean_error(rc, err, "no table converts to 'timm:resnet18'", "torchvision:resnet50",
                        "timm:resnet50", out=out)
     rc, _, err = run_cli(["convert", r50["files"]["keras"], "--to", "keras:ResNet50", "-o", out], capsys)
     assert_clean_error(rc, err, "names a keras model", out=out)

@@ -139,10 +139,13 @@ def command(
     layer."""
     from ..errors import ConverterError
     from ..formats import check_output
+    from ..model import check_spec
 
     if verify_inputs is not None and not do_verify:
         raise ConverterError("--inputs is for the verification: add --verify")
 
+    if to is not None:
+        check_spec(to)  # a bad --to names itself first, before the output check
     out = check_output(
         output or Path.cwd() / (src.name.split(".")[0] + ".safetensors"), force, (src,)
     )

@@ -39,7 +39,10 @@ def command(src, to, output, src_format, source_model, force, as_json) -> int:
     rule per layer, to review and pass to `convert --mapping`."""
     from ..drafting import draft
     from ..formats import check_output
+    from ..model import check_spec
 
+    if to is not None:
+        check_spec(to)  # a bad --to names itself first, before the output check
     out = check_output(
         output or Path.cwd() / (src.name.split(".")[0] + ".mapping.toml"), force, (src,)
     )
