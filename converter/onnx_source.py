@@ -294,7 +294,7 @@ def convert_onnx(
         )
     p = plan(raw, to, accept_folded_bn, _user_mapping(raw, mapping, to))
     result = apply_table(p.source, p.table, p.variant, p.target_manifest, {}, progress)
-    result.notes = p.notes
+    result.notes = p.notes + result.notes
     result.metadata["source.input"] = json.dumps(p.table.input, sort_keys=True)
     if p.folded:
         result.metadata["source.folded_bn"] = "identity BatchNorm statistics accepted"

@@ -360,3 +360,18 @@ def test_a_bad_to_names_itself_before_source_and_output(fx, tmp_path, cli, spec,
         rc, _, err = cli(command, fx["files"]["flat"]["keras"], "--to", spec, "-o", existing)
         assert_clean_error(rc, err, needle)
         assert "no mapping table fits" not in err and "close: nfnet" not in err
+
+
+def test_eps_the_user_module_is_built_without_is_named(fx, tmp_path, cli):
+    """flat's bn1 has Keras' eps 1e-3 where FlatNet's norms.1 is built with 1e-5 (bn2/norms.0
+    agree): a plain load_state_dict would keep 1e-5, so convert and draft say which and the fix."""
+    from converter import convert
+    from converter.drafting import draft
+
+    src = fx["files"]["flat"]["keras"]
+    want = "norms.1 constructed with eps=1e-05, the source's is 0.001; converter.load_model"
+    (note,) = [n for n in convert(src, target("flat")).notes if "eps" in n]
+    assert want in note and "norms.0" not in note
+    assert draft(src, target("flat")).notes == [note]
+    rc, _, err = cli("draft", src, "--to", target("flat"), "-o", tmp_path / "flat.toml")
+    assert rc == 0 and f"note: BatchNorm eps: {want}" in " ".join(err.split()), err

@@ -49,7 +49,9 @@ def command(src, to, output, src_format, source_model, force, as_json) -> int:
     drafted = draft(src, to, source_model=source_model, format=src_format)
     written = drafted.write(out, force=force)
     if as_json:
-        emit_json({"output": str(written), "target": to, "rules": drafted.rows()})
+        emit_json(
+            {"output": str(written), "target": to, "rules": drafted.rows(), "notes": drafted.notes}
+        )
         return EXIT_OK
     from rich.markup import escape
 
@@ -64,5 +66,7 @@ def command(src, to, output, src_format, source_model, force, as_json) -> int:
                 f" ({row['target_class']}) [{row['transform']}]{extra}"
             )
         )
+    for note in drafted.notes:
+        console.print(escape(f"  note: {note}"))
     console.print(f"  use it: ckptport convert {src} --mapping {written} -o OUT.safetensors")
     return EXIT_OK
