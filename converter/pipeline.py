@@ -559,7 +559,7 @@ def _result(
         source_input_shape=_input_shape(source),
         source_input=input_info(source),
         source_path=source.raw.path,
-        source_head=source.head.report() if source.head else None,
+        source_head=source.known_head.report() if source.known_head else None,
         nesting=source.nesting.report() if source.nesting else None,
     )
 

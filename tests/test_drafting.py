@@ -375,3 +375,17 @@ def test_eps_the_user_module_is_built_without_is_named(fx, tmp_path, cli):
     assert draft(src, target("flat")).notes == [note]
     rc, _, err = cli("draft", src, "--to", target("flat"), "-o", tmp_path / "flat.toml")
     assert rc == 0 and f"note: BatchNorm eps: {want}" in " ".join(err.split()), err
+
+
+def test_a_custom_source_reports_no_guessed_head(fx, tmp_path, cli):
+    """resblock ends in GlobalAveragePooling -> Dense(5), and no table knows its [head]: inspect
+    and convert describe none (it used to say "headless, pooling none (feature map)")."""
+    src = fx["files"]["resblock"]["keras"]
+    rc, out, err = cli("inspect", src, "--json")
+    assert rc == 0 and json.loads(out)["head"] is None, err
+    rc, _, err = cli("inspect", src)
+    assert rc == 0 and "head:" not in err and "headless" not in err, err
+    rc, out, err = cli(
+        "convert", src, "--to", target("resblock"), "-o", tmp_path / "r.st", "--json", "--no-verify"
+    )
+    assert rc == 0 and json.loads(out)["source_head"] is None, err

@@ -272,7 +272,7 @@ def _details(result, info: dict) -> list[str]:
         from ..nesting import Nesting
 
         lines.append(f"nested: {Nesting(**result.nesting).describe()}")
-    if result.source_head and (result.source_arch or result.nesting):  # custom: no [head] known
+    if result.source_head:  # None for a custom source: no [head] known
         from ..nesting import Head
 
         lines.append(f"source head: {Head(**result.source_head).describe()}")
