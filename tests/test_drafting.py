@@ -389,3 +389,44 @@ def test_a_custom_source_reports_no_guessed_head(fx, tmp_path, cli):
         "convert", src, "--to", target("resblock"), "-o", tmp_path / "r.st", "--json", "--no-verify"
     )
     assert rc == 0 and json.loads(out)["source_head"] is None, err
+
+
+GELU_TWIN = """
+
+class GeluResBlockNet(ResBlockNet):
+    def forward(self, x):
+        x = self.stem(x)
+        short = self.shortcut(x)
+        main = self.bn_b(self.conv_b(F.gelu(self.bn_a(self.conv_a(x)))))
+        return self.fc(F.relu(self.bn_c(self.down(F.relu(main + short)))).mean(dim=(2, 3)))
+
+
+def gelu_resblock():
+    return GeluResBlockNet()
+"""
+
+
+def test_convert_mismatch_names_the_first_divergent_layer(fx, tmp_path, cli):
+    """A drafted conversion whose module computes something else (gelu for relu after bn_a):
+    convert's verification prints where it diverges, as verify does."""
+    twin = tmp_path / "twin.py"
+    twin.write_text(TWINS.read_text() + GELU_TWIN)
+    out = tmp_path / "g.safetensors"
+    rc, _, err = cli(
+        "convert", fx["files"]["resblock"]["keras"], "--to", f"{twin}:gelu_resblock", "-o", out
+    )
+    assert rc == 1 and "verification: MISMATCH" in err, err
+    assert "first divergent layer conv_b -> conv_b (rel " in err and "hint:" not in err, err
+
+
+def test_padding_hint_for_a_strided_same_conv():
+    from converter.verification import padding_hints
+
+    taps = [(0, "stem", "stem"), (1, "down", "down")]
+    same = [{}, {"class": "Conv2D", "padding": "same", "strides": [2, 2]}]
+    first = {"source_layer": "down", "target_module": "down", "rel": 0.3}
+    (hint,) = padding_hints(first, taps, same)
+    assert "down (Conv2D) has padding 'same' with strides (2, 2)" in hint and "0 before" in hint
+    assert padding_hints({**first, "source_layer": "stem"}, taps, same) == []
+    assert padding_hints(first, taps, [{}, {**same[1], "padding": "valid"}]) == []
+    assert padding_hints(None, taps, same) == []

@@ -291,7 +291,11 @@ def _convention(result) -> str:
 
 
 def _print_verification(console, report) -> None:
+    from rich.markup import escape
+
     console.print(f"  verification: {'PASS' if report.passed else 'MISMATCH'}")
+    for line in report.mismatch_lines():
+        console.print(f"    {escape(line)}")
     for e in report.excluded:
         console.print(f"    not compared: {e['module']} ({e['reason']})")
 
