@@ -43,7 +43,38 @@ def test_wrong_format(tmp_path, capsys):
     src.write_text("this is not a checkpoint\n")
     out = tmp_path / "out.safetensors"
     rc, _, err = run_cli(["convert", src, "-o", out], capsys)
-    assert_clean_error(rc, err, str(src), "not a format ckptport reads", out=out)
+    assert_clean_error(rc, err, str(src), "is not an HDF5 file: truncated or corrupt", out=out)
+    other = src.with_suffix(".bin")
+    other.write_text("this is not a checkpoint\n")
+    rc, _, err = run_cli(["convert", other, "-o", out], capsys)
+    assert_clean_error(rc, err, str(other), "not a format ckptport reads", out=out)
+
+
+def test_damaged_keras_archives_say_what_they_are_not(tmp_path, capsys):
+    """A truncated .keras zip, random bytes named .keras, and a .keras whose model.weights.h5
+    member is truncated: one line each, the member named, no h5py internals."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with h5py.File(buf, "w") as f:
+        f["layers/dense/vars/0"] = np.zeros((64, 64), np.float32)
+    inner = tmp_path / "inner.keras"
+    with zipfile.ZipFile(inner, "w") as zf:
+        zf.writestr("config.json", "{}")
+        zf.writestr("model.weights.h5", buf.getvalue()[:1000])
+    truncated = tmp_path / "trunc.keras"
+    truncated.write_bytes(inner.read_bytes()[:-40])
+    noise = tmp_path / "noise.keras"
+    noise.write_bytes(np.random.default_rng(0).bytes(100))
+    for src, needle in [
+        (truncated, "is not a valid .keras archive (zip): truncated or corrupt"),
+        (noise, "is not a valid .keras archive (zip): truncated or corrupt"),
+        (inner, "inner.keras: its member model.weights.h5 is truncated or not a valid HDF5"),
+    ]:
+        rc, _, err = run_cli(["inspect", src], capsys)
+        assert_clean_error(rc, err, needle)
+        assert "eof" not in err and "synchronously" not in err
 
 
 @pytest.mark.parametrize("fmt", ["weights.h5", "h5", "keras"])
