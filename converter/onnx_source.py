@@ -19,12 +19,12 @@ from typing import Any
 import numpy as np
 
 from . import onnx_transforms  # noqa: F401  (registers the ONNX-op layer transforms)
-from .errors import MappingError, UnknownArchitectureError, UnsupportedLayerError
+from .errors import MappingError, UnknownArchitectureError, UnsupportedLayerError, option
 from .formats import RawCheckpoint, RawTensor
 from .source import SourceLayer, SourceModel
 from .tables import Rule, Table, Variant
 
-FOLDED_FLAG = "--accept-folded-bn (accept_folded_bn=True)"
+FOLDED_FLAG = option("accept_folded_bn=True")  # --accept-folded-bn in the CLI
 
 
 @dataclass

@@ -234,3 +234,23 @@ def test_failed_verify_keeps_existing_record_even_with_force(r50, tmp_path, caps
     # an existing --record is refused before any work (formats.check_output, the one output policy)
     assert_clean_error(rc, err, str(record), "--force")
     assert record.read_bytes() == b"an earlier reference"
+
+
+def test_options_are_flags_in_the_cli_and_keywords_in_the_api(tmp_path, capsys):
+    """One message, two readers: the library says force=True, the CLI --force (never both)."""
+    from converter.errors import OutputExistsError, cli_message, option
+    from converter.formats import check_output
+
+    existing = tmp_path / "out.safetensors"
+    existing.write_bytes(b"x")
+    with pytest.raises(OutputExistsError, match=r"pass force=True to overwrite") as exc:
+        check_output(existing, False, ())
+    assert "--force" not in str(exc.value) and "pass --force to" in cli_message(exc.value)
+    rc, _, err = run_cli(["convert", tmp_path / "src.keras", "-o", existing], capsys)
+    assert_clean_error(rc, err, "exists; pass --force to overwrite it")
+    assert "=True" not in err
+    assert cli_message(ValueError(f"pass {option('accept_folded_bn=True')}")) == (
+        "pass --accept-folded-bn"
+    )
+    with pytest.raises(KeyError):
+        option("verbose=True")

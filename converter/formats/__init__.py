@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import OutputExistsError, SourceFormatError
+from ..errors import OutputExistsError, SourceFormatError, option
 from ..registry import Registry
 
 
@@ -194,7 +194,7 @@ def check_output(
     if not p.parent.exists():
         raise SourceFormatError(f"output directory {p.parent} does not exist; create it first")
     if p.exists() and not force:
-        raise OutputExistsError(f"{p} exists; pass --force (force=True) to overwrite it")
+        raise OutputExistsError(f"{p} exists; pass {option('force=True')} to overwrite it")
     return p
 
 
