@@ -110,7 +110,8 @@ def plan(
     if to is None:
         raise UnknownArchitectureError(
             f"{raw.path} (ONNX, {len(source.layers)} weighted nodes) names no shipped"
-            " torchvision/timm model; pass --to timm:NAME, torchvision:NAME or file.py:factory"
+            " torchvision/timm model; pass --to timm:NAME, torchvision:NAME (the class count"
+            " follows the source's classifier) or file.py:factory"
         )
     variant = Variant(None, to)
     manifest = target_manifest_for(variant, {})
