@@ -68,3 +68,27 @@ class FrameworkMissingError(ConverterError):
 
 class VerificationError(ConverterError):
     """Verification could not run (not: it ran and found a mismatch)."""
+
+
+# An option as the library's messages name it (its API keyword) -> the CLI flag the CLI shows in
+# its place (cli_message): one name per message, right for whoever reads it.
+OPTIONS = {
+    "force=True": "--force",
+    "accept_folded_bn=True": "--accept-folded-bn",
+}
+
+
+def option(keyword: str) -> str:
+    """How a message names an option: its API keyword (``force=True``), which the CLI shows as the
+    flag (``--force``); a keyword not in ``OPTIONS`` is a bug."""
+    if keyword not in OPTIONS:
+        raise KeyError(f"{keyword!r} is not in converter.errors.OPTIONS: {', '.join(OPTIONS)}")
+    return keyword
+
+
+def cli_message(err: BaseException) -> str:
+    """The message as the CLI prints it: every option keyword replaced by its flag."""
+    text = str(err)
+    for keyword, flag in OPTIONS.items():
+        text = text.replace(keyword, flag)
+    return text

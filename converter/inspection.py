@@ -52,7 +52,7 @@ def inspect(
     info["config_origin"] = source.config_origin
     info["notes"] = source.notes
     info.update(_family(source.manifest_id))
-    info["head"] = source.head.report() if source.head else None
+    info["head"] = source.known_head.report() if source.known_head else None
     info["nesting"] = source.nesting.report() if source.nesting else None
     info["layers"] = [
         {

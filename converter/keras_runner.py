@@ -251,6 +251,7 @@ def run(args: argparse.Namespace) -> None:
             {
                 "input": input_layout(model),
                 "taps": [layer_layout(lay) for lay in tap_layers],
+                "padding": [layer_padding(lay) for lay in tap_layers],
                 "output": layer_layout(model.layers[-1]),
             }
         ),
@@ -329,6 +330,14 @@ def _train_step(model, x: np.ndarray, file_names: dict[str, str], tensors: dict)
 
 
 RECURRENT = ("LSTM", "GRU", "SimpleRNN", "Bidirectional")
+
+
+def layer_padding(layer) -> dict:
+    """A conv or pool's padding and strides (what a mismatch hint reads), else {}."""
+    padding, strides = getattr(layer, "padding", None), getattr(layer, "strides", None)
+    if not isinstance(padding, str) or strides is None:
+        return {}
+    return {"class": type(layer).__name__, "padding": padding, "strides": list(strides)}
 
 
 def layer_layout(layer) -> str:

@@ -49,9 +49,31 @@ def prefer_torch_first() -> None:
             pass  # a TensorFlow-only install: nothing to protect
 
 
-def _close(name: str, names: Any) -> str:
-    close = difflib.get_close_matches(name, list(names), n=5, cutoff=0.5)
-    return ", ".join(close) if close else "none close"
+def _close(name: str, names: Any, lib: str) -> str:
+    """``; close: a, b`` for near misses (a cutoff that keeps typos, not unrelated names), or
+    where to look when nothing is close."""
+    close = difflib.get_close_matches(name, list(names), n=5, cutoff=0.7)
+    if close:
+        return f"; close: {', '.join(close)}"
+    return f"; `ckptport archs` lists the targets the shipped tables convert to ({lib} has more)"
+
+
+def check_spec(text: str | Spec, what: str = "--to") -> Spec:
+    """The one up-front validation of a target spec (``--to``), before any source is read or
+    output checked: its form, a file spec's file, a library model's name (not for the shipped
+    manifests' targets, which need no import). A user's module is not imported here: that runs
+    their code, which building the target does."""
+    from .manifest import manifest_path
+
+    spec = text if isinstance(text, Spec) else parse_spec(text, what)
+    if spec.kind == "file" and not spec.path.expanduser().is_file():
+        raise ConverterError(f"{what} {spec.text!r}: file {spec.path} does not exist")
+    if spec.is_library and not manifest_path(spec.text).is_file() and not torch_side_hazard():
+        try:
+            _library_builder(spec)  # raises naming close matches
+        except ImportError:
+            pass  # no PyTorch here: building the target says so
+    return spec
 
 
 def _load_user_module(path: Path, spec: str, what: str) -> Any:
@@ -151,8 +173,8 @@ def _library_builder(spec: Spec) -> tuple[Any, dict[str, Any]]:
 
         if not timm.is_model(spec.name):
             raise ConverterError(
-                f"timm has no model {spec.name!r} (spec {spec.text!r}); "
-                f"close: {_close(spec.name, timm.list_models())}"
+                f"timm has no model {spec.name!r} (spec {spec.text!r})"
+                f"{_close(spec.name, timm.list_models(), 'timm')}"
             )
         return functools.partial(timm.create_model, spec.name), {"pretrained": False}
     import inspect
@@ -162,8 +184,8 @@ def _library_builder(spec: Spec) -> tuple[Any, dict[str, Any]]:
     names = torchvision.models.list_models()
     if spec.name not in names:
         raise ConverterError(
-            f"torchvision has no model {spec.name!r} (spec {spec.text!r}); close:"
-            f" {_close(spec.name, names)}"
+            f"torchvision has no model {spec.name!r} (spec {spec.text!r})"
+            f"{_close(spec.name, names, 'torchvision')}"
         )
     builder, args = torchvision.models.get_model_builder(spec.name), {"weights": None}
     if "weights_backbone" in inspect.signature(builder).parameters:

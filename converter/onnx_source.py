@@ -19,12 +19,13 @@ from typing import Any
 import numpy as np
 
 from . import onnx_transforms  # noqa: F401  (registers the ONNX-op layer transforms)
-from .errors import MappingError, UnknownArchitectureError, UnsupportedLayerError
+from .errors import MappingError, UnknownArchitectureError, UnsupportedLayerError, option
 from .formats import RawCheckpoint, RawTensor
 from .source import SourceLayer, SourceModel
+from .specs import parse_spec
 from .tables import Rule, Table, Variant
 
-FOLDED_FLAG = "--accept-folded-bn (accept_folded_bn=True)"
+FOLDED_FLAG = option("accept_folded_bn=True")  # --accept-folded-bn in the CLI
 
 
 @dataclass
@@ -109,7 +110,8 @@ def plan(
     if to is None:
         raise UnknownArchitectureError(
             f"{raw.path} (ONNX, {len(source.layers)} weighted nodes) names no shipped"
-            " torchvision/timm model; pass --to timm:NAME, torchvision:NAME or file.py:factory"
+            " torchvision/timm model; pass --to timm:NAME, torchvision:NAME (the class count"
+            " follows the source's classifier) or file.py:factory"
         )
     variant = Variant(None, to)
     manifest = target_manifest_for(variant, {})
@@ -118,6 +120,11 @@ def plan(
     if missing_bn:
         _refuse_folded(raw, folded_bn(raw.graph), missing_bn, accept_folded_bn)
     modules = mapping or by_names(source, manifest)
+    classes = class_count(source, modules, manifest) if modules and mapping is None else None
+    if classes is not None and parse_spec(to).is_library:  # torchvision/timm: num_classes=N
+        variant = Variant(None, to, target_kwargs={"num_classes": classes})
+        manifest = target_manifest_for(variant, dict(variant.target_kwargs))
+        notes.append(f"{classes} classes (the source's classifier): built with num_classes")
     if modules is None:  # opaque names: by structure, identity BNs after folded convs first
         convs = [lay.name for lay in source.layers if lay.class_name == "Conv"]
         source = _with_identity_bn(source, {c: f"{c}:bn" for c in convs} if missing_bn else {})
@@ -134,6 +141,22 @@ def plan(
         )
     table = onnx_table(raw, source, modules, variant)
     return OnnxPlan(source, table, variant, manifest, notes, bool(found), bool(missing_bn))
+
+
+def class_count(
+    source: SourceModel, modules: dict[str, str], manifest: dict[str, Any]
+) -> int | None:
+    """The source's class count where its classifier (the layer mapped onto the target's last
+    module with a 2-D weight) has another output size than the built target's, else None."""
+    matrices = [t for t in manifest["tensors"] if t["key"].endswith(".weight")]
+    matrices = [t for t in matrices if len(t["shape"]) == 2]
+    if not matrices:
+        return None
+    module, want = matrices[-1]["key"].rpartition(".")[0], matrices[-1]["shape"][0]
+    layer = next((lay for lay in source.layers if modules.get(lay.name) == module), None)
+    bias = layer.weights.get("bias") if layer is not None else None
+    n = int(bias.shape[0]) if bias is not None and len(bias.shape) == 1 else None
+    return n if n is not None and n != want else None
 
 
 def _aligned(source: SourceModel, variant: Variant, manifest: dict[str, Any]) -> dict[str, str]:
@@ -293,8 +316,9 @@ def convert_onnx(
             " replace the head in PyTorch"
         )
     p = plan(raw, to, accept_folded_bn, _user_mapping(raw, mapping, to))
-    result = apply_table(p.source, p.table, p.variant, p.target_manifest, {}, progress)
-    result.notes = p.notes
+    kwargs = dict(p.variant.target_kwargs)
+    result = apply_table(p.source, p.table, p.variant, p.target_manifest, kwargs, progress)
+    result.notes = p.notes + result.notes
     result.metadata["source.input"] = json.dumps(p.table.input, sort_keys=True)
     if p.folded:
         result.metadata["source.folded_bn"] = "identity BatchNorm statistics accepted"

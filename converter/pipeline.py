@@ -258,6 +258,10 @@ def convert(
             (TF1 checkpoints without a ``.meta`` graph).
         accept_folded_bn: ONNX only: convert BN folded by the exporter with identity BN stats.
     """
+    if to is not None:
+        from .model import check_spec
+
+        check_spec(to)  # a bad --to names itself before the source is read
     if (format or formats.sniff(src)) == "onnx":  # converter.onnx_source
         return _convert_onnx(src, to, mapping, num_classes, accept_folded_bn, progress)
     tables = load_tables(mapping)
@@ -305,7 +309,7 @@ def _convert_selected(
         head,
         progress,
     )
-    result.notes = source.notes + source_head.notes
+    result.notes = source.notes + source_head.notes + result.notes
     if result.notes:
         result.metadata["notes"] = json.dumps(result.notes)
     return result
@@ -469,9 +473,35 @@ def _apply(
     state_dict = walk.ledger.finish(f"{source.raw.path} -> {variant.target}", table.id)
     preprocessing = preprocessing_spec(walk.preprocessing_layers)
     result = _result(source, walk, kwargs, state_dict, preprocessing)
+    result.notes = eps_notes(walk.bn, target_manifest)
     if progress:
         progress(total, total, "")
     return result
+
+
+def eps_notes(bn_config: dict[str, dict[str, Any]], target_manifest: dict[str, Any]) -> list[str]:
+    """For a user's module (a manifest read from the built model): the BatchNorm modules whose
+    constructed eps is not the source's, which a plain ``load_state_dict`` would keep."""
+    if target_manifest.get("library") != "user":
+        return []
+    built = target_manifest.get("bn_modules", {})
+    pairs = {n: (built[n]["eps"], c["eps"]) for n, c in bn_config.items() if n in built}
+    return eps_mismatch_notes(pairs)
+
+
+def eps_mismatch_notes(pairs: dict[str, tuple[float, float]]) -> list[str]:
+    """One note per (constructed eps, source eps) that differ, naming the modules and the fix;
+    ``pairs``: module -> (its eps, the source's)."""
+    groups: dict[tuple[float, float], list[str]] = {}
+    for name, (have, want) in pairs.items():
+        if not np.isclose(have, want, rtol=1e-6, atol=0):
+            groups.setdefault((have, want), []).append(name)
+    return [
+        f"BatchNorm eps: {listing(sorted(names))} constructed with eps={have:g}, the source's is"
+        f" {want:g}; converter.load_model sets it, a plain load_state_dict does not (construct"
+        f" them with eps={want:g}; momentum likewise, which matters in training only)"
+        for (have, want), names in sorted(groups.items())
+    ]
 
 
 def apply_table(
@@ -529,7 +559,7 @@ def _result(
         source_input_shape=_input_shape(source),
         source_input=input_info(source),
         source_path=source.raw.path,
-        source_head=source.head.report() if source.head else None,
+        source_head=source.known_head.report() if source.known_head else None,
         nesting=source.nesting.report() if source.nesting else None,
     )
 

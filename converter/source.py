@@ -96,6 +96,12 @@ class SourceModel:
         return [lay for lay in self.layers if not within(lay.scope, self.nesting.layer)]
 
     @property
+    def known_head(self) -> Head | None:
+        """The head as reported to the user: None for a source no table recognises (its layers
+        are not told apart from a table's ``[head]``, so "headless" would be a guess)."""
+        return self.head if self.manifest_id or self.nesting else None
+
+    @property
     def structure(self) -> str:
         """Its head and nesting in a few words where they are not the stock application's
         (``headless, pooling max; the base is layer 'resnet50v2' of ...``), else ""."""

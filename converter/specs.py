@@ -81,6 +81,8 @@ def looks_like_spec(text: str) -> bool:
 
 def parse_spec(text: str, what: str = "model spec") -> Spec:
     """Parse ``text`` into a :class:`Spec`, or raise SpecError naming the accepted forms."""
+    if isinstance(text, str) and ":" not in text and text.endswith(".py"):
+        raise SpecError(f"{what} {text!r} names a file but no function: add ':factory'")
     if not isinstance(text, str) or ":" not in text:
         raise SpecError(f"{what} {text!r} is not one of {SPEC_FORMS}")
     lib, _, rest = text.partition(":")

@@ -155,6 +155,7 @@ class VerificationReport:
     device: str = "cpu"
     notes: list[str] = field(default_factory=list)
     excluded: list[dict[str, Any]] = field(default_factory=list)
+    hints: list[str] = field(default_factory=list)  # what may explain the first divergence
 
     @property
     def train_step_passed(self) -> bool | None:
@@ -205,6 +206,16 @@ class VerificationReport:
         d = asdict(self)
         derived = {"passed": self.passed, "first_divergent": self.first_divergent}
         return {**derived, **d, "train_step_passed": self.train_step_passed}
+
+    def mismatch_lines(self) -> list[str]:
+        """What a mismatch prints (verify and convert): the first divergent pair and its error,
+        then the hints for it; [] when passed."""
+        f = self.first_divergent
+        if f is None:
+            return []
+        where = f"{f['source_layer']} -> {f['target_module']}"
+        stage = " (train step)" if f.get("stage") else ""
+        return [f"first divergent layer{stage} {where} (rel {f['rel']:.3g})"] + self.hints
 
     def worst(self, n: int = 10) -> list[LayerResult]:
         return sorted(self.layers, key=lambda r: -r.rel)[:n]
@@ -453,19 +464,12 @@ def verify(
         notes=ref.notes + ([note] if note else []),
         excluded=excluded,
     )
+    report.hints = padding_hints(report.first_divergent, taps, layouts.get("padding", []))
     if opts.train_step:
         bn_info = json.loads(ref.meta["train_step"])
         report.train_step = _train_step(run.model, run.x, ref.tensors, bn_info, conv.bn_config)
         report.notes.append(TRAIN_STEP_NOTE)
     return report
-
-
-def _rtol(conv: _Conversion, opts: VerifyOptions) -> float:
-    """The user's --rtol, else the table's ``[verify] rtol``, else the float32 default."""
-    if opts.rtol is not None:
-        return opts.rtol
-    spec = _table_spec(conv.meta.get("table.id"), opts.mapping, "verify")
-    return spec.get("rtol", DEFAULT_RTOL["float32"])
 
 
 def _reference(
@@ -682,6 +686,31 @@ def _run_target(
                 h.remove()
     timings["tap_overhead_s"] = timings["target_run_with_taps_s"] - timings["target_run_s"]
     return _TargetRun(model, xt, out.detach(), captured, timings)
+
+
+def _rtol(conv: Any, opts: VerifyOptions) -> float:
+    """The verdict's tolerance: the option, else the table's ``[verify] rtol``, else float32's."""
+    if opts.rtol is not None:
+        return opts.rtol
+    spec = _table_spec(conv.meta.get("table.id"), opts.mapping, "verify")
+    return spec.get("rtol", DEFAULT_RTOL["float32"])
+
+
+def padding_hints(
+    first: dict[str, Any] | None, taps: list[tuple[int, str, str]], padding: list[dict]
+) -> list[str]:
+    """A hint when the first divergent source layer is a strided conv/pool with 'same' padding:
+    TF pads 0 before and 1 after on even sizes (stride 2), PyTorch's ``padding=k//2`` both sides."""
+    index = {src: i for i, src, _ in taps}.get(first["source_layer"]) if first else None
+    cfg = padding[index] if index is not None and index < len(padding) else {}
+    if cfg.get("padding") != "same" or max(cfg.get("strides", [1])) <= 1:
+        return []
+    return [
+        f"hint: {first['source_layer']} ({cfg['class']}) has padding 'same' with strides"
+        f" {tuple(cfg['strides'])}: TensorFlow pads 0 before / 1 after on even sizes where a"
+        " PyTorch padding=k//2 pads both sides; pad the target asymmetrically (F.pad(x, (0, 1, 0,"
+        " 1)) before a padding=0 conv, or timm's pad_type='same'); README, Background"
+    ]
 
 
 def _compare_layers(

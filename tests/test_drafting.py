@@ -390,3 +390,94 @@ def test_a_branched_model_without_connections_is_refused_as_a_chain(fx):
         entry.pop("inbound_nodes", None)
     with pytest.raises(MappingError, match="drafted as a chain in creation order.*--mapping"):
         draft_for_source(source, target("resblock"))
+
+
+@pytest.mark.parametrize(
+    "spec, needle",
+    [
+        ("torchvision:resnet999", "torchvision has no model 'resnet999'"),
+        ("timm:nonexist", "timm has no model 'nonexist'"),
+        (str(TWINS), "names a file but no function: add ':factory'"),
+        (f"{TWINS}:", "must end in ':function'"),
+        (":x", "must end in ':function'"),
+    ],
+)
+def test_a_bad_to_names_itself_before_source_and_output(fx, tmp_path, cli, spec, needle):
+    """A bad --to on a Keras source is the error (not "no table fits this source"), and it comes
+    before the output-exists check; an unrelated name gets no "close" noise."""
+    existing = tmp_path / "existing.safetensors"
+    existing.write_bytes(b"x")
+    for command in ("convert", "draft"):
+        rc, _, err = cli(command, fx["files"]["flat"]["keras"], "--to", spec, "-o", existing)
+        assert_clean_error(rc, err, needle)
+        assert "no mapping table fits" not in err and "close: nfnet" not in err
+
+
+def test_eps_the_user_module_is_built_without_is_named(fx, tmp_path, cli):
+    """flat's bn1 has Keras' eps 1e-3 where FlatNet's norms.1 is built with 1e-5 (bn2/norms.0
+    agree): a plain load_state_dict would keep 1e-5, so convert and draft say which and the fix."""
+    from converter import convert
+    from converter.drafting import draft
+
+    src = fx["files"]["flat"]["keras"]
+    want = "norms.1 constructed with eps=1e-05, the source's is 0.001; converter.load_model"
+    (note,) = [n for n in convert(src, target("flat")).notes if "eps" in n]
+    assert want in note and "norms.0" not in note
+    assert draft(src, target("flat")).notes == [note]
+    rc, _, err = cli("draft", src, "--to", target("flat"), "-o", tmp_path / "flat.toml")
+    assert rc == 0 and f"note: BatchNorm eps: {want}" in " ".join(err.split()), err
+
+
+def test_a_custom_source_reports_no_guessed_head(fx, tmp_path, cli):
+    """resblock ends in GlobalAveragePooling -> Dense(5), and no table knows its [head]: inspect
+    and convert describe none (it used to say "headless, pooling none (feature map)")."""
+    src = fx["files"]["resblock"]["keras"]
+    rc, out, err = cli("inspect", src, "--json")
+    assert rc == 0 and json.loads(out)["head"] is None, err
+    rc, _, err = cli("inspect", src)
+    assert rc == 0 and "head:" not in err and "headless" not in err, err
+    rc, out, err = cli(
+        "convert", src, "--to", target("resblock"), "-o", tmp_path / "r.st", "--json", "--no-verify"
+    )
+    assert rc == 0 and json.loads(out)["source_head"] is None, err
+
+
+GELU_TWIN = """
+
+class GeluResBlockNet(ResBlockNet):
+    def forward(self, x):
+        x = self.stem(x)
+        short = self.shortcut(x)
+        main = self.bn_b(self.conv_b(F.gelu(self.bn_a(self.conv_a(x)))))
+        return self.fc(F.relu(self.bn_c(self.down(F.relu(main + short)))).mean(dim=(2, 3)))
+
+
+def gelu_resblock():
+    return GeluResBlockNet()
+"""
+
+
+def test_convert_mismatch_names_the_first_divergent_layer(fx, tmp_path, cli):
+    """A drafted conversion whose module computes something else (gelu for relu after bn_a):
+    convert's verification prints where it diverges, as verify does."""
+    twin = tmp_path / "twin.py"
+    twin.write_text(TWINS.read_text() + GELU_TWIN)
+    out = tmp_path / "g.safetensors"
+    rc, _, err = cli(
+        "convert", fx["files"]["resblock"]["keras"], "--to", f"{twin}:gelu_resblock", "-o", out
+    )
+    assert rc == 1 and "verification: MISMATCH" in err, err
+    assert "first divergent layer conv_b -> conv_b (rel " in err and "hint:" not in err, err
+
+
+def test_padding_hint_for_a_strided_same_conv():
+    from converter.verification import padding_hints
+
+    taps = [(0, "stem", "stem"), (1, "down", "down")]
+    same = [{}, {"class": "Conv2D", "padding": "same", "strides": [2, 2]}]
+    first = {"source_layer": "down", "target_module": "down", "rel": 0.3}
+    (hint,) = padding_hints(first, taps, same)
+    assert "down (Conv2D) has padding 'same' with strides (2, 2)" in hint and "0 before" in hint
+    assert padding_hints({**first, "source_layer": "stem"}, taps, same) == []
+    assert padding_hints(first, taps, [{}, {**same[1], "padding": "valid"}]) == []
+    assert padding_hints(None, taps, same) == []

@@ -43,7 +43,38 @@ def test_wrong_format(tmp_path, capsys):
     src.write_text("this is not a checkpoint\n")
     out = tmp_path / "out.safetensors"
     rc, _, err = run_cli(["convert", src, "-o", out], capsys)
-    assert_clean_error(rc, err, str(src), "not a format ckptport reads", out=out)
+    assert_clean_error(rc, err, str(src), "is not an HDF5 file: truncated or corrupt", out=out)
+    other = src.with_suffix(".bin")
+    other.write_text("this is not a checkpoint\n")
+    rc, _, err = run_cli(["convert", other, "-o", out], capsys)
+    assert_clean_error(rc, err, str(other), "not a format ckptport reads", out=out)
+
+
+def test_damaged_keras_archives_say_what_they_are_not(tmp_path, capsys):
+    """A truncated .keras zip, random bytes named .keras, and a .keras whose model.weights.h5
+    member is truncated: one line each, the member named, no h5py internals."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with h5py.File(buf, "w") as f:
+        f["layers/dense/vars/0"] = np.zeros((64, 64), np.float32)
+    inner = tmp_path / "inner.keras"
+    with zipfile.ZipFile(inner, "w") as zf:
+        zf.writestr("config.json", "{}")
+        zf.writestr("model.weights.h5", buf.getvalue()[:1000])
+    truncated = tmp_path / "trunc.keras"
+    truncated.write_bytes(inner.read_bytes()[:-40])
+    noise = tmp_path / "noise.keras"
+    noise.write_bytes(np.random.default_rng(0).bytes(100))
+    for src, needle in [
+        (truncated, "is not a valid .keras archive (zip): truncated or corrupt"),
+        (noise, "is not a valid .keras archive (zip): truncated or corrupt"),
+        (inner, "inner.keras: its member model.weights.h5 is truncated or not a valid HDF5"),
+    ]:
+        rc, _, err = run_cli(["inspect", src], capsys)
+        assert_clean_error(rc, err, needle)
+        assert "eof" not in err and "synchronously" not in err
 
 
 @pytest.mark.parametrize("fmt", ["weights.h5", "h5", "keras"])
@@ -68,7 +99,9 @@ def test_wrong_architecture_target(r50, tmp_path, capsys):
 def test_unknown_target(r50, tmp_path, capsys):
     out = tmp_path / "out.safetensors"
     rc, _, err = run_cli(["convert", r50["files"]["keras"], "--to", "timm:nonexistent", "-o", out], capsys)
-    assert_clean_error(rc, err, "no table converts to 'timm:nonexistent'", "torchvision:resnet50",
+    assert_clean_error(rc, err, "timm has no model 'nonexistent'", out=out)  # checked up front
+    rc, _, err = run_cli(["convert", r50["files"]["keras"], "--to", "timm:resnet18", "-o", out], capsys)
+    assert_clean_error(rc, err, "no table converts to 'timm:resnet18'", "torchvision:resnet50",
                        "timm:resnet50", out=out)
     rc, _, err = run_cli(["convert", r50["files"]["keras"], "--to", "keras:ResNet50", "-o", out], capsys)
     assert_clean_error(rc, err, "names a keras model", out=out)
@@ -201,3 +234,23 @@ def test_failed_verify_keeps_existing_record_even_with_force(r50, tmp_path, caps
     # an existing --record is refused before any work (formats.check_output, the one output policy)
     assert_clean_error(rc, err, str(record), "--force")
     assert record.read_bytes() == b"an earlier reference"
+
+
+def test_options_are_flags_in_the_cli_and_keywords_in_the_api(tmp_path, capsys):
+    """One message, two readers: the library says force=True, the CLI --force (never both)."""
+    from converter.errors import OutputExistsError, cli_message, option
+    from converter.formats import check_output
+
+    existing = tmp_path / "out.safetensors"
+    existing.write_bytes(b"x")
+    with pytest.raises(OutputExistsError, match=r"pass force=True to overwrite") as exc:
+        check_output(existing, False, ())
+    assert "--force" not in str(exc.value) and "pass --force to" in cli_message(exc.value)
+    rc, _, err = run_cli(["convert", tmp_path / "src.keras", "-o", existing], capsys)
+    assert_clean_error(rc, err, "exists; pass --force to overwrite it")
+    assert "=True" not in err
+    assert cli_message(ValueError(f"pass {option('accept_folded_bn=True')}")) == (
+        "pass --accept-folded-bn"
+    )
+    with pytest.raises(KeyError):
+        option("verbose=True")

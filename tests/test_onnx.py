@@ -382,3 +382,25 @@ def test_without_the_onnx_extra(tmp_path, cli, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx -> ImportError
     rc, _, err = cli("inspect", src)
     assert_clean_error(rc, err, "ckptport[onnx]")
+
+
+@pytest.mark.slow  # a resnet18 dynamo export: ~35 s on the shared 2 cores
+def test_class_count_follows_the_source_classifier(tmp_path, cli):
+    """An export of torchvision resnet18 with 10 classes onto --to torchvision:resnet18: the
+    target is built with num_classes=10 (recorded, so load_model rebuilds it) and computes the
+    export's logits; it used to fail on fc's shape."""
+    import torch
+    import torchvision
+
+    from converter import load_model
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    src = tmp_path / "r18.onnx"
+    torch.onnx.export(model, (x,), str(src), dynamo=True, optimize=False)
+    out = tmp_path / "r18.safetensors"
+    rc, _, err = cli("convert", src, "--to", "torchvision:resnet18", "-o", out)
+    assert rc == 0 and "10 classes (the source's classifier)" in err, err
+    with torch.no_grad():
+        assert torch.allclose(load_model(out)(x), model(x), rtol=1e-4, atol=1e-5)

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import click
 
-from ..errors import ConverterError, ExitCode
+from ..errors import ConverterError, ExitCode, cli_message
 
 EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = ExitCode.OK, ExitCode.FINDINGS, ExitCode.ERROR
 
@@ -66,7 +66,7 @@ def run_main(cli: click.Group, argv: list[str] | None) -> int:
         with signals_raise():
             rv = cli.main(args=args, prog_name="ckptport", standalone_mode=False, obj=state)
     except ConverterError as err:
-        return _fail(state, f"error: {err}", err.exit_code)
+        return _fail(state, f"error: {cli_message(err)}", err.exit_code)
     except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
         return _fail(state, "interrupted; temporary files removed", ExitCode.INTERRUPTED)
     except click.ClickException as err:

@@ -140,10 +140,13 @@ def command(
     layer."""
     from ..errors import ConverterError
     from ..formats import check_output
+    from ..model import check_spec
 
     if verify_inputs is not None and not do_verify:
         raise ConverterError("--inputs is for the verification: add --verify")
 
+    if to is not None:
+        check_spec(to)  # a bad --to names itself first, before the output check
     out = check_output(
         output or Path.cwd() / (src.name.split(".")[0] + ".safetensors"), force, (src,)
     )
@@ -298,7 +301,7 @@ def _details(result, info: dict) -> list[str]:
         from ..nesting import Nesting
 
         lines.append(f"nested: {Nesting(**result.nesting).describe()}")
-    if result.source_head and (result.source_arch or result.nesting):  # custom: no [head] known
+    if result.source_head:  # None for a custom source: no [head] known
         from ..nesting import Head
 
         lines.append(f"source head: {Head(**result.source_head).describe()}")
@@ -317,7 +320,11 @@ def _convention(result) -> str:
 
 
 def _print_verification(console, report) -> None:
+    from rich.markup import escape
+
     console.print(f"  verification: {'PASS' if report.passed else 'MISMATCH'}")
+    for line in report.mismatch_lines():
+        console.print(f"    {escape(line)}")
     for e in report.excluded:
         console.print(f"    not compared: {e['module']} ({e['reason']})")
 

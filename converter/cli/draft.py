@@ -39,14 +39,19 @@ def command(src, to, output, src_format, source_model, force, as_json) -> int:
     rule per layer, to review and pass to `convert --mapping`."""
     from ..drafting import draft
     from ..formats import check_output
+    from ..model import check_spec
 
+    if to is not None:
+        check_spec(to)  # a bad --to names itself first, before the output check
     out = check_output(
         output or Path.cwd() / (src.name.split(".")[0] + ".mapping.toml"), force, (src,)
     )
     drafted = draft(src, to, source_model=source_model, format=src_format)
     written = drafted.write(out, force=force)
     if as_json:
-        emit_json({"output": str(written), "target": to, "rules": drafted.rows()})
+        emit_json(
+            {"output": str(written), "target": to, "rules": drafted.rows(), "notes": drafted.notes}
+        )
         return EXIT_OK
     from rich.markup import escape
 
@@ -61,5 +66,7 @@ def command(src, to, output, src_format, source_model, force, as_json) -> int:
                 f" ({row['target_class']}) [{row['transform']}]{extra}"
             )
         )
+    for note in drafted.notes:
+        console.print(escape(f"  note: {note}"))
     console.print(f"  use it: ckptport convert {src} --mapping {written} -o OUT.safetensors")
     return EXIT_OK

@@ -92,6 +92,7 @@ def command(paths: tuple[Path, ...], html_out: Path | None, as_json: bool, **par
 
 
 def show(report) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     console = stderr_console()
@@ -125,9 +126,10 @@ def show(report) -> None:
             f"[green]PASS[/]: {len(report.layers)} layer pairs within rtol {report.rtol:g}"
         )
     else:
-        f = report.first_divergent
-        where = f"{f['source_layer']} -> {f['target_module']}"
-        console.print(f"[red]MISMATCH[/]: first divergent layer {where} (rel {f['rel']:.3g})")
+        first, *hints = report.mismatch_lines()
+        console.print(f"[red]MISMATCH[/]: {escape(first)}")
+        for line in hints:
+            console.print(escape(line))
 
 
 def _train_step_table(results):

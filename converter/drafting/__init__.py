@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +42,7 @@ class Draft:
     matches: list[Match]
     target: str
     source_path: Path
+    notes: list[str] = field(default_factory=list)  # BatchNorm eps the target is built without
 
     def table(self) -> Table:
         from ..tables import loads_table
@@ -102,7 +103,19 @@ def draft_for_source(source: SourceModel, to: str) -> Draft:
             raise
         raise type(exc)(f"{exc} ({CHAINED})") from exc
     text = render_table(matches, to, source, graph, moved)
-    return Draft(text, matches, to, source.raw.path)
+    return Draft(text, matches, to, source.raw.path, _eps_notes(matches, model))
+
+
+def _eps_notes(matches: list[Match], model: Any) -> list[str]:
+    """The target's BatchNorm modules constructed with another eps than their source layer's."""
+    from ..pipeline import eps_mismatch_notes
+
+    pairs = {
+        m.target.name: (model.get_submodule(m.target.name).eps, m.source.config["epsilon"])
+        for m in matches
+        if m.source.kind == "BatchNormalization" and "epsilon" in m.source.config
+    }
+    return eps_mismatch_notes(pairs)
 
 
 def without_preprocessing(graph: SourceGraph) -> tuple[SourceGraph, list[SourceNode]]:

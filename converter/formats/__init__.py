@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import OutputExistsError, SourceFormatError
+from ..errors import OutputExistsError, SourceFormatError, option
 from ..registry import Registry
 
 
@@ -77,6 +77,7 @@ class Format:
     name = "format"
     description = ""
     extensions: tuple[str, ...] = ()
+    container = ""  # what a file with these extensions must be ("an HDF5 file"), for messages
     can_read = True
     can_write = False
 
@@ -131,6 +132,9 @@ def sniff(path: str | os.PathLike) -> str:
     for name, fmt in FORMATS.in_order():
         if fmt.can_read and fmt.sniff(p):
             return name
+    claimed = [f for _, f in FORMATS.in_order() if f.container and p.name.endswith(f.extensions)]
+    if claimed and p.is_file():  # named like a format whose container it is not
+        raise SourceFormatError(f"{p} is not {claimed[0].container}: truncated or corrupt")
     known = ", ".join(
         f"{f.name} ({'/'.join(f.extensions)})" for _, f in FORMATS.in_order() if f.can_read
     )
@@ -190,7 +194,7 @@ def check_output(
     if not p.parent.exists():
         raise SourceFormatError(f"output directory {p.parent} does not exist; create it first")
     if p.exists() and not force:
-        raise OutputExistsError(f"{p} exists; pass --force (force=True) to overwrite it")
+        raise OutputExistsError(f"{p} exists; pass {option('force=True')} to overwrite it")
     return p
 
 

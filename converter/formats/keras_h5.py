@@ -24,15 +24,14 @@ def _is_hdf5(path: Path) -> bool:
         return fh.read(8) == HDF5_MAGIC
 
 
-def _open_h5(source: Any, label: Path):
+def _open_h5(source: Any, label: Path | str):
     import h5py
 
     try:
         return h5py.File(source, "r")
     except OSError as exc:
         raise SourceFormatError(
-            f"{label} is truncated or not a valid HDF5 file ({str(exc).split(';')[0]}); re-copy or"
-            " re-save it"
+            f"{label} is truncated or not a valid HDF5 file; re-copy or re-save it"
         ) from exc
 
 
@@ -93,6 +92,7 @@ class KerasArchive(Format):
     name = "keras"
     description = "Keras 3 .keras archive (config.json + model.weights.h5)"
     extensions = (".keras",)
+    container = "a valid .keras archive (zip)"
 
     def sniff(self, path: Path) -> bool:
         return path.is_file() and zipfile.is_zipfile(path) and _zip_has(path, "config.json")
@@ -110,7 +110,7 @@ class KerasArchive(Format):
             raise SourceFormatError(
                 f"{path} is a damaged .keras archive ({exc}); re-save it"
             ) from exc
-        f = _open_h5(io.BytesIO(data), path)
+        f = _open_h5(io.BytesIO(data), f"{path}: its member model.weights.h5")
         raw = _read_weights_h5(f, path, self.name)
         raw.model_config = config
         return raw
@@ -146,6 +146,7 @@ class KerasWeightsH5(Format):
     name = "weights.h5"
     description = "Keras 3 weights file (model.save_weights)"
     extensions = (".weights.h5",)
+    container = "an HDF5 file"
 
     def sniff(self, path: Path) -> bool:
         return _h5_kind(path) == "weights.h5"
@@ -159,6 +160,7 @@ class LegacyH5(Format):
     name = "h5"
     description = "legacy Keras 2 HDF5 (whole model or weights only)"
     extensions = (".h5", ".hdf5")
+    container = "an HDF5 file"
 
     def sniff(self, path: Path) -> bool:
         return _h5_kind(path) == "h5"
