@@ -62,6 +62,7 @@ FAMILY_REPRESENTATIVES = [
     "keras:MobileNetV2",
     "keras:EfficientNetV2B0",
     "keras:ConvNeXtTiny",
+    "keras:MobileNet",
 ]
 # Formats that do not tell EfficientNetV2 from its include_preprocessing=False twin (the same
 # weights; .weights.h5 lists every layer, TF object checkpoints number them): refused as ambiguous.
