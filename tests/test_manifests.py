@@ -127,6 +127,7 @@ BN_FACTS = {
     "ResNet": (0.99, 1.001e-5, True, True),
     "Xception": (0.99, 1e-3, True, True),
     "InceptionV3": (0.99, 1e-3, True, False),
+    "InceptionResNetV2": (0.99, 1e-3, True, False),
     "DenseNet": (0.99, 1.001e-5, True, True),
     "VGG": None,  # no BatchNormalization at all
     "NASNet": (0.9997, 1e-3, True, True),  # refused (mappings/refusals.toml), recognised
@@ -150,11 +151,14 @@ def test_keras_bn_facts(mid):
     }
 
 
+TF_EPS_TARGETS = {"torchvision:inception_v3", "timm:inception_resnet_v2"}  # eps 1e-3 by default
+
+
 @pytest.mark.parametrize("mid", sorted(TARGETS))
 def test_target_bn_defaults(mid):
     """timm tf_* ports and torchvision's inception_v3 (BasicConv2d) use TF's eps 1e-3; all targets
     ship PyTorch's default momentum 0.1 (the converter sets 1 - Keras momentum per module)."""
-    eps = 1e-3 if ":tf_" in mid or mid == "torchvision:inception_v3" else 1e-5
+    eps = 1e-3 if ":tf_" in mid or mid in TF_EPS_TARGETS else 1e-5
     eps = TARGETS[mid]["kwargs"].get("bn_eps", eps)  # built with the table's bn_eps (mobilenetv2)
     expected = set() if mid in BN_FREE_TARGETS else {(eps, 0.1, True, True)}
     assert {(b["eps"], b["momentum"], b["affine"], b["track_running_stats"])
