@@ -963,7 +963,8 @@ def _renumber_auto_names(
     after other layers in its session has ``conv2d_2`` where the architecture has ``conv2d``): the
     tables map by them. Renumbered per class by number (creation order); the weighted layers must
     then carry the architecture's names in its order, else the mapping by name cannot be trusted."""
-    renamed = canonical_auto_names(layers)
+    explicit = set(canonical_auto_names(manifest))  # look-alikes it names so (MobileNet reshape_2)
+    renamed = canonical_auto_names([lay for lay in layers if lay.name not in explicit])
     got = [(renamed.get(lay.name, lay.name)) for lay in layers if lay.weights]
     got = [n for n in got if not (spec and spec.is_top(n))]
     want = [s.name for s in manifest if s.shapes and not (spec and spec.is_top(s.name))]

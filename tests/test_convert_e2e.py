@@ -24,6 +24,7 @@ SLOW_SOURCES |= {  # include_preprocessing=False: B0 runs fast (the same net wit
     f"keras:EfficientNetV2{v}(include_preprocessing=False)" for v in ("B1", "B2", "B3", "S", "M", "L")
 }
 SLOW_SOURCES |= {f"keras:ConvNeXt{v}" for v in ("Small", "Base", "Large", "XLarge")}  # 50M-350M params
+SLOW_SOURCES |= {"keras:InceptionResNetV2"}  # 55M params: 81 s with a cold fixture build on 2 cores
 # Randomly initialised deep BN networks are chaotic: a 1e-7 perturbation (float32 rounding of
 # Keras' own Rescaling scale, of a folded BN mean) grows ~1000x by the logits. Measured on these
 # fixtures, PyTorch float32 vs float64 alone: ResNet152 1.2e-3, EfficientNet-B7 2.1e-4 of the logits'
@@ -62,6 +63,7 @@ FAMILY_REPRESENTATIVES = [
     "keras:MobileNetV2",
     "keras:EfficientNetV2B0",
     "keras:ConvNeXtTiny",
+    "keras:MobileNet",
 ]
 # Formats that do not tell EfficientNetV2 from its include_preprocessing=False twin (the same
 # weights; .weights.h5 lists every layer, TF object checkpoints number them): refused as ambiguous.

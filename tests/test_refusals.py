@@ -17,7 +17,7 @@ from converter.tables import builtin_tables
 
 FORMATS = ["keras", "weights.h5"]  # one with a model config, one without (matched by structure)
 INPUT = {"size": 32, "range": [0.0, 255.0]}  # weight shapes do not depend on the input size
-SLOW = {"keras:NASNetLarge"}
+SLOW = {"keras:NASNetLarge", "keras:MobileNet(alpha=0.5)", "keras:MobileNet(alpha=0.75)"}
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
 
 
@@ -25,7 +25,9 @@ def _fixture(manifest_id: str) -> dict:
     from converter.manifest import load_manifest
 
     build = load_manifest(manifest_id)["build"]
-    return make_keras_fixture(build["fn"], {}, INPUT, FORMATS)
+    skip = ("weights", "input_shape", "classifier_activation", "include_top", "classes")
+    kwargs = {k: v for k, v in build["kwargs"].items() if k not in skip}  # alpha=0.5 ...
+    return make_keras_fixture(build["fn"], kwargs, INPUT, FORMATS)
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,9 @@ from converter.verification import verify
 
 # one representative per table: parametrized over the registry, so a new table is verified too
 REPRESENTATIVE = [(t, t.variants[0]) for t in builtin_tables()]
+# layer by layer with a train step in the slow suite only: InceptionResNetV2 (55M parameters, 244
+# convs) takes ~58 s here on 2 cores with its fixture cached
+SLOW_VERIFY = {"keras:InceptionResNetV2"}
 
 
 def converted(source_id: str, tmp_path: Path, to: str | None = None) -> tuple[dict, Path]:
@@ -42,7 +45,13 @@ def plant(path: Path, dst: Path, tensors=None, meta=None) -> Path:
     return formats.write(dst, t, m)
 
 
-@pytest.mark.parametrize("table,variant", REPRESENTATIVE, ids=[v.source for _, v in REPRESENTATIVE])
+@pytest.mark.parametrize(
+    "table,variant",
+    [
+        pytest.param(t, v, id=v.source, marks=[pytest.mark.slow] if v.source in SLOW_VERIFY else [])
+        for t, v in REPRESENTATIVE
+    ],
+)
 def test_clean_conversion_passes_inference_and_train_step(table, variant, tmp_path):
     fx, out = converted(variant.source, tmp_path, variant.target)
     # verify's default tolerance: 1e-4, or the table's [verify] rtol where the family's own float32
