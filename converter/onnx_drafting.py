@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import MappingError
-
 # ONNX attribute -> the aligner's canonical hyper-parameter key
 HYPER_ATTRS = {"kernel_shape": "kernel_size", "strides": "strides", "dilations": "dilation"}
 
@@ -62,26 +60,14 @@ def _node(cls: Any, name: str, op: str, layer: Any, onnx_layer: Any, inputs: tup
 def align_onnx(source: Any, variant: Any, manifest: dict[str, Any]) -> dict[str, str]:
     """Source layer -> target module by structure (the drafting aligner), for ONNX layers whose
     names are not the target's."""
-    try:
-        from .drafting.align import align
-        from .drafting.target import trace_target
-    except ImportError:  # a build without converter.drafting
-        unnamed = [lay.name for lay in source.layers if lay.name not in _modules(manifest)]
-        raise MappingError(
-            f"{source.raw.path}: {len(unnamed)} ONNX layers are not named after modules of"
-            f" {variant.target} (e.g. {unnamed[0]!r}), and this build has no drafting aligner to"
-            " map them by structure; pass --mapping with a table for them"
-        ) from None
+    from .drafting.align import align
+    from .drafting.target import trace_target
     from .model import build_target
 
     model = build_target(variant.target, **variant.target_kwargs)
-    target = trace_target(model, _input_shape(source.raw.graph))
+    target = trace_target(model, [_input_shape(source.raw.graph)])
     matches = align(onnx_source_graph(source), target)
     return {m.source.name: m.target.name for m in matches}
-
-
-def _modules(manifest: dict[str, Any]) -> set[str]:
-    return {t["key"].rpartition(".")[0] for t in manifest["tensors"]}
 
 
 def _input_shape(graph: Any) -> tuple[int, ...]:
