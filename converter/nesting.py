@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -474,3 +475,12 @@ def pooling_from_groups(raw: RawCheckpoint, skel: list[Any]) -> str | None:
     last = max((i for i, s in enumerate(skel) if s.shapes), default=-1)
     in_base = sum(1 for s in skel[: last + 1] if s.class_name == "GlobalAveragePooling2D")
     return "avg" if classes.count("GlobalAveragePooling2D") > in_base else None
+
+
+def pooling_beyond_manifest(layers: list[Any], manifest: dict[str, Any]) -> str | None:
+    """A headless build's pooling where it sits before the last weighted layer (ConvNeXt's
+    include_top=False: the pooling, then a LayerNormalization): a global pooling layer that the
+    architecture's manifest does not have; None when there is none."""
+    have = Counter(lay.class_name for lay in layers if lay.class_name in POOLING_CLASSES)
+    have.subtract(lay["class_name"] for lay in manifest["layers"])
+    return next((POOLING_CLASSES[cls] for cls, n in have.items() if n > 0), None)

@@ -141,8 +141,11 @@ def select(tables: list[Table], source: SourceModel, to: str | None) -> tuple[Ta
         (t, v)
         for t in tables
         for v in t.variants
-        if (v.source is not None and v.source == source.manifest_id)
-        or (v.source is None and _covers(t, source))
+        if (
+            (v.source is not None and v.source == source.manifest_id)
+            or (v.source is None and _covers(t, source))
+        )
+        and v.fits(source)
     ]
     label = f"{source.raw.path} ({source.manifest_id or 'unrecognised architecture'})"
     refusal = refusal_for(source.manifest_id)

@@ -36,6 +36,7 @@ from .nesting import (
     Nesting,
     Split,
     describe_head,
+    pooling_beyond_manifest,
     pooling_from_groups,
     shapes_fit,
     skeleton_modes,
@@ -922,6 +923,8 @@ def _described(
         _renumber_auto_names(raw, base, skeleton_from_manifest(man), spec, manifest_id)
     outer = [lay for lay in layers if not within(lay.scope, scope)] if nesting else base
     head = describe_head(outer, spec, nesting is not None, True)
+    if manifest_id and head.kind == "headless" and head.pooling is None and not nesting:
+        head.pooling = pooling_beyond_manifest(base, man)
     return SourceModel(raw, layers, manifest_id, origin, head, nesting)
 
 

@@ -72,6 +72,13 @@ class Variant:
     lookups: dict[str, list[str]] = field(default_factory=dict)
     consts: dict[str, Any] = field(default_factory=dict)
     target_kwargs: dict[str, Any] = field(default_factory=dict)
+    # True: only for a base nested in the user's model (the user pools after the base's last
+    # layer); False: only for a stand-alone build; None: either
+    nested: bool | None = None
+
+    def fits(self, source: Any) -> bool:
+        """Whether this variant computes ``source``'s form (nested or stand-alone)."""
+        return self.nested is None or self.nested == bool(getattr(source, "nesting", None))
 
 
 @dataclass
@@ -245,11 +252,19 @@ def _variants(p: Path, data: dict[str, Any]) -> list[Variant]:
                 v.get("lookups", {}),
                 v.get("consts", {}),
                 v.get("target_kwargs", {}),
+                _nested(p, i, v),
             )
         )
     if not variants:
         raise _fail(p, "no [[variants]]: say which source maps to which target")
     return variants
+
+
+def _nested(p: Path, i: int, v: dict[str, Any]) -> bool | None:
+    nested = v.get("nested")
+    if nested is not None and not isinstance(nested, bool):
+        raise _fail(p, f"variants[{i}]: nested must be true or false (leave it out for either)")
+    return nested
 
 
 RULE_KEYS = {"source", "target", "transform", "fold_bias", "tap", "tap_module", "args"}

@@ -36,10 +36,21 @@ def keras_build_args(manifest_id: str) -> tuple[str, dict, dict]:
     from converter.tables import builtin_tables
 
     build = load_manifest(manifest_id)["build"]
-    dropped = ("weights", "input_shape", "classifier_activation", "include_top", "classes")
+    dropped = ("weights", "input_shape", "classifier_activation", "classes")
     kwargs = {k: v for k, v in build.get("kwargs", {}).items() if k not in dropped}
+    if kwargs.get("include_top", True):  # the default; include_top=False is a build of its own
+        kwargs.pop("include_top", None)
     table = next(t for t in builtin_tables() if any(v.source == manifest_id for v in t.variants))
     return build["fn"], kwargs, table.input
+
+
+def headless_build(manifest_id: str | None) -> bool:
+    """Whether the source manifest is an include_top=False build (ConvNeXt's own manifests)."""
+    from converter.manifest import load_manifest
+
+    if manifest_id is None:
+        return False
+    return load_manifest(manifest_id)["build"].get("kwargs", {}).get("include_top", True) is False
 
 
 def make_keras_fixture(

@@ -19,7 +19,7 @@ CASES = {
         "ConvNeXtTiny",
         "seq",
         32,
-        "torchvision:convnext_tiny",
+        "timm:convnext_tiny",  # its LayerNorm before the user's pooling: timm head_norm_first
         "convnext_tiny",
     ),
     "two-levels": (
@@ -37,19 +37,10 @@ def _fixture(case: str, formats: list[str] | None = None) -> dict:
     return make_wrapped_fixture(fn, {}, wrap, 5, size=size, formats=formats)
 
 
-# Known gap, held as a strict xfail so that it is noticed once fixed: Keras' include_top=False
-# ConvNeXt ends with an auto-named LayerNormalization on the feature map (pooling=None; the user's
-# GlobalAveragePooling2D comes after it), which timm computes with head_norm_first=True and no table
-# maps yet. Its nesting (the application's own Sequential blocks inside the user's model) resolves
-# in every format; the head does not match, so it is not recognised (never converted wrongly).
-GAPS = {"convnext-in-sequential": "headless ConvNeXt (LayerNorm before the pooling) not tabled"}
-
-
 def _depth_params():
     for case in CASES:
-        marks = [pytest.mark.xfail(strict=True, reason=GAPS[case])] if case in GAPS else []
         for fmt in FORMATS:
-            yield pytest.param(case, fmt, id=f"{case}-{fmt}", marks=marks)
+            yield pytest.param(case, fmt, id=f"{case}-{fmt}")
 
 
 @pytest.mark.parametrize("case,fmt", list(_depth_params()))
@@ -64,6 +55,35 @@ def test_nested_at_any_depth_converts_and_matches(case, fmt, tmp_path):
     model = load_model(result.save(tmp_path / "m.safetensors"))
     err = rel_err(torch_logits(model, fx["x"], result.preprocessing), fx["logits"])
     assert err < TOL, f"{case} from {fmt}: outputs differ by {err:.2e} of their std"
+
+
+HEAD_FORMS = {
+    # id: (wrap, kwargs, classes, target kwargs): .keras only (the Sequential form above runs in
+    # every format; these differ only in the head, which the .keras config states)
+    "convnext-in-functional": ("fn", {}, 5, {"head_norm_first": True, "num_classes": 5}),
+    "convnext-headless-avg": ("none", {"include_top": False, "pooling": "avg"}, None, {}),
+}
+
+
+@pytest.mark.parametrize("case", list(HEAD_FORMS))
+def test_convnext_without_its_top_converts_and_matches(case, tmp_path):
+    """Keras' include_top=False ConvNeXt ends with an auto-named LayerNormalization: after its own
+    pooling when stand-alone (timm's head.norm), before the user's pooling when nested (timm's
+    norm_pre, head_norm_first=True); LN eps 1e-6 carried into either."""
+    wrap, kwargs, classes, target_kwargs = HEAD_FORMS[case]
+    # 64 px: a 2x2 last map, where the LayerNorm before and after the pooling differ (at 32 px,
+    # the table's size, the map is 1x1 and both placements compute the same)
+    fx = make_wrapped_fixture("ConvNeXtTiny", kwargs, wrap, 5, size=64, formats=["keras"])
+    result = converter.convert(fx["files"]["keras"])
+    assert result.target == "timm:convnext_tiny"
+    assert target_kwargs.items() <= result.target_kwargs.items()
+    assert result.source_head["num_classes"] == classes
+    model = load_model(result.save(tmp_path / "m.safetensors"))
+    norm, unused = ("norm_pre", "head.norm") if result.nesting else ("head.norm", "norm_pre")
+    modules = dict(model.named_modules())
+    assert modules[norm].eps == 1e-6 and not hasattr(modules.get(unused), "weight")  # one LN
+    err = rel_err(torch_logits(model, fx["x"], result.preprocessing), fx["logits"])
+    assert err < TOL, f"{case}: outputs differ by {err:.2e} of their std"
 
 
 def test_inspect_and_convert_name_the_nesting_path(tmp_path, capsys):
