@@ -13,7 +13,7 @@ import numpy as np
 
 from . import __version__, formats
 from .formats import RawCheckpoint, RawTensor
-from .errors import InvalidTensorError, MappingError, UnknownArchitectureError
+from .errors import ConverterError, InvalidTensorError, MappingError, UnknownArchitectureError
 from .ledger import TargetLedger, check_finite, listing
 from .manifest import load_manifest, manifest_path, target_manifest_from_model
 from .refusals import refusal_for
@@ -215,15 +215,33 @@ def target_manifest_for(
     here, the variant's surgeries applied."""
     if not kwargs and not built and manifest_path(variant.target).is_file():
         return load_manifest(variant.target)
-    from .model import build_target
-    from .surgeries import apply_surgeries
-
-    model = build_target(variant.target, **kwargs)
-    apply_surgeries(model, variant.surgeries)
+    model = _shape_only_target(variant, kwargs)
     lib, _, name = variant.target.partition(":")
     if lib not in ("timm", "torchvision"):
         lib, name = "user", variant.target
     return target_manifest_from_model(model, variant.target, lib, name, kwargs)
+
+
+def _shape_only_target(variant: Variant, kwargs: dict[str, Any]) -> Any:
+    """The target with its surgeries, for its keys, shapes and BN settings only: built on the meta
+    device (no memory, no weight initialisation: a 350M-parameter model in milliseconds), or
+    normally where the model's code cannot be built there."""
+    import torch
+
+    from .model import build_target
+    from .surgeries import apply_surgeries
+
+    try:
+        with torch.device("meta"):
+            model = build_target(variant.target, **kwargs)
+            apply_surgeries(model, variant.surgeries)
+        return model
+    except ConverterError:
+        raise
+    except Exception:  # code that computes with real tensors while building
+        model = build_target(variant.target, **kwargs)
+        apply_surgeries(model, variant.surgeries)
+        return model
 
 
 def convert(
