@@ -371,6 +371,8 @@ def input_layout(model) -> str:
     first = next((lay for lay in model.layers if type(lay).__name__ != "InputLayer"), None)
     if first is None:
         return ""
+    if hasattr(first, "layers"):  # a nested model reads the input: its own first layer decides
+        return input_layout(first)
     hint = layer_layout(first)
     return "as_is" if hint in ("sequence", "last_state") else hint
 
