@@ -246,18 +246,48 @@ def load_model(path: str | os.PathLike, device: str = "cpu") -> Any:
 
     tensors, meta = read_converted(path)
     kwargs = json.loads(meta.get("target.kwargs", "{}"))
-    model = build_target(meta["target"], **kwargs)
-    apply_surgeries(model, json.loads(meta.get("surgeries", "[]")))
+    surgeries = json.loads(meta.get("surgeries", "[]"))
+    model = _built_empty(meta["target"], kwargs, surgeries, set(tensors))
+    on_meta = any(p.is_meta for p in model.parameters())
+    if not on_meta:  # the model's own code could not be built without real weights
+        model = build_target(meta["target"], **kwargs)
+        apply_surgeries(model, surgeries)
     apply_bn_config(model, json.loads(meta.get("bn_config", "{}")))
     check_fits(
         path, meta["target"], model.state_dict(), {k: tuple(v.shape) for k, v in tensors.items()}
     )
     model.load_state_dict(
-        {k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}, strict=True
+        {k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}, strict=True, assign=on_meta
     )
     model.eval()
     model.ckptport_metadata = meta
     return model.to(device)
+
+
+def _built_empty(target: str, kwargs: dict, surgeries: list, keys: set[str]) -> Any:
+    """The target with its surgeries built on the meta device (no weight initialisation, no
+    memory: every tensor comes from the file, loaded with ``assign``), when that is safe: every
+    buffer and parameter is in the file and none is shared between modules (assigning would untie
+    it). Otherwise (or where the model's code computes while building) an empty ``nn.Module``, and
+    the caller builds it normally."""
+    import torch
+
+    from .surgeries import apply_surgeries
+
+    try:
+        with torch.device("meta"):
+            model = build_target(target, **kwargs)
+            apply_surgeries(model, surgeries)
+    except ConverterError:
+        raise
+    except Exception:  # noqa: BLE001 - any failure: build it the ordinary way
+        return torch.nn.Module()
+    named = dict(model.named_parameters(remove_duplicate=False))
+    buffers = dict(model.named_buffers(remove_duplicate=False))
+    shared = len({id(t) for t in named.values()}) < len(named)
+    if shared or not (set(named) | set(buffers)) <= keys:
+        return torch.nn.Module()
+    return model
 
 
 def check_fits(

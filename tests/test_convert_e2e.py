@@ -17,13 +17,19 @@ from converter.model import build_target, load_model
 from converter.tables import builtin_tables
 
 TOL = 1e-4  # max abs error on logits, relative to the logits' standard deviation
-SLOW_SOURCES = {f"keras:EfficientNetB{i}" for i in range(3, 8)} | {"keras:ResNet101", "keras:ResNet152"}
+SLOW_SOURCES = {f"keras:EfficientNetB{i}" for i in range(3, 8)} | {
+    "keras:ResNet101",
+    "keras:ResNet152",
+}
 SLOW_SOURCES |= {"keras:DenseNet201", "keras:VGG19"}  # the biggest; VGG19: 144M parameters, 575 MB
 SLOW_SOURCES |= {f"keras:EfficientNetV2{v}" for v in ("B3", "S", "M", "L")}
 SLOW_SOURCES |= {  # include_preprocessing=False: B0 runs fast (the same net without preprocessing)
-    f"keras:EfficientNetV2{v}(include_preprocessing=False)" for v in ("B1", "B2", "B3", "S", "M", "L")
+    f"keras:EfficientNetV2{v}(include_preprocessing=False)"
+    for v in ("B1", "B2", "B3", "S", "M", "L")
 }
-SLOW_SOURCES |= {f"keras:ConvNeXt{v}" for v in ("Small", "Base", "Large", "XLarge")}  # 50M-350M params
+SLOW_SOURCES |= {
+    f"keras:ConvNeXt{v}" for v in ("Small", "Base", "Large", "XLarge")
+}  # 50M-350M params
 SLOW_SOURCES |= {"keras:InceptionResNetV2"}  # 55M params: 81 s with a cold fixture build on 2 cores
 # Randomly initialised deep BN networks are chaotic: a 1e-7 perturbation (float32 rounding of
 # Keras' own Rescaling scale, of a folded BN mean) grows ~1000x by the logits. Measured on these
@@ -51,7 +57,10 @@ DEEP_TOL = 2e-3
 # EfficientNetV2L (79 blocks, 128 px) is deeper still: PyTorch float32 vs float64 alone 4.0e-3,
 # Keras vs PyTorch float32 4.1e-3, Keras vs PyTorch float64 2.8e-3 (Keras' own float32 noise):
 # held to ~2.5x its float32 self-noise. docs/benchmarks.md has the table.
-DEEPEST_TOL = {"keras:EfficientNetV2L": 1e-2, "keras:EfficientNetV2L(include_preprocessing=False)": 1e-2}
+DEEPEST_TOL = {
+    "keras:EfficientNetV2L": 1e-2,
+    "keras:EfficientNetV2L(include_preprocessing=False)": 1e-2,
+}
 # include_top=False builds (ConvNeXt) convert by their head's form (stand-alone or nested): tested
 # with those heads in tests/test_nesting_depth.py, dry-run in tests/test_tables.py
 VARIANTS = [(t, v) for t in builtin_tables() for v in t.variants if not headless_build(v.source)]
@@ -69,36 +78,70 @@ FAMILY_REPRESENTATIVES = [
 ]
 # Formats that do not tell EfficientNetV2 from its include_preprocessing=False twin (the same
 # weights; .weights.h5 lists every layer, TF object checkpoints number them): refused as ambiguous.
-AMBIGUOUS = {("keras:EfficientNetV2B0", f) for f in ("h5-weights", "tf-names", "tf-layer-with-weights", "savedmodel")}
-FORMATS = ["keras", "weights.h5", "h5", "h5-weights", "tf-checkpoint", "tf-names", "tf-layer-with-weights", "savedmodel"]
+AMBIGUOUS = {
+    ("keras:EfficientNetV2B0", f)
+    for f in ("h5-weights", "tf-names", "tf-layer-with-weights", "savedmodel")
+}
+FORMATS = [
+    "keras",
+    "weights.h5",
+    "h5",
+    "h5-weights",
+    "tf-checkpoint",
+    "tf-names",
+    "tf-layer-with-weights",
+    "savedmodel",
+]
 
 
 def _keras_bn_config(keras_file: str) -> dict[str, dict]:
     """BN settings read straight from the .keras archive's config.json (independent of ckptport)."""
     with zipfile.ZipFile(keras_file) as zf:
         cfg = json.loads(zf.read("config.json"))
-    return {lay["config"]["name"]: lay["config"] for lay in cfg["config"]["layers"]
-            if lay["class_name"] == "BatchNormalization"}
+    return {
+        lay["config"]["name"]: lay["config"]
+        for lay in cfg["config"]["layers"]
+        if lay["class_name"] == "BatchNormalization"
+    }
 
 
-# The same network converted again onto another target of the same table and library (ResNet101 ->
-# timm:resnet101 after ResNet50 -> timm:resnet50; ConvNeXtLarge -> timm after -> torchvision), and
-# the include_preprocessing=False twins of the biggest EfficientNetV2s (the same weights as the
-# variant that runs; B0 covers the preprocessing difference), only cost suite time (CI runs every
-# test on 2 cores): tests/test_tables.py dry-runs every key, shape and BN setting of these variants.
-PREPROCESSING_TWINS = {f"keras:EfficientNetV2{v}(include_preprocessing=False)" for v in "SML"}
+# End to end, each (table, target library) runs its first (smallest) variant and its biggest one
+# (by parameter count), plus the variants that take another code path (no preprocessing layers,
+# width_mult kwargs). The variants in between differ only in depth and width: CI runs every test on
+# 2 cores within 20 minutes, and tests/test_tables.py dry-runs every variant's keys, shapes and BN
+# settings (with its target built on the meta device where the variant has kwargs).
+OTHER_PATHS = {
+    "keras:EfficientNetV2B0(include_preprocessing=False)",
+    "keras:MobileNetV2(alpha=1.3)",
+}
+# ConvNeXtXLarge (350M parameters, ~50 s here) is ConvNeXtLarge's blocks wider: Large runs instead
+MAX_PARAMETERS = 200_000_000
+
+
+def _parameters(source: str) -> int:
+    from converter.manifest import load_manifest
+
+    layers = load_manifest(source)["layers"]
+    return sum(int(np.prod(w["shape"])) for lay in layers for w in lay["vars"])
 
 
 def _end_to_end_variants():
-    """Each source once, each (table, target library) once, plus every source's first target."""
-    seen_sources, seen_targets = set(), set()
+    """The first and the biggest variant (up to MAX_PARAMETERS) of each (table, target library),
+    and OTHER_PATHS."""
+    groups: dict[tuple[str, str], list] = {}
     for t, v in VARIANTS:
-        key = (t.id, v.target.split(":")[0])
-        if v.source in PREPROCESSING_TWINS or (v.source in seen_sources and key in seen_targets):
-            continue
-        seen_sources.add(v.source)
-        seen_targets.add(key)
-        yield t, v
+        groups.setdefault((t.id, v.target.split(":")[0]), []).append((t, v))
+    keep, sources = set(), set()
+    for members in groups.values():
+        keep.add(id(members[0][1]))
+        fits = [tv for tv in members if _parameters(tv[1].source) <= MAX_PARAMETERS] or members
+        biggest = max(fits, key=lambda tv: _parameters(tv[1].source))[1]
+        if biggest.source not in sources:  # the same network onto another library: its first runs
+            keep.add(id(biggest))
+        sources |= {members[0][1].source, biggest.source}
+    for t, v in VARIANTS:
+        if id(v) in keep or v.source in OTHER_PATHS:
+            yield t, v
 
 
 def _variant_params():
@@ -123,8 +166,14 @@ def test_variant_end_to_end(table, variant, tmp_path):
 
     # every BatchNorm module carries the source's momentum (PyTorch convention) and eps
     keras_bn = _keras_bn_config(src)
-    bn_modules = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
-    assert set(bn_modules) == set(result.bn_config), "a BN module was left without the source's settings"
+    bn_modules = {
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+    }
+    assert set(bn_modules) == set(
+        result.bn_config
+    ), "a BN module was left without the source's settings"
     assert len(bn_modules) == len(keras_bn)
     for name, mod in bn_modules.items():
         src_cfg = keras_bn[result.bn_config[name]["source_layer"]]
@@ -208,9 +257,14 @@ def test_output_metadata_and_safetensors_compat(tmp_path):
         meta = f.metadata()
     import hashlib
 
-    assert meta["source.sha256"] == hashlib.sha256(open(fx["files"]["keras"], "rb").read()).hexdigest()
+    assert (
+        meta["source.sha256"] == hashlib.sha256(open(fx["files"]["keras"], "rb").read()).hexdigest()
+    )
     assert meta["source.format"] == "keras" and meta["table.id"] == "keras-efficientnet"
-    assert meta["target"] == "timm:tf_efficientnet_b0" and meta["ckptport.version"] == converter.__version__
+    assert (
+        meta["target"] == "timm:tf_efficientnet_b0"
+        and meta["ckptport.version"] == converter.__version__
+    )
     bn = json.loads(meta["bn_config"])
     assert all(c["momentum"] == pytest.approx(0.01) for c in bn.values())
     pre = json.loads(meta["preprocessing"])
