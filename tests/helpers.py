@@ -22,6 +22,17 @@ from filelock import FileLock
 ROOT = Path(__file__).resolve().parents[1]
 GENERATOR = ROOT / "fixtures" / "keras_models.py"
 CACHE = Path(os.environ.get("CKPTPORT_TEST_CACHE", ROOT / ".pytest_cache" / "keras-fixtures"))
+# Every source format the fixture generator writes (one fixture per list: the cache key has it)
+ALL_FORMATS = [
+    "keras",
+    "weights.h5",
+    "h5",
+    "h5-weights",
+    "tf-checkpoint",
+    "tf-names",
+    "tf-layer-with-weights",
+    "savedmodel",
+]
 
 
 def _gen_version(generator: Path = GENERATOR) -> str:
@@ -175,17 +186,27 @@ TINY_TARGET = f"{ROOT / 'fixtures' / 'tiny_models.py'}:tiny_flatten"
 
 def tiny_table(fc_transform: str = "dense_after_flatten") -> str:
     """The mapping table of the tiny twin; ``fc_transform="dense"`` plants the Flatten-order bug."""
-    rules = [("conv", "conv2d", ""), ("bn", "batch_norm", ""),
-             ("fc", fc_transform, "args = { hwc = [8, 8, 4] }\n")]
-    text = (f'[table]\nid = "tiny-flatten"\nversion = 1\n[input]\nsize = 8\nrange = [0.0, 255.0]\n'
-            f'[[variants]]\ntarget = "{TINY_TARGET}"\n')
+    rules = [
+        ("conv", "conv2d", ""),
+        ("bn", "batch_norm", ""),
+        ("fc", fc_transform, "args = { hwc = [8, 8, 4] }\n"),
+    ]
+    text = (
+        f'[table]\nid = "tiny-flatten"\nversion = 1\n[input]\nsize = 8\nrange = [0.0, 255.0]\n'
+        f'[[variants]]\ntarget = "{TINY_TARGET}"\n'
+    )
     for name, transform, extra in rules:
-        text += f"[[rules]]\nsource = '{name}'\ntarget = '{name}'\ntransform = '{transform}'\n{extra}"
+        text += (
+            f"[[rules]]\nsource = '{name}'\ntarget = '{name}'\ntransform = '{transform}'\n{extra}"
+        )
     return text
 
 
 def make_tiny_keras(path: Path) -> Path:
     """The randomized Keras twin saved as ``path`` (.keras), built in its own process."""
-    subprocess.run([sys.executable, str(ROOT / "fixtures" / "keras_tiny.py"), str(path)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, str(ROOT / "fixtures" / "keras_tiny.py"), str(path)],
+        check=True,
+        capture_output=True,
+    )
     return path

@@ -11,7 +11,14 @@ import pytest
 import torch
 
 import converter
-from helpers import headless_build, keras_build_args, make_keras_fixture, rel_err, torch_logits
+from helpers import (
+    ALL_FORMATS,
+    headless_build,
+    keras_build_args,
+    make_keras_fixture,
+    rel_err,
+    torch_logits,
+)
 from converter.errors import UnknownArchitectureError
 from converter.model import build_target, load_model
 from converter.tables import builtin_tables
@@ -82,16 +89,7 @@ AMBIGUOUS = {
     ("keras:EfficientNetV2B0", f)
     for f in ("h5-weights", "tf-names", "tf-layer-with-weights", "savedmodel")
 }
-FORMATS = [
-    "keras",
-    "weights.h5",
-    "h5",
-    "h5-weights",
-    "tf-checkpoint",
-    "tf-names",
-    "tf-layer-with-weights",
-    "savedmodel",
-]
+FORMATS = ALL_FORMATS
 
 
 def _keras_bn_config(keras_file: str) -> dict[str, dict]:

@@ -12,7 +12,15 @@ import numpy as np
 import pytest
 
 import converter
-from helpers import GENERATOR, ROOT, keras_build_args, make_keras_fixture, make_tiny_keras, tiny_table
+from helpers import (
+    ALL_FORMATS,
+    GENERATOR,
+    ROOT,
+    keras_build_args,
+    make_keras_fixture,
+    make_tiny_keras,
+    tiny_table,
+)
 from converter import formats, preprocessing
 from converter.errors import (
     ConverterError,
@@ -29,16 +37,7 @@ from converter.refusals import builtin_refusals
 from converter.source import SourceLayer, resolve_source
 from converter.tables import builtin_tables, load_table
 
-R50_FORMATS = [
-    "keras",
-    "weights.h5",
-    "h5",
-    "h5-weights",
-    "tf-checkpoint",
-    "tf-names",
-    "tf-layer-with-weights",
-    "savedmodel",
-]  # the fixture test_errors.py builds too
+R50_FORMATS = ALL_FORMATS  # the fixture test_errors.py builds too
 
 
 def _fixture(manifest_id: str, formats_built: list[str]) -> dict:
@@ -270,7 +269,9 @@ DRY_RUN_DIGESTS = {  # target -> first 16 hex digits of sha256(safetensors bytes
 # Real fixtures: sha256 of the safetensors with "source.sha256" pinned too (a re-saved fixture with
 # the same weights has other bytes); valid for the fixture generator version they were built by
 # (the first 12 hex digits of the sha256 of fixtures/keras_models.py, as conftest keys its cache).
-FIXTURE_GENERATOR = "92045717196a"  # ConvNeXt randomization added; these fixtures re-checked: same bytes
+FIXTURE_GENERATOR = (
+    "92045717196a"  # ConvNeXt randomization added; these fixtures re-checked: same bytes
+)
 FIXTURE_DIGESTS = {
     (
         "keras:EfficientNetB0",
@@ -286,9 +287,21 @@ FIXTURE_DIGESTS = {
 # The metadata keys b998ece wrote; keys added since (source.head, source.nesting, notes) are new
 # information, not a change of what was there, and are left out of the pinned bytes.
 RECORDED_KEYS = {
-    "ckptport.version", "ckptport.format", "source.file", "source.sha256", "source.format",
-    "source.arch", "source.config_origin", "table.id", "table.version", "target", "target.kwargs",
-    "surgeries", "bn_config", "preprocessing", "dropped",
+    "ckptport.version",
+    "ckptport.format",
+    "source.file",
+    "source.sha256",
+    "source.format",
+    "source.arch",
+    "source.config_origin",
+    "table.id",
+    "table.version",
+    "target",
+    "target.kwargs",
+    "surgeries",
+    "bn_config",
+    "preprocessing",
+    "dropped",
 }
 
 
