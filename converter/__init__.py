@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "convert": "converter.pipeline",
+    "convert_file": "converter.pipeline",
     "draft": "converter.drafting",
     "ConversionResult": "converter.pipeline",
     "load_model": "converter.model",

@@ -294,6 +294,33 @@ def convert(
     return result
 
 
+def convert_file(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    to: str | None = None,
+    *,
+    force: bool = False,
+    format: str | None = None,
+    **options: Any,
+) -> tuple[ConversionResult, Path]:
+    """Convert ``src`` and write the result to ``out`` (safetensors, or .pt by its name): what
+    ``ckptport convert`` does for each file. ``options``: those of :func:`convert`. Returns the
+    result and the path written; a drafted table is written beside the output first."""
+    from .formats import check_output
+
+    check_output(out, force, (src,))
+    result = convert(src, to, format=format, **options)
+    if result.drafted is not None:  # the table first: a refused table leaves no output either
+        result.drafted.write(drafted_table_path(Path(out)), force=force)
+    return result, result.save(out, force=force)
+
+
+def drafted_table_path(out: Path) -> Path:
+    """Where a drafted table goes: beside the output, ``model.safetensors`` ->
+    ``model.mapping.toml``."""
+    return out.with_name(out.name.split(".")[0] + ".mapping.toml")
+
+
 def _convert_onnx(src, to, mapping, num_classes, accept_folded_bn, progress) -> ConversionResult:
     from .onnx_source import convert_onnx
 

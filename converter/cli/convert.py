@@ -150,6 +150,8 @@ def command(
     out = check_output(
         output or Path.cwd() / (src.name.split(".")[0] + ".safetensors"), force, (src,)
     )
+    from ..pipeline import drafted_table_path
+
     if mapping is None and _may_draft(to):  # refuse an existing table before the long work
         check_output(drafted_table_path(out), force, (src,))
     console = stderr_console()
@@ -184,6 +186,8 @@ NO_CONFIG_TO_RUN = (
 def _verification(src, result, written, options, inputs, info, do_verify, no_verify):
     """The verification after converting: --verify, or automatic after a drafted mapping when the
     source can be run (else why not, in ``info``)."""
+    from ..pipeline import drafted_table_path
+
     auto = result.drafted is not None and not do_verify and not no_verify
     if result.drafted is not None:
         options["mapping"] = info["drafted_mapping"] = str(drafted_table_path(written))
@@ -220,7 +224,7 @@ def _convert_with_progress(console, as_json: bool, src, to, out, force: bool, **
     """Run the conversion under a progress bar (terminal only) and write the output."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from ..pipeline import convert
+    from ..pipeline import convert_file
 
     with Progress(
         TextColumn("converting"),
@@ -236,16 +240,7 @@ def _convert_with_progress(console, as_json: bool, src, to, out, force: bool, **
         def progress(done: int, total: int, name: str) -> None:
             bar.update(task, completed=done, total=total, description=name)
 
-        result = convert(src, to, progress=progress, **kwargs)
-    if result.drafted is not None:  # the table first: a refused table leaves no output either
-        result.drafted.write(drafted_table_path(out), force=force)
-    return result, result.save(out, force=force)
-
-
-def drafted_table_path(out: Path) -> Path:
-    """Where a drafted table goes: beside the output, ``model.safetensors`` ->
-    ``model.mapping.toml``."""
-    return out.with_name(out.name.split(".")[0] + ".mapping.toml")
+        return convert_file(src, out, to, force=force, progress=progress, **kwargs)
 
 
 def _may_draft(to: str | None) -> bool:
