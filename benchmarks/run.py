@@ -1,16 +1,37 @@
-"""Benchmarks (not tests): numbers a user asks for. Results go to docs/benchmarks.md.
+"""Benchmarks (not tests): the numbers of issue 12, side by side in one run (`make bench`).
 
-    python benchmarks/run.py convert   # ResNet101 .weights.h5 -> safetensors vs plain h5py + safetensors
-    python benchmarks/run.py help      # `ckptport --help` start-up time
-    python benchmarks/run.py verify    # ResNet50 verification at batch 8: source / target / tap overhead
+    python benchmarks/run.py                     # every section; writes benchmarks/results.json
+    python benchmarks/run.py convert peer        # some: convert peer big batch help verify
+    python benchmarks/run.py verify --device cuda  # the verification split on a GPU
+    python benchmarks/run.py --update-doc        # ... and writes the tables into docs/benchmarks.md
+    python benchmarks/run.py --markdown [--update-doc]  # no measuring: the tables of results.json
 
-Each command is timed as a whole process, several runs after a warm-up; peak RSS is the process's
-own maximum resident set (getrusage of the child). Medians are quoted.
+Sections:
+  convert  `ckptport convert` vs the plain copy (h5py reads every dataset, safetensors.numpy
+           save_file writes them) on ResNet101 and EfficientNetB7 .weights.h5, alternated run by
+           run (A B B A ...), medians of N; goals: wall time <= 1.5x the copy, peak RSS <= the
+           copy's
+  peer     the path a user takes today: Keras load_model -> tf2onnx -> onnx2torch -> torch.save
+           (benchmarks/peer_path.py, one process) on the same models' .keras
+  big      a 2 GiB+ Dense-heavy custom .keras (benchmarks/big_fixture.py) onto the user's module
+           (benchmarks/big_dense.py:factory), --no-verify; goal: peak RSS < 600 MiB
+  batch    benchmarks/batch_throughput.py's bench_batch() when it exists (skipped with a note)
+  help     `ckptport --help` start-up
+  verify   ResNet50 verification at batch 8: source / target / tap overhead (--device cpu|cuda)
+
+Every command is timed as a whole process; peak RSS is the process's own maximum resident set
+(getrusage of the child). Fixtures are built on demand (seeded, random weights) under --fixtures
+(default $CKPTPORT_BENCH_FIXTURES or out/bench).
 """
 
 from __future__ import annotations
 
+import argparse
+import datetime
+import importlib.metadata
 import json
+import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -19,14 +40,26 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
-CACHE = ROOT / "out" / "bench"
+CACHE = Path(os.environ.get("CKPTPORT_BENCH_FIXTURES", ROOT / "out" / "bench"))
+RESULTS = ROOT / "benchmarks" / "results.json"
+DOC = ROOT / "docs" / "benchmarks.md"
+SECTIONS = ["convert", "peer", "big", "batch", "help", "verify"]
 
 _MEASURE = """
 import resource, subprocess, sys, time, json
 t = time.perf_counter()
-rc = subprocess.run(json.loads(sys.argv[1]), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
+try:
+    p = subprocess.run(json.loads(sys.argv[1]), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       text=True, timeout=float(sys.argv[2]))
+    rc, out, err = p.returncode, p.stdout, p.stderr
+except subprocess.TimeoutExpired as e:
+    rc, out, err = "timeout", "", f"timed out after {sys.argv[2]} s"
 wall = time.perf_counter() - t
-print(json.dumps({"rc": rc, "wall_s": wall, "peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+lines = lambda s: [l for l in s.splitlines() if l.strip()]
+print(json.dumps({"rc": rc, "wall_s": wall,
+                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+                  "stdout_last": (lines(out) or [""])[-1],
+                  "stderr_last": (lines(err) or [""])[-1]}))
 """
 
 _PLAIN = """
@@ -34,66 +67,263 @@ import sys, h5py, numpy as np
 from safetensors.numpy import save_file
 src, dst = sys.argv[1], sys.argv[2]
 out = {}
+def keep(name, obj):
+    if isinstance(obj, h5py.Dataset):
+        out[name] = np.ascontiguousarray(obj[()])
 with h5py.File(src, "r") as f:
-    f.visititems(lambda name, obj: out.__setitem__(name, np.ascontiguousarray(obj[()])) if isinstance(obj, h5py.Dataset) else None)
+    f.visititems(keep)
 save_file(out, dst)
 """
 
 
-def measure(cmd: list[str], runs: int = 5, warmup: int = 1) -> dict:
-    rows = []
+def measure_once(cmd: list[str], timeout: float = 1800) -> dict:
+    """One whole-process run of ``cmd``: rc, wall_s, peak_rss_mib, the last stdout/stderr lines."""
+    proc = subprocess.run(
+        [PY, "-c", _MEASURE, json.dumps(cmd), str(timeout)], capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"the measuring process failed: {proc.stderr.strip()[-500:]}")
+    return json.loads(proc.stdout)
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Median, min and max of wall time and peak RSS; a failure's rc and last stderr line."""
+    out = {
+        k: {
+            "median": statistics.median(r[k] for r in rows),
+            "min": min(r[k] for r in rows),
+            "max": max(r[k] for r in rows),
+        }
+        for k in ("wall_s", "peak_rss_mib")
+    }
+    out["runs"] = len(rows)
+    failed = [r for r in rows if r["rc"] != 0]
+    if failed:
+        rc = failed[0]["rc"]
+        killed = f"killed by signal {-rc}" if isinstance(rc, int) and rc < 0 else ""
+        out["failed"] = {"rc": rc, "error": failed[0]["stderr_last"] or killed}
+    if rows[-1]["stdout_last"].startswith("{"):
+        out["report"] = json.loads(rows[-1]["stdout_last"])
+    return out
+
+
+def measure(cmd: list[str], runs: int = 5, warmup: int = 1, timeout: float = 1800) -> dict:
+    """``runs`` whole-process runs of one command after ``warmup`` discarded ones."""
+    rows = [measure_once(cmd, timeout) for _ in range(warmup + runs)]
+    return summarize(rows[warmup:])
+
+
+def alternate(cmds: dict[str, list[str]], runs: int = 5, warmup: int = 1) -> dict:
+    """The commands run in turn, in A B, B A order on alternate rounds (so a drifting machine
+    load hits both alike); each summarized, plus the per-round ratios of each to the first."""
+    rows: dict[str, list[dict]] = {name: [] for name in cmds}
     for i in range(warmup + runs):
-        proc = subprocess.run([PY, "-c", _MEASURE, json.dumps(cmd)], capture_output=True, text=True, check=True)
-        row = json.loads(proc.stdout)
-        if row["rc"] != 0:
-            raise SystemExit(f"benchmark command failed: {cmd}")
-        if i >= warmup:
-            rows.append(row)
-    return {k: {"median": statistics.median(r[k] for r in rows), "min": min(r[k] for r in rows),
-                "max": max(r[k] for r in rows)} for k in ("wall_s", "peak_rss_mib")}
+        order = list(cmds) if i % 2 == 0 else list(reversed(cmds))
+        for name in order:
+            row = measure_once(cmds[name])
+            if i >= warmup:
+                rows[name].append(row)
+    out = {name: summarize(r) for name, r in rows.items()}
+    base = next(iter(cmds))
+    for name in list(cmds)[1:]:
+        ratios = [a["wall_s"] / b["wall_s"] for a, b in zip(rows[base], rows[name])]
+        out[f"{base}/{name}"] = {
+            "median": statistics.median(ratios),
+            "min": min(ratios),
+            "max": max(ratios),
+        }
+    return out
 
 
 def fixture(build: str, fmt: str, size: int = 224, rng: str = "-128,128") -> Path:
+    """A seeded random-weight keras.applications model in one format, built once under CACHE."""
     out = CACHE / f"{build}-{fmt}"
     if not (out / "files.json").exists():
-        subprocess.run([PY, str(ROOT / "fixtures" / "keras_models.py"), "--build", build, "--out", str(out),
-                        "--formats", fmt, "--size", str(size), f"--range={rng}"], check=True, capture_output=True)
+        print(f"building fixture {out} (once)", file=sys.stderr)
+        args = ["--build", build, "--out", str(out), "--formats", fmt, "--size", str(size)]
+        script = str(ROOT / "fixtures" / "keras_models.py")
+        subprocess.run([PY, script, *args, f"--range={rng}"], check=True, capture_output=True)
     return Path(json.loads((out / "files.json").read_text())["files"][fmt])
 
 
-def bench_convert() -> dict:
-    src = fixture("ResNet101", "weights.h5")
+def big_fixture() -> Path:
+    """The 2 GiB+ Dense-heavy custom .keras of benchmarks/big_fixture.py, built once."""
+    out = CACHE / "big-dense"
+    if not (out / "big.keras").exists():
+        print(f"building the 2 GiB+ fixture {out} (once, ~2 min)", file=sys.stderr)
+        script = str(ROOT / "benchmarks" / "big_fixture.py")
+        subprocess.run([PY, script, "--out", str(out)], check=True, capture_output=True)
+    return out / "big.keras"
+
+
+def ckptport(*args: str) -> list[str]:
+    return [PY, "-m", "converter", *args]
+
+
+MODELS = ["ResNet101", "EfficientNetB7"]
+
+
+def bench_convert(runs: int) -> dict:
+    out = {}
+    for name in MODELS:
+        src = fixture(name, "weights.h5")
+        with tempfile.TemporaryDirectory() as tmp:
+            cmds = {
+                "ckptport_convert": ckptport(
+                    "convert", str(src), "-o", f"{tmp}/a.safetensors", "--force"
+                ),
+                "plain_copy": [PY, "-c", _PLAIN, str(src), f"{tmp}/b.safetensors"],
+            }
+            out[name] = {"source_mib": src.stat().st_size / 2**20, **alternate(cmds, runs)}
+    return out
+
+
+def bench_peer(runs: int) -> dict:
+    out = {}
+    for name in MODELS:
+        src = fixture(name, "keras")
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [PY, str(ROOT / "benchmarks" / "peer_path.py"), str(src), f"{tmp}/m.pt"]
+            out[name] = {"source_mib": src.stat().st_size / 2**20, **measure(cmd, runs, 0)}
+    return out
+
+
+def bench_big(runs: int) -> dict:
+    src = big_fixture()
+    target = f"{ROOT / 'benchmarks' / 'big_dense.py'}:factory"
     with tempfile.TemporaryDirectory() as tmp:
-        ours = measure([PY, "-m", "converter", "convert", str(src), "-o", f"{tmp}/a.safetensors", "--force"])
-        plain = measure([PY, "-c", _PLAIN, str(src), f"{tmp}/b.safetensors"])
-    return {"source": str(src.name), "source_mib": src.stat().st_size / 2**20, "ckptport_convert": ours,
-            "plain_h5py_safetensors": plain}
+        args = ["convert", str(src), "--to", target, "-o", f"{tmp}/out.safetensors", "--no-verify"]
+        res = measure(ckptport(*args, "--force"), runs, 0)
+    return {"source": "big.keras", "source_mib": src.stat().st_size / 2**20, **res}
 
 
-def bench_help() -> dict:
-    return {"ckptport --help": measure([PY, "-m", "converter", "--help"], runs=10)}
+def bench_batch(runs: int) -> dict:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import batch_throughput
+    except ImportError:
+        return {"skipped": "benchmarks/batch_throughput.py is not on this branch yet"}
+    return batch_throughput.bench_batch()
 
 
-def bench_verify(batch: int = 8) -> dict:
+def bench_help(runs: int) -> dict:
+    return {"ckptport --help": measure(ckptport("--help"), runs=2 * runs)}
+
+
+def bench_verify(runs: int, device: str = "cpu", batch: int = 8) -> dict:
+    """In this process (torchvision imported first; the Keras side runs in its own process)."""
     src = fixture("ResNet50", "keras")
     sys.path.insert(0, str(ROOT))
+    import torch
     import torchvision  # noqa: F401
 
     import converter
 
     with tempfile.TemporaryDirectory() as tmp:
         out = converter.convert(src).save(f"{tmp}/m.safetensors")
-        runs = [converter.verify(src, out, batch=batch, device="cpu").timings for _ in range(3)]
-    keys = runs[0].keys()
-    return {"batch": batch, "input": "224x224", **{k: statistics.median(r[k] for r in runs) for k in keys}}
+        timings = [converter.verify(src, out, batch=batch, device=device).timings for _ in range(3)]
+    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "CPU"
+    medians = {k: statistics.median(t[k] for t in timings) for k in timings[0]}
+    return {"batch": batch, "input": "224x224", "device": device, "device_name": name, **medians}
 
 
-def main() -> int:
-    what = sys.argv[1:] or ["convert", "help", "verify"]
+def machine() -> dict:
+    """Where and what was measured: date, CPU, memory, versions, the commit."""
+    cpu = next(
+        (l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
+        platform.processor(),
+    )
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    git = ["git", "-C", str(ROOT), "describe", "--always", "--dirty"]
+    versions = {
+        p: importlib.metadata.version(p)
+        for p in (
+            "torch",
+            "tensorflow-cpu",
+            "keras",
+            "h5py",
+            "safetensors",
+            "tf2onnx",
+            "onnx2torch",
+        )
+        if _installed(p)
+    }
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": f"{os.cpu_count()} x {cpu}",
+        "memory_gib": round(mem, 1),
+        "python": platform.python_version(),
+        "versions": versions,
+        "commit": subprocess.run(git, capture_output=True, text=True).stdout.strip(),
+    }
+
+
+def _installed(package: str) -> bool:
+    try:
+        importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+BENCHES = {
+    "convert": bench_convert,
+    "peer": bench_peer,
+    "big": bench_big,
+    "batch": bench_batch,
+    "help": bench_help,
+}
+
+
+def run(sections: list[str], runs: int, peer_runs: int, device: str) -> dict:
+    """Each section's numbers with where, when and at which commit they were measured."""
     results = {}
-    for w in what:
-        results[w] = {"convert": bench_convert, "help": bench_help, "verify": bench_verify}[w]()
-    print(json.dumps(results, indent=2))
+    for name in sections:
+        print(f"benchmark: {name}", file=sys.stderr)
+        n = peer_runs if name in ("peer", "big") else runs
+        where, load = machine(), os.getloadavg()[0]
+        data = bench_verify(n, device) if name == "verify" else BENCHES[name](n)
+        where.update(runs=n, load_1m=[round(load, 1), round(os.getloadavg()[0], 1)])
+        results[name] = {"measured": where, **data}
+    return results
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("sections", nargs="*", metavar="SECTION", help=", ".join(SECTIONS))
+    ap.add_argument("--runs", type=int, default=5, help="alternated runs per command (convert)")
+    ap.add_argument("--peer-runs", type=int, default=2, help="runs of the peer and big commands")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="verify's device")
+    ap.add_argument("--fixtures", type=Path, default=CACHE, help="where fixtures are built")
+    ap.add_argument("--json", type=Path, default=RESULTS, help="results file (written / read)")
+    ap.add_argument("--markdown", action="store_true", help="only print the tables of --json")
+    ap.add_argument("--update-doc", action="store_true", help="write the tables into " + str(DOC))
+    args = ap.parse_args(argv)
+    if set(args.sections) - set(SECTIONS):
+        unknown = sorted(set(args.sections) - set(SECTIONS))
+        ap.error(f"unknown sections {unknown}; valid: {', '.join(SECTIONS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Measure (unless --markdown), merge into the results file section by section, print the
+    tables (or write them into the doc with --update-doc)."""
+    global CACHE
+    args = parse_args(argv)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_report
+
+    if not args.markdown:
+        CACHE = args.fixtures
+        results = run(args.sections or SECTIONS, args.runs, args.peer_runs, args.device)
+        previous = json.loads(args.json.read_text()) if args.json.exists() else {}
+        args.json.write_text(json.dumps({**previous, **results}, indent=1) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    results = json.loads(args.json.read_text())
+    print(bench_report.markdown(results))
+    if args.update_doc:
+        bench_report.update_doc(DOC, results)
+        print(f"updated {DOC}", file=sys.stderr)
     return 0
 
 
