@@ -38,8 +38,11 @@ test: $(STAMP) browser
 test-fast: $(STAMP) browser
 	$(BIN)/python -m pytest -n 2 -q -m "not slow"
 
+# Issue 12's numbers side by side (minutes; fixtures built once under out/bench, ~3 GB): writes
+# benchmarks/results.json and the tables of docs/benchmarks.md. The peer path needs onnx2torch.
 bench: $(STAMP)
-	$(BIN)/python benchmarks/run.py
+	$(BIN)/pip install -q -c constraints.txt -e '.[bench]'
+	$(BIN)/python benchmarks/run.py --update-doc
 
 manifests: $(STAMP)
 	$(BIN)/python fixtures/gen_manifests.py
