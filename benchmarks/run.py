@@ -218,9 +218,10 @@ def bench_verify(runs: int, device: str = "cpu", batch: int = 8) -> dict:
     import torchvision  # noqa: F401
 
     import converter
+    from converter.pipeline import convert_file
 
     with tempfile.TemporaryDirectory() as tmp:
-        out = converter.convert(src).save(f"{tmp}/m.safetensors")
+        out = convert_file(src, f"{tmp}/m.safetensors")[1]
         timings = [converter.verify(src, out, batch=batch, device=device).timings for _ in range(3)]
     name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "CPU"
     medians = {k: statistics.median(t[k] for t in timings) for k in timings[0]}
