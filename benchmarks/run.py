@@ -146,13 +146,15 @@ def fixture(build: str, fmt: str, size: int = 224, rng: str = "-128,128") -> Pat
     return Path(json.loads((out / "files.json").read_text())["files"][fmt])
 
 
-def big_fixture() -> Path:
-    """The 2 GiB+ Dense-heavy custom .keras of benchmarks/big_fixture.py, built once."""
-    out = CACHE / "big-dense"
+def big_fixture(tiny: bool = False) -> Path:
+    """The 2 GiB+ Dense-heavy custom .keras of benchmarks/big_fixture.py (or its width-64 twin),
+    built once."""
+    out = CACHE / ("big-dense-tiny" if tiny else "big-dense")
     if not (out / "big.keras").exists():
-        print(f"building the 2 GiB+ fixture {out} (once, ~2 min)", file=sys.stderr)
+        print(f"building the fixture {out} (once; the 2 GiB one takes ~2 min)", file=sys.stderr)
         script = str(ROOT / "benchmarks" / "big_fixture.py")
-        subprocess.run([PY, script, "--out", str(out)], check=True, capture_output=True)
+        args = [PY, script, "--out", str(out), *(["--tiny"] if tiny else [])]
+        subprocess.run(args, check=True, capture_output=True)
     return out / "big.keras"
 
 
@@ -189,12 +191,26 @@ def bench_peer(runs: int) -> dict:
 
 
 def bench_big(runs: int) -> dict:
-    src = big_fixture()
-    target = f"{ROOT / 'benchmarks' / 'big_dense.py'}:factory"
+    """The 2 GiB+ source; the same layout at width 64 and the torch imports alone (the part of
+    the peak that does not grow with the checkpoint)."""
+    out = {}
+    module = ROOT / "benchmarks" / "big_dense.py"
     with tempfile.TemporaryDirectory() as tmp:
-        args = ["convert", str(src), "--to", target, "-o", f"{tmp}/out.safetensors", "--no-verify"]
-        res = measure(ckptport(*args, "--force"), runs, 0)
-    return {"source": "big.keras", "source_mib": src.stat().st_size / 2**20, **res}
+        for name, tiny, factory in [("big.keras", False, "factory"), ("tiny", True, "tiny")]:
+            src = big_fixture(tiny)
+            args = [
+                "convert",
+                str(src),
+                "--to",
+                f"{module}:{factory}",
+                "-o",
+                f"{tmp}/o.safetensors",
+            ]
+            res = measure(ckptport(*args, "--no-verify", "--force"), runs, 0)
+            out[name] = {"source_mib": src.stat().st_size / 2**20, **res}
+    floor = [PY, "-c", "import torch, torchvision"]  # what converter.model imports for a target
+    out["import torch, torchvision"] = {"source_mib": 0, **measure(floor, runs, 0)}
+    return out
 
 
 def bench_batch(runs: int) -> dict:
@@ -222,7 +238,9 @@ def bench_verify(runs: int, device: str = "cpu", batch: int = 8) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         out = convert_file(src, f"{tmp}/m.safetensors")[1]
-        timings = [converter.verify(src, out, batch=batch, device=device).timings for _ in range(3)]
+        timings = [
+            converter.verify(src, out, batch=batch, device=device).timings for _ in range(runs)
+        ]
     name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "CPU"
     medians = {k: statistics.median(t[k] for t in timings) for k in timings[0]}
     return {"batch": batch, "input": "224x224", "device": device, "device_name": name, **medians}
@@ -281,11 +299,12 @@ def run(sections: list[str], runs: int, peer_runs: int, device: str) -> dict:
     results = {}
     for name in sections:
         print(f"benchmark: {name}", file=sys.stderr)
-        n = peer_runs if name in ("peer", "big") else runs
+        n = {"peer": peer_runs, "big": peer_runs, "verify": 3}.get(name, runs)
         where, load = machine(), os.getloadavg()[0]
         data = bench_verify(n, device) if name == "verify" else BENCHES[name](n)
         where.update(runs=n, load_1m=[round(load, 1), round(os.getloadavg()[0], 1)])
-        results[name] = {"measured": where, **data}
+        key = f"{name}_{device}" if name == "verify" and device != "cpu" else name  # keep both
+        results[key] = {"measured": where, **data}
     return results
 
 
