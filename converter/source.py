@@ -799,7 +799,10 @@ def resolve(
                 f"{raw.path}: weights do not match the file's own model config ({exc})"
             ) from None
         return _described(raw, layers, manifests, heads, "file", skel)
+    have = Counter(tuple(t.shape) for t in raw.tensors.values())
     for n, man in enumerate(manifests):
+        if not may_fit(have, man, heads.get(man["id"])):
+            continue
         found = _fit_manifest(raw, man, heads.get(man["id"]))
         if found is not None:
             return _disambiguated(raw, found, man, manifests[n + 1 :], heads)
@@ -816,6 +819,20 @@ def resolve(
         f" no known architecture ({len(manifests)} tried); pass --source-model module:function that"
         " builds the Keras model, or --mapping with a table for it"
     )
+
+
+def may_fit(have: Counter[tuple[int, ...]], man: dict[str, Any], spec: HeadSpec | None) -> bool:
+    """Whether a file whose tensors have the shapes counted in ``have`` can hold this shipped
+    architecture at all, its classifier aside (stock, re-headed, headless or nested, it holds
+    every other variable at the manifest's shape): a cheap test from the file's layout, before
+    the full fit."""
+    need = Counter(
+        tuple(var["shape"])
+        for lay in man["layers"]
+        if not (spec and spec.is_top(lay["name"]))
+        for var in lay["vars"]
+    )
+    return not need - have
 
 
 def computation_key(layers: list[Any]) -> list[tuple[str, str]]:
