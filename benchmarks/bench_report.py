@@ -112,6 +112,7 @@ def peer_table(section: dict, convert: dict) -> list[str]:
 BIG_ROWS = {
     "big.keras": "`ckptport convert big.keras --to benchmarks/big_dense.py:factory ...`",
     "tiny": "the same layout at width 64 (`big_dense.py:tiny`, a 0.1 MiB .keras)",
+    "import torch": "`python -c 'import torch'` alone",
     "import torch, torchvision": "`python -c 'import torch, torchvision'` alone",
 }
 
