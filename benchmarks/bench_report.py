@@ -147,8 +147,21 @@ def batch_table(r: dict) -> list[str]:
     rows = ["### Many checkpoints (batch throughput)", ""]
     if "skipped" in r:
         return rows + [f"Not measured: {r['skipped']}."]
-    rows += [measured(r), "", "| quantity | value |", "|---|---|"]
-    rows += [f"| {k} | {v} |" for k, v in r.items() if k != "measured"]
+    rows += [
+        measured(r) + f" `benchmarks/batch_throughput.py`: {r['files']} copies of a"
+        f" {r['source_mib']:.0f} MiB ResNet50 `.weights.h5` (a training run's epochs), converted"
+        " one `ckptport convert` process per file and by one `ckptport convert DIR -o OUT"
+        " --jobs J`. Goal: at least 3x the throughput of one process per file.",
+        "",
+        "| variant | wall | files/s | speed-up | goal | peak RSS | outputs identical |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, v in r["variants"].items():
+        goal = "-" if v["speedup"] == 1 else verdict(v["speedup"] >= 3)
+        rows.append(
+            f"| {name} | {v['wall_s']:.1f} s | {v['files_per_s']:.2f} | {v['speedup']:.2f}x"
+            f" | {goal} | {v['peak_rss_mib']} MiB | {'yes' if v['same_bytes'] else '**no**'} |"
+        )
     return rows
 
 

@@ -214,13 +214,16 @@ def bench_big(runs: int) -> dict:
     return out
 
 
-def bench_batch(runs: int) -> dict:
+def bench_batch(runs: int, files: int = 50) -> dict:
+    """Issue 12's 50 epochs of a ResNet50 run: benchmarks/batch_throughput.py (helper "batch")
+    converts them one process per file and as one `ckptport convert DIR` per --jobs value."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import batch_throughput
     except ImportError:
         return {"skipped": "benchmarks/batch_throughput.py is not on this branch yet"}
-    return batch_throughput.bench_batch()
+    src = fixture("ResNet50", "weights.h5")
+    return batch_throughput.bench_batch(src, n=files, rounds=runs, workdir=CACHE)
 
 
 def bench_help(runs: int) -> dict:
@@ -300,7 +303,7 @@ def run(sections: list[str], runs: int, peer_runs: int, device: str) -> dict:
     results = {}
     for name in sections:
         print(f"benchmark: {name}", file=sys.stderr)
-        n = {"peer": peer_runs, "big": peer_runs, "verify": 3}.get(name, runs)
+        n = {"peer": peer_runs, "big": peer_runs, "verify": 3, "batch": 1}.get(name, runs)
         where, load = machine(), os.getloadavg()[0]
         data = bench_verify(n, device) if name == "verify" else BENCHES[name](n)
         where.update(runs=n, load_1m=[round(load, 1), round(os.getloadavg()[0], 1)])
