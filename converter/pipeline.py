@@ -493,7 +493,8 @@ class _TableWalk:
                 self.preprocessing_layers.append(layer)
             self._drop(layer, f"{rule.kind}: {rule.reason or layer.class_name}")
         elif layer.weights:
-            self._map_by_rule(layer, rule, match)
+            with layer.held():
+                self._map_by_rule(layer, rule, match)
 
     def _drop(self, layer: SourceLayer, why: str) -> None:
         self.dropped += [{"key": key, "why": why} for key in layer.keys.values()]
