@@ -166,3 +166,40 @@ def test_sharded_tf_checkpoint_converts_like_the_unsharded_one(mnv3, tmp_path):
     assert list(got) == list(want)
     for key, value in want.items():
         np.testing.assert_array_equal(got[key], value, err_msg=key)
+
+
+TF1_TWIN = """
+from torch import nn
+
+
+def twin():
+    return nn.Sequential(nn.Linear(24, 16), nn.ReLU(), nn.BatchNorm1d(16, eps=1e-3),
+                         nn.Linear(16, 8))
+"""
+
+
+def test_tf1_dense_checkpoint_in_shards_drafts_onto_a_users_module(tmp_path):
+    """Variable names only (no config, no .meta graph, 3 shards): the layers are inferred, the
+    dummy input's width read from the first Dense kernel, and the draft maps every tensor."""
+    import converter
+    from tf_bundle_writer import write_bundle
+
+    rng = np.random.default_rng(0)
+    arrays = {
+        "layer_0/kernel": rng.standard_normal((24, 16)).astype(np.float32),
+        "layer_0/bias": rng.standard_normal(16).astype(np.float32),
+        "layer_1/gamma": rng.uniform(0.5, 1.5, 16).astype(np.float32),
+        "layer_1/beta": rng.standard_normal(16).astype(np.float32),
+        "layer_1/moving_mean": rng.standard_normal(16).astype(np.float32),
+        "layer_1/moving_variance": rng.uniform(0.5, 1.5, 16).astype(np.float32),
+        "layer_2/kernel": rng.standard_normal((16, 8)).astype(np.float32),
+        "layer_2/bias": rng.standard_normal(8).astype(np.float32),
+    }
+    prefix = write_bundle(tmp_path / "ckpt" / "model", arrays.items(), num_shards=3)
+    (tmp_path / "twin.py").write_text(TF1_TWIN)
+    result = converter.convert(prefix, f"{tmp_path / 'twin.py'}:twin", source_bn_momentum=0.99)
+    sd = result.state_dict
+    np.testing.assert_array_equal(sd["0.weight"], arrays["layer_0/kernel"].T)
+    np.testing.assert_array_equal(sd["2.running_var"], arrays["layer_1/moving_variance"])
+    np.testing.assert_array_equal(sd["3.bias"], arrays["layer_2/bias"])
+    assert result.bn_config["2"]["momentum"] == pytest.approx(0.01)
