@@ -56,24 +56,12 @@ def dummy_inputs(shape: tuple[int | None, ...] | None, default: int = 32) -> lis
 def build_and_trace(
     to: str, shapes: list[tuple[int, ...]], dtype: str = "float32"
 ) -> tuple[Any, TargetGraph]:
-    """The target ``to`` built and traced on the meta device (shapes only: no memory, no weight
-    initialisation, so a 2 GiB module costs nothing), or built and traced for real where its code
-    cannot run there: a factory or forward that reads tensor values (``.item()``, numpy, shapes
-    that depend on data) or makes CPU tensors of its own to combine with the meta input fails on
-    meta, and only then is the module built normally (its real error, if it has one, is raised
-    from that build)."""
-    import torch
+    """The target ``to`` built and traced on the meta device (shapes only: a 2 GiB module
+    allocates nothing), or built and traced for real where its code cannot run there
+    (:func:`converter.model.build_on_meta`)."""
+    from ..model import build_on_meta
 
-    from ..model import build_target
-
-    try:
-        with torch.device("meta"):
-            model = build_target(to)
-        return model, trace_target(model, shapes, dtype)
-    except Exception:  # not runnable on meta (or not at all: the real build says why)
-        pass
-    model = build_target(to)
-    return model, trace_target(model, shapes, dtype)
+    return build_on_meta(to, lambda model: trace_target(model, shapes, dtype))
 
 
 def trace_target(model: Any, shapes: list[tuple[int, ...]], dtype: str = "float32") -> TargetGraph:
