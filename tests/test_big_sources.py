@@ -169,18 +169,27 @@ def test_sharded_tf_checkpoint_converts_like_the_unsharded_one(mnv3, tmp_path):
 
 
 TF1_TWIN = """
+import torch
 from torch import nn
 
 
 def twin():
     return nn.Sequential(nn.Linear(24, 16), nn.ReLU(), nn.BatchNorm1d(16, eps=1e-3),
                          nn.Linear(16, 8))
+
+
+def twin_reading_a_value():
+    assert int(torch.tensor([16]).sum().item()) == 16  # no values on the meta device
+    return twin()
 """
 
 
-def test_tf1_dense_checkpoint_in_shards_drafts_onto_a_users_module(tmp_path):
+@pytest.mark.parametrize("factory", ["twin", "twin_reading_a_value"])
+def test_tf1_dense_checkpoint_in_shards_drafts_onto_a_users_module(factory, tmp_path):
     """Variable names only (no config, no .meta graph, 3 shards): the layers are inferred, the
-    dummy input's width read from the first Dense kernel, and the draft maps every tensor."""
+    dummy input's width read from the first Dense kernel, and the draft maps every tensor; a
+    module whose factory reads a tensor's value (it cannot be built on the meta device) is built
+    the ordinary way for the draft, the target manifest and load_model."""
     import converter
     from tf_bundle_writer import write_bundle
 
@@ -197,9 +206,13 @@ def test_tf1_dense_checkpoint_in_shards_drafts_onto_a_users_module(tmp_path):
     }
     prefix = write_bundle(tmp_path / "ckpt" / "model", arrays.items(), num_shards=3)
     (tmp_path / "twin.py").write_text(TF1_TWIN)
-    result = converter.convert(prefix, f"{tmp_path / 'twin.py'}:twin", source_bn_momentum=0.99)
+    spec = f"{tmp_path / 'twin.py'}:{factory}"
+    result = converter.convert(prefix, spec, source_bn_momentum=0.99)
     sd = result.state_dict
     np.testing.assert_array_equal(sd["0.weight"], arrays["layer_0/kernel"].T)
     np.testing.assert_array_equal(sd["2.running_var"], arrays["layer_1/moving_variance"])
     np.testing.assert_array_equal(sd["3.bias"], arrays["layer_2/bias"])
     assert result.bn_config["2"]["momentum"] == pytest.approx(0.01)
+    model = converter.load_model(result.save(tmp_path / "out.safetensors"))
+    assert model[2].momentum == pytest.approx(0.01) and model[2].eps == 1e-3
+    np.testing.assert_array_equal(model[3].bias.detach().numpy(), arrays["layer_2/bias"])
