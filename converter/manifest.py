@@ -73,12 +73,17 @@ def load_manifest(manifest_id: str) -> dict[str, Any]:
 INDEX_FILE = "index.json"  # every source manifest's weighted layers and variable shapes
 
 
-def weighted_layers(man: Mapping[str, Any]) -> list[tuple[str, list[tuple[int, ...]]]]:
-    """A source manifest's layers that hold variables: (name, each variable's shape)."""
+def shape_key(shape: Any) -> str:
+    """A variable shape as the index writes it: ``[3, 3, 64]`` -> ``"3x3x64"``."""
+    return "x".join(map(str, shape))
+
+
+def weighted_layers(man: Mapping[str, Any]) -> list[tuple[str, list[str]]]:
+    """A source manifest's layers that hold variables: (name, each variable's ``shape_key``)."""
     if isinstance(man, LazyManifest):
         return man.weighted
     return [
-        (lay["name"], [tuple(v["shape"]) for v in lay["vars"]])
+        (lay["name"], [shape_key(v["shape"]) for v in lay["vars"]])
         for lay in man["layers"]
         if lay["vars"]
     ]
@@ -91,7 +96,7 @@ class LazyManifest(Mapping):
 
     def __init__(self, manifest_id: str, weighted: list[list[Any]]) -> None:
         self.id = manifest_id
-        self.weighted = [(name, [tuple(s) for s in shapes]) for name, shapes in weighted]
+        self.weighted = [(name, shapes) for name, shapes in weighted]
 
     def __getitem__(self, key: str) -> Any:
         return self.id if key == "id" else load_manifest(self.id)[key]
@@ -125,9 +130,7 @@ def build_manifest_index() -> dict[str, list[list[Any]]]:
             continue
         data = json.loads(path.read_text())
         if "layers" in data:
-            out[data["id"]] = [
-                [n, [list(s) for s in shapes]] for n, shapes in weighted_layers(data)
-            ]
+            out[data["id"]] = [[n, shapes] for n, shapes in weighted_layers(data)]
     return out
 
 

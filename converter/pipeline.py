@@ -432,6 +432,18 @@ def _with_source_head(
     return replace(table, rules=plan.rules + table.rules), variant, plan
 
 
+def recorded_target_manifest(table: Table, variant: Variant) -> dict[str, Any] | None:
+    """The manifest a drafted table recorded for the user's module ``variant.target``, while the
+    module's file is byte for byte the one drafted from (else None: the module is built)."""
+    record = table.target_record
+    if record is None or not same_spec(record["target"], variant.target):
+        return None
+    spec = parse_spec(variant.target)
+    if spec.kind != "file" or not spec.path.is_file():
+        return None
+    return record["manifest"] if formats.sha256_path(spec.path) == record["sha256"] else None
+
+
 def _target_manifest(
     source: SourceModel, table: Table, variant: Variant, kwargs: dict[str, Any], plan: Any
 ) -> dict[str, Any]:
@@ -439,6 +451,9 @@ def _target_manifest(
     Dense needs the classifier resized)."""
     from .heads import classifier_resize
 
+    recorded = recorded_target_manifest(table, variant)
+    if recorded is not None and not kwargs and not plan.surgeries:
+        return recorded
     surgical = replace(variant, surgeries=variant.surgeries + plan.surgeries)
     manifest = target_manifest_for(surgical, kwargs, built=bool(plan.surgeries))
     if classifier_resize(plan, source, table, manifest):

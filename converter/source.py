@@ -30,7 +30,7 @@ from .errors import (
 )
 from .formats import RawCheckpoint, RawTensor
 from .keras_layers import KERAS_LAYERS, canonical_attr, sub_var_name, var_names
-from .manifest import source_manifest, weighted_layers
+from .manifest import shape_key, source_manifest, weighted_layers
 from .refusals import refusal_heads, refused_manifests
 from .nesting import (
     Head,
@@ -818,7 +818,7 @@ def resolve(
                 f"{raw.path}: weights do not match the file's own model config ({exc})"
             ) from None
         return _described(raw, layers, manifests, heads, "file", skel)
-    have = Counter(tuple(t.shape) for t in raw.tensors.values())
+    have = Counter(shape_key(t.shape) for t in raw.tensors.values())
     for n, man in enumerate(manifests):
         if not may_fit(have, man, heads.get(man["id"])):
             continue
@@ -840,7 +840,7 @@ def resolve(
     )
 
 
-def may_fit(have: Counter[tuple[int, ...]], man: dict[str, Any], spec: HeadSpec | None) -> bool:
+def may_fit(have: Counter[str], man: Any, spec: HeadSpec | None) -> bool:
     """Whether a file whose tensors have the shapes counted in ``have`` can hold this shipped
     architecture at all, its classifier aside (stock, re-headed, headless or nested, it holds
     every other variable at the manifest's shape): a cheap test from the file's layout, before
@@ -882,7 +882,7 @@ def _disambiguated(
     skel = skeleton_from_manifest(man)
     key, computes = structure_key(skel), computation_key(skel)
     fits = [(man["id"], skel, found)]
-    have = Counter(tuple(t.shape) for t in raw.tensors.values())
+    have = Counter(shape_key(t.shape) for t in raw.tensors.values())
     for other_man in others:
         if not may_fit(have, other_man, heads.get(other_man["id"])):
             continue
@@ -951,7 +951,7 @@ def _described(
 ) -> SourceModel:
     """A source resolved from a config (the file's or the user's model): its manifest, head,
     nesting (the application found by structure at any depth of nested models)."""
-    have = Counter(tuple(t.shape) for t in raw.tensors.values())
+    have = Counter(shape_key(t.shape) for t in raw.tensors.values())
     manifests = [m for m in manifests if may_fit(have, m, heads.get(m["id"]))]
     scope, manifest_id = _application_scope(layers, skel, manifests, heads)
     nesting = None

@@ -10,6 +10,8 @@ constant.
 
 from __future__ import annotations
 
+import json
+
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -99,6 +101,8 @@ class Table:
     )  # see _head: source, module, top, top_modules, pool
     input: dict[str, Any] = field(default_factory=lambda: {"size": 224, "range": [0.0, 255.0]})
     verify: dict[str, Any] = field(default_factory=dict)  # see _verify: rtol
+    # a drafted table's record of its target (see _target_record): target, sha256, manifest
+    target_record: dict[str, Any] | None = None
 
     def match(self, layer_name: str) -> tuple[Rule, re.Match[str]] | tuple[Drop, None] | None:
         """The first rule whose pattern matches the whole name (with its match), else the first
@@ -185,6 +189,24 @@ def _verify(p: Path, data: dict[str, Any]) -> dict[str, Any]:
     return dict(spec)
 
 
+def _target_record(p: Path, data: dict[str, Any]) -> dict[str, Any] | None:
+    """``[target_manifest]`` (a drafted table): the user's module as drafted (``target`` spec, the
+    ``sha256`` of its file, its manifest as ``json``), so that converting with the table needs no
+    PyTorch while the file is unchanged."""
+    spec = data.get("target_manifest")
+    if spec is None:
+        return None
+    if not isinstance(spec, dict) or set(spec) != {"target", "sha256", "json"}:
+        raise _fail(p, "[target_manifest] takes target, sha256 and json (delete it to rebuild)")
+    try:
+        manifest = json.loads(spec["json"])
+    except (TypeError, json.JSONDecodeError) as exc:
+        raise _fail(p, f"[target_manifest] json is not valid JSON ({exc}); delete it") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("tensors"), list):
+        raise _fail(p, "[target_manifest] json lists no tensors; delete the section to rebuild")
+    return {"target": spec["target"], "sha256": spec["sha256"], "manifest": manifest}
+
+
 def load_table(path: str | Path) -> Table:
     """Parse and validate a table file; any error names the file, the entry and the fix."""
     p = Path(path)
@@ -222,6 +244,7 @@ def table_from_data(p: Path, data: dict[str, Any]) -> Table:
         head,
         _input(p, data),
         _verify(p, data),
+        _target_record(p, data),
     )
 
 

@@ -535,3 +535,41 @@ def test_draft_builds_and_traces_the_target_on_meta(fx, factory, seen, tmp_path,
     rows = draft(fx["files"]["flat"]["keras"], f"{probe}:{factory}").rows()
     assert {r["source_layer"]: r["target_module"] for r in rows} == EXPECTED["flat"]
     assert (tmp_path / "seen.txt").read_text().split("\n")[:-1] == seen
+
+
+def test_a_drafted_table_converts_without_pytorch_while_the_module_is_unchanged(fx, tmp_path):
+    """The drafted table records the module's manifest and its file's sha256: converting with it
+    imports no PyTorch (a multi-GB source then streams in little memory) and writes the same
+    bytes; once the file changes, the record no longer applies and the module is built."""
+    import shutil
+    import subprocess
+    import sys
+
+    from converter import convert, draft
+    from converter.pipeline import recorded_target_manifest
+    from converter.tables import load_table
+
+    src = fx["files"]["resblock"]["keras"]
+    module = shutil.copy(TWINS, tmp_path / "models.py")
+    to = f"{module}:resblock"
+    table = draft(src, to).write(tmp_path / "resblock.mapping.toml")
+    script = (
+        "import sys, converter\n"
+        "converter.convert_file(sys.argv[1], sys.argv[2], sys.argv[3], mapping=sys.argv[4])\n"
+        "print(sorted(m for m in ('torch', 'tensorflow', 'keras') if m in sys.modules))\n"
+    )
+    out = tmp_path / "streamed.safetensors"
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(src), str(out), to, str(table)],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr[-2000:]
+    held = convert(src, to, mapping=table).save(tmp_path / "held.safetensors")
+    assert out.read_bytes() == held.read_bytes()
+    loaded = load_table(table)
+    assert recorded_target_manifest(loaded, loaded.variants[0]) is not None
+    with open(module, "a") as fh:
+        fh.write("\n# edited after drafting\n")
+    assert recorded_target_manifest(loaded, loaded.variants[0]) is None
+    built = convert(src, to, mapping=table).save(tmp_path / "built.safetensors")
+    assert built.read_bytes() == out.read_bytes()  # the record is what the module builds

@@ -100,8 +100,35 @@ def draft_for_source(source: SourceModel, to: str) -> Draft:
         if not chained(source_config(source)):
             raise
         raise type(exc)(f"{exc} ({CHAINED})") from exc
-    text = render_table(matches, to, source, graph, moved)
+    text = render_table(matches, to, source, graph, moved) + target_record(to, model)
     return Draft(text, matches, to, source.raw.path, _eps_notes(matches, model))
+
+
+def target_record(to: str, model: Any) -> str:
+    """The ``[target_manifest]`` section of a drafted table (see tables._target_record): for a
+    module file, what converting with the table needs of the module, so that it imports no
+    PyTorch while the file is unchanged; nothing for an importable module."""
+    from ..formats import sha256_path
+    from ..manifest import target_manifest_from_model
+    from ..specs import parse_spec
+
+    spec = parse_spec(to)
+    if spec.kind != "file":
+        return ""
+    manifest = json.dumps(target_manifest_from_model(model, to, "user", to, {}), sort_keys=True)
+    return "\n".join(
+        [
+            "",
+            "# The module as drafted (keys, shapes, dtypes, BatchNorm settings): convert reuses",
+            "# it, importing no PyTorch, while the module's file has this sha256; delete it to",
+            "# rebuild from the module.",
+            "[target_manifest]",
+            f"target = {_q(to)}",
+            f'sha256 = "{sha256_path(spec.path)}"',
+            f"json = '''{manifest}'''",
+            "",
+        ]
+    )
 
 
 def _eps_notes(matches: list[Match], model: Any) -> list[str]:
