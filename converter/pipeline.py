@@ -13,7 +13,7 @@ import numpy as np
 
 from . import __version__, formats
 from .formats import RawCheckpoint, RawTensor, check_output
-from .errors import ConverterError, InvalidTensorError, MappingError, UnknownArchitectureError
+from .errors import InvalidTensorError, MappingError, UnknownArchitectureError
 from .ledger import Sink, Spilled, TargetLedger, check_finite, listing
 from .manifest import load_manifest, manifest_path, target_manifest_from_model
 from .refusals import refusal_for
@@ -226,23 +226,12 @@ def target_manifest_for(
 def _shape_only_target(variant: Variant, kwargs: dict[str, Any]) -> Any:
     """The target with its surgeries, for its keys, shapes and BN settings only: built on the meta
     device (no memory, no weight initialisation: a 350M-parameter model in milliseconds), or
-    normally where the model's code cannot be built there."""
-    import torch
-
-    from .model import build_target
+    normally where the model's code cannot be built there (model.build_on_meta)."""
+    from .model import build_on_meta
     from .surgeries import apply_surgeries
 
-    try:
-        with torch.device("meta"):
-            model = build_target(variant.target, **kwargs)
-            apply_surgeries(model, variant.surgeries)
-        return model
-    except ConverterError:
-        raise
-    except Exception:  # code that computes with real tensors while building
-        model = build_target(variant.target, **kwargs)
-        apply_surgeries(model, variant.surgeries)
-        return model
+    surgeries = variant.surgeries
+    return build_on_meta(variant.target, lambda m: apply_surgeries(m, surgeries), **kwargs)[0]
 
 
 def convert(
