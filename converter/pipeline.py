@@ -6,6 +6,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -24,6 +25,7 @@ from .tables import Drop, Rule, Table, Variant, load_tables, render
 from .transforms import Emitted, LayerContext
 
 if TYPE_CHECKING:
+    from .batch import StructureCache
     from .heads import HeadPlan
 
 Progress = Callable[[int, int, str], None]
@@ -257,6 +259,7 @@ def convert(
     use_ema: bool = False,
     source_bn_momentum: float | None = None,
     accept_folded_bn: bool = False,
+    structures: StructureCache | None = None,
 ) -> ConversionResult:
     """Convert a Keras/TF checkpoint (or an ONNX model) to a PyTorch state dict.
 
@@ -278,6 +281,9 @@ def convert(
         source_bn_momentum: the source's BatchNorm momentum where the file does not record it
             (TF1 checkpoints without a ``.meta`` graph).
         accept_folded_bn: ONNX only: convert BN folded by the exporter with identity BN stats.
+        structures: a ``converter.batch.StructureCache``: the source's resolution, table choice
+            and target manifest computed once per source structure and reused for the next files
+            of that structure (the same output, byte for byte; ``ckptport convert A B C``).
     """
     if to is not None:
         from .model import check_spec
@@ -286,10 +292,13 @@ def convert(
     if (format or formats.sniff(src)) == "onnx":  # converter.onnx_source
         return _convert_onnx(src, to, mapping, num_classes, accept_folded_bn, progress)
     tables = load_tables(mapping)
-    source = _read_source(src, format, tables, source_model, use_ema, source_bn_momentum)
-    table, variant, drafted = _select_or_draft(tables, source, to, mapping)
+    source = _read_source(
+        src, format, tables, source_model, use_ema, source_bn_momentum, structures
+    )
+    pick = partial(_select_or_draft, tables, source, to, mapping)
+    table, variant, drafted = _once(structures, source, ("select", to), pick)
     check_shadowed_rules(table, source)
-    result = _convert_selected(source, table, variant, num_classes, pooling, progress)
+    result = _convert_selected(source, table, variant, num_classes, pooling, progress, structures)
     result.drafted = drafted
     return result
 
@@ -305,7 +314,8 @@ def convert_file(
 ) -> tuple[ConversionResult, Path]:
     """Convert ``src`` and write the result to ``out`` (safetensors, or .pt by its name): what
     ``ckptport convert`` does for each file. ``options``: those of :func:`convert`. Returns the
-    result and the path written; a drafted table is written beside the output first."""
+    result and the path written; a drafted table is written beside the output first. Many files:
+    pass the same ``structures=StructureCache()`` to each (see :func:`convert`)."""
     from .formats import check_output
 
     check_output(out, force, (src,))
@@ -335,6 +345,7 @@ def _convert_selected(
     num_classes: int | None,
     pooling: str | None,
     progress: Progress | None,
+    structures: StructureCache | None = None,
 ) -> ConversionResult:
     """The conversion once the table and variant are chosen: the source's own head and any head
     reset planned, the target manifest built, every layer mapped, notes recorded."""
@@ -345,7 +356,7 @@ def _convert_selected(
     if head and source_head.rules:  # a reset drops the user's Dense too
         head.source = re.compile(f"(?:{head.source.pattern})|{source_head.rules[0].source.pattern}")
     kwargs = {**variant.target_kwargs, **(head.target_kwargs if head else {})}
-    target_manifest = _target_manifest(source, table, variant, kwargs, source_head)
+    target_manifest = _target_manifest(source, table, variant, kwargs, source_head, structures)
     if head:
         head.surgeries = variant.surgeries + source_head.surgeries
     result = _apply(
@@ -370,17 +381,32 @@ def _read_source(
     source_model: str | None,
     use_ema: bool,
     source_bn_momentum: float | None,
+    structures: StructureCache | None = None,
 ) -> SourceModel:
-    """Read and resolve the source; EMA shadows and the user's BN momentum applied."""
+    """Read and resolve the source; EMA shadows and the user's BN momentum applied (with
+    ``structures``: resolved once per structure, see converter.batch)."""
     raw = formats.read(src, format)
     if use_ema:
         from .formats.tf1 import use_shadows
 
         use_shadows(raw)
-    source = resolve_source(raw, tables, source_model=source_model)
-    if source_bn_momentum is not None:
-        fill_bn_momentum(source, source_bn_momentum)
-    return source
+
+    def resolved(raw: RawCheckpoint) -> SourceModel:
+        source = resolve_source(raw, tables, source_model=source_model)
+        if source_bn_momentum is not None:
+            fill_bn_momentum(source, source_bn_momentum)
+        return source
+
+    if structures is None:
+        return resolved(raw)
+    context = ([(t.id, t.version) for t in tables], source_model, source_bn_momentum)
+    return structures.source(raw, resolved, context)
+
+
+def _once(structures: StructureCache | None, source: SourceModel, step: Any, compute: Callable):
+    """``compute()``, or with ``structures`` its value for ``source``'s structure and ``step``,
+    computed for the first file of that structure."""
+    return compute() if structures is None else structures.once(source, step, compute)
 
 
 def _with_source_head(
@@ -396,17 +422,28 @@ def _with_source_head(
 
 
 def _target_manifest(
-    source: SourceModel, table: Table, variant: Variant, kwargs: dict[str, Any], plan: Any
+    source: SourceModel,
+    table: Table,
+    variant: Variant,
+    kwargs: dict[str, Any],
+    plan: Any,
+    structures: StructureCache | None = None,
 ) -> dict[str, Any]:
     """The target manifest with the source head's surgeries (rebuilt once more when the user's
-    Dense needs the classifier resized)."""
+    Dense needs the classifier resized); with ``structures``, built once per structure."""
     from .heads import classifier_resize
 
+    def manifest_for(surgical: Variant, built: bool) -> dict[str, Any]:
+        step = ["target manifest", surgical.target, kwargs, surgical.surgeries, built]
+        step = json.dumps(step, sort_keys=True, default=str)
+        compute = partial(target_manifest_for, surgical, kwargs, built)
+        return _once(structures, source, step, compute)
+
     surgical = replace(variant, surgeries=variant.surgeries + plan.surgeries)
-    manifest = target_manifest_for(surgical, kwargs, built=bool(plan.surgeries))
+    manifest = manifest_for(surgical, bool(plan.surgeries))
     if classifier_resize(plan, source, table, manifest):
         surgical = replace(variant, surgeries=variant.surgeries + plan.surgeries)
-        manifest = target_manifest_for(surgical, kwargs, built=True)
+        manifest = manifest_for(surgical, True)
     return manifest
 
 
