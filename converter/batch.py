@@ -274,31 +274,46 @@ def convert_many(
 ) -> list[FileOutcome]:
     """Convert each (source, output) pair with ``options`` (those of ``convert_file``: ``to``,
     ``force``, ``mapping``, ...): in this process (``jobs`` 1) or in ``jobs`` worker processes,
-    each with its own StructureCache. ``on_done`` is called as each finishes; returns the outcomes
-    in the order of ``pairs``. ``summarize`` must be a module-level function (it is sent to the
-    workers)."""
+    each with its own StructureCache; an output that exists without ``force`` fails at once.
+    ``on_done`` is called as each finishes; returns the outcomes in the order of ``pairs``.
+    ``summarize`` must be a module-level function (it is sent to the workers)."""
     on_done = on_done or (lambda outcome: None)
-    if jobs <= 1 or len(pairs) <= 1:
-        structures, outcomes = StructureCache(), []
-        for src, out in pairs:
-            outcomes.append(convert_one(src, out, options, summarize, structures))
-            on_done(outcomes[-1])
-        return outcomes
-    return _in_workers(pairs, options, min(jobs, len(pairs)), on_done, summarize)
+    outcomes = [_refused_output(src, out, options) for src, out in pairs]
+    for outcome in outcomes:
+        if outcome is not None:
+            on_done(outcome)
+    todo = [n for n, outcome in enumerate(outcomes) if outcome is None]
+    if jobs <= 1 or len(todo) <= 1:
+        structures = StructureCache()
+        for n in todo:
+            outcomes[n] = convert_one(*pairs[n], options, summarize, structures)
+            on_done(outcomes[n])
+    else:
+        _in_workers(pairs, todo, outcomes, options, min(jobs, len(todo)), on_done, summarize)
+    return [outcome for outcome in outcomes if outcome is not None]
 
 
-def _in_workers(pairs, options, jobs: int, on_done, summarize) -> list[FileOutcome]:
-    """``convert_many`` in a pool of ``jobs`` spawned processes (no state inherited from this
-    one: no framework imported here reaches them); Ctrl-C cancels what has not started."""
+def _refused_output(src: Path, out: Path, options: dict[str, Any]) -> FileOutcome | None:
+    """The outcome of a file whose output may not be written (it exists, no ``force``), else
+    None: checked before any worker starts."""
+    from .formats import check_output
+
+    try:
+        check_output(out, bool(options.get("force")), (src,))
+    except ConverterError as err:
+        return FileOutcome(src, None, 0.0, error=cli_message(err), exit_code=err.exit_code)
+    return None
+
+
+def _in_workers(pairs, todo, outcomes, options, jobs: int, on_done, summarize) -> None:
+    """Fill ``outcomes`` at the indices ``todo`` from a pool of ``jobs`` spawned processes (no
+    state inherited from this one: no framework imported here reaches them); Ctrl-C cancels what
+    has not started."""
     import multiprocessing
 
     pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
     try:
-        futures = {
-            pool.submit(convert_one, src, out, options, summarize): n
-            for n, (src, out) in enumerate(pairs)
-        }
-        outcomes: list[FileOutcome | None] = [None] * len(pairs)
+        futures = {pool.submit(convert_one, *pairs[n], options, summarize): n for n in todo}
         pending = set(futures)
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -308,7 +323,6 @@ def _in_workers(pairs, options, jobs: int, on_done, summarize) -> list[FileOutco
                 on_done(outcomes[n])
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-    return [o for o in outcomes if o is not None]
 
 
 def _outcome_of(future: Any, src: Path) -> FileOutcome:

@@ -103,7 +103,8 @@ def test_a_bad_file_is_reported_on_its_line_and_the_others_are_written(epochs, o
         assert (out / f"{name}.safetensors").stat().st_size > 1_000_000
     bad = [line for line in lines if line.startswith("failed")]
     assert len(bad) == 2 and "epoch_03.safetensors exists; pass --force" in bad[0], bad
-    assert f"{epochs / 'epoch_04.weights.h5'}: " in bad[1] and "truncated" in bad[1], bad
+    assert bad[0].startswith(f"failed    {epochs / 'epoch_03.weights.h5'}: "), bad
+    assert bad[1].startswith(f"failed    {epochs / 'epoch_04.weights.h5'} is truncated"), bad
     assert (out / "epoch_03.safetensors").read_bytes() == PLACEHOLDER
     assert sorted(p.name for p in out.iterdir()) == [f"{n}.safetensors" for n in EPOCHS]
     assert lines[-1].startswith("2 of 4 converted in ") and lines[-1].endswith(

@@ -118,8 +118,9 @@ def _file_bar(console, total: int, quiet: bool):
 
 def file_line(outcome) -> str:
     """One line per file: where it went, the target, tensors and time; or why it failed."""
-    if not outcome.ok:
-        return f"failed    {outcome.source}: {outcome.error}"
+    if not outcome.ok:  # most errors name the file first
+        named = outcome.error.startswith(str(outcome.source))
+        return f"failed    {'' if named else f'{outcome.source}: '}{outcome.error}"
     info = outcome.info
     return (
         f"converted {outcome.source} -> {outcome.output}: {info['target']}, {info['tensors']}"
