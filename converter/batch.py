@@ -307,8 +307,8 @@ def _refused_output(src: Path, out: Path, options: dict[str, Any]) -> FileOutcom
 
 def _in_workers(pairs, todo, outcomes, options, jobs: int, on_done, summarize) -> None:
     """Fill ``outcomes`` at the indices ``todo`` from a pool of ``jobs`` spawned processes (no
-    state inherited from this one: no framework imported here reaches them); Ctrl-C cancels what
-    has not started."""
+    state inherited from this one: no framework imported here reaches them); Ctrl-C or SIGTERM
+    stops them too, a write in progress removing its temporary file."""
     import multiprocessing
 
     pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
@@ -321,6 +321,10 @@ def _in_workers(pairs, todo, outcomes, options, jobs: int, on_done, summarize) -
                 n = futures[future]
                 outcomes[n] = _outcome_of(future, pairs[n][0])
                 on_done(outcomes[n])
+    except BaseException:  # Ctrl-C, SIGTERM: the workers stop too (a write removes its temp file)
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            process.terminate()
+        raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
