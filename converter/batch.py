@@ -85,7 +85,7 @@ class StructureCache:
         else:
             self.resolutions += 1
             source = resolve(raw)
-            self._sources[key] = source
+            self._sources[key] = detached(source)
         self._keys = {id(source): key}  # the file being converted (ids of freed ones are reused)
         return source
 
@@ -98,6 +98,20 @@ class StructureCache:
         if key not in self._steps:
             self._steps[key] = compute()
         return self._steps[key]
+
+
+def detached(source: SourceModel) -> SourceModel:
+    """``source`` without its file's tensors (``rebind`` reads the layers' keys, the ignored keys
+    and notes): a cached resolution keeps no file open and no tensor loaded."""
+    raw = dataclasses.replace(
+        source.raw,
+        tensors={},
+        shadows={},
+        ignored=dict(source.raw.ignored),
+        notes=list(source.raw.notes),
+    )
+    layers = [dataclasses.replace(lay, weights={}) for lay in source.layers]
+    return dataclasses.replace(source, raw=raw, layers=layers)
 
 
 # ------------------------------------------------------------------ what to convert, and where
