@@ -122,7 +122,7 @@ def list_sources(args: list[Path]) -> tuple[list[Path], list[Path]]:
     source. A file, a TF checkpoint prefix or ``.index``, a checkpoint directory or a SavedModel
     is one source; another directory stands for its checkpoint files and source directories,
     sniffed, sorted by name (a TF checkpoint's ``.index`` and data shards: one source, its
-    prefix; PyTorch-side files, ours included, skipped)."""
+    prefix; PyTorch-side files, ours included, skipped; hidden ones not looked at)."""
     from . import formats
 
     sources, skipped = [], []
@@ -145,6 +145,8 @@ def _directory_sources(folder: Path, formats: Any) -> tuple[list[Path], list[Pat
     """(sources, other entries) of one directory (see ``list_sources``)."""
     found, other = [], []
     for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue  # hidden, as ls has it (an unfinished write's temporary file among them)
         if entry.name.endswith(".index"):
             found.append(entry.with_name(entry.name[: -len(".index")]))
         elif ".data-" in entry.name or entry.name == "checkpoint":

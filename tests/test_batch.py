@@ -164,7 +164,7 @@ def test_one_source_options_are_refused_with_several(epochs, tmp_path, cli, flag
 
 
 def test_a_directory_lists_its_sources_sorted_one_per_checkpoint(tmp_path):
-    for name in ["b.keras", "a.weights.h5", "notes.txt", "old.safetensors", "checkpoint"]:
+    for name in ["b.keras", "a.weights.h5", "notes.txt", "old.safetensors", "checkpoint", ".c.h5"]:
         (tmp_path / name).write_bytes(b"x")
     for name in ["ckpt-2.index", "ckpt-2.data-00000-of-00001"]:
         (tmp_path / name).write_bytes(b"x")
