@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -94,6 +95,7 @@ def bench_batch(
     per ``jobs``; per variant: median wall time, files per second, peak RSS, speed-up over one
     process per file, and whether its outputs are the per-file outputs byte for byte."""
     tmp = Path(tempfile.mkdtemp(prefix="batch-bench-", dir=workdir))
+    load = [os.getloadavg()[0]]
     try:
         run = tmp / "run"
         run.mkdir()
@@ -109,7 +111,11 @@ def bench_batch(
                 rows[name].append(row)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return _summary(source, n, rows, digests)
+    result = _summary(source, n, rows, digests)
+    load.append(os.getloadavg()[0])
+    result["load_avg_1m"] = [round(x, 2) for x in load]  # before, after (other users of the CPUs)
+    result["cpus"] = os.cpu_count()
+    return result
 
 
 def _summary(source: Path, n: int, rows: dict, digests: dict) -> dict:
@@ -123,6 +129,7 @@ def _summary(source: Path, n: int, rows: dict, digests: dict) -> dict:
         "variants": {
             name: {
                 "wall_s": round(walls[name], 2),
+                "runs_s": [round(r["wall_s"], 2) for r in runs],
                 "files_per_s": round(n / walls[name], 2),
                 "speedup": round(walls[base] / walls[name], 2),
                 "peak_rss_mib": round(max(r["peak_rss_mib"] for r in runs)),
