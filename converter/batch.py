@@ -37,10 +37,11 @@ PYTORCH_SIDE = ("safetensors", "pt")  # our own outputs: never sources of a batc
 def structure_signature(raw: RawCheckpoint) -> str:
     """What resolving ``raw`` depends on, as a digest: every field of the read checkpoint (format,
     each tensor's key, shape and dtype in file order, model config, group names, ignored keys,
-    object paths, notes, EMA shadows, ...) except its path and the tensors' data."""
+    object paths, notes, EMA shadows, ...) except its path, private state (the file's digest)
+    and the tensors' data."""
     h = hashlib.sha256()
     for f in dataclasses.fields(raw):
-        if f.name in ("path", "_sha256"):
+        if f.name == "path" or f.name.startswith("_"):  # the digest, its hashing thread, ...
             continue
         h.update(f.name.encode() + b"\0")
         h.update(json.dumps(getattr(raw, f.name), default=_canonical).encode() + b"\0")

@@ -4,13 +4,14 @@ shape and dtype, with who filled it; every problem collected, so one error lists
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Protocol
 
 import numpy as np
 
 from .errors import InvalidTensorError, MappingError, ShapeMismatchError
 
 MAX_LISTED = 12
+SPILL_BYTES = 64 << 10  # with a sink, tensors at least this large go to it as they are placed
 
 
 def listing(items: list[str]) -> str:
@@ -21,12 +22,33 @@ def listing(items: list[str]) -> str:
 
 
 def check_finite(array: np.ndarray, what: str) -> None:
-    """Refuse NaN/inf in a float tensor; ``what`` names it in the message."""
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
+    """Refuse NaN/inf in a float tensor; ``what`` names it in the message. (A finite sum proves
+    every element finite, NaN and inf propagating through it, without a mask the tensor's size;
+    an overflowing sum of finite values falls back to the element-wise test.)"""
+    if array.dtype.kind == "f" and not np.isfinite(array.sum()) and not np.isfinite(array).all():
         bad = int(array.size - np.isfinite(array).sum())
         raise InvalidTensorError(
             f"{what} holds {bad} NaN/inf values; the checkpoint is damaged or diverged"
         )
+
+
+class Sink(Protocol):
+    """Where a streamed conversion puts large tensors as they are placed (a safetensors file being
+    written: converter.formats.safetensors_file.SafetensorsStream)."""
+
+    def fits(self, key: str, array: np.ndarray) -> bool: ...
+
+    def put(self, key: str, array: np.ndarray) -> None: ...
+
+    def get(self, key: str) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class Spilled:
+    """A placed tensor that went to the sink: only its shape and dtype stay in memory."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
 
 
 @dataclass
@@ -43,10 +65,11 @@ class TargetLedger:
     """The target's keys, shapes and dtypes (from its manifest), the tensors placed so far and who
     placed each; ``finish`` raises one error listing every problem, or returns the state dict."""
 
-    def __init__(self, target_manifest: dict[str, Any]) -> None:
+    def __init__(self, target_manifest: dict[str, Any], sink: Sink | None = None) -> None:
         self.shapes = {t["key"]: tuple(t["shape"]) for t in target_manifest["tensors"]}
         self.dtypes = {t["key"]: t["dtype"] for t in target_manifest["tensors"]}
-        self.tensors: dict[str, np.ndarray] = {}
+        self.tensors: dict[str, np.ndarray | Spilled] = {}
+        self.sink = sink
         self.filled_by: dict[str, str] = {}
         self.problems = Problems()
 
@@ -66,9 +89,23 @@ class TargetLedger:
                 f"target expects {self.shapes[key]}"
             )
             return False
-        self.tensors[key] = array.astype(self.dtypes[key], copy=False)
         self.filled_by[key] = source_layer
+        self._keep(key, array.astype(self.dtypes[key], copy=False))
         return True
+
+    def _keep(self, key: str, array: np.ndarray) -> None:
+        """Hold a placed tensor, or (streaming, large, checked now) hand it to the sink."""
+        if self.sink is None or array.nbytes < SPILL_BYTES or not self.sink.fits(key, array):
+            self.tensors[key] = array
+            return
+        check_finite(array, f"target tensor {key!r} (from {self.filled_by.get(key)})")
+        self.sink.put(key, array)
+        self.tensors[key] = Spilled(tuple(array.shape), array.dtype)
+
+    def array(self, key: str) -> np.ndarray:
+        """A placed tensor's values (read back from the sink when it went there)."""
+        held = self.tensors[key]
+        return self.sink.get(key) if isinstance(held, Spilled) else held
 
     def unmapped(self, source_tensors: Iterable[str]) -> None:
         """Record source tensors (``layer/variable``) that no rule consumed."""
@@ -82,19 +119,20 @@ class TargetLedger:
             if key not in self.tensors:
                 self.problems.unexpected.append(f"{key} (bias fold target: {why})")
                 continue
-            current = self.tensors[key]
+            current = self.array(key)
             difference = current.astype(np.float64) - array.astype(np.float64)
-            self.tensors[key] = difference.astype(current.dtype)
+            self._keep(key, difference.astype(current.dtype))
 
     def place_fresh(self, tensors: dict[str, np.ndarray], filled_by: str) -> None:
         """Put tensors made for the target itself (a fresh classifier head) as they are."""
-        self.tensors.update(tensors)
-        for key in tensors:
+        for key, array in tensors.items():
             self.filled_by[key] = filled_by
+            self._keep(key, array)
 
-    def finish(self, label: str, table_id: str) -> dict[str, np.ndarray]:
-        """The state dict in the target's key order, or one error listing every problem
-        (``label``: ``source -> target`` for the message)."""
+    def finish(self, label: str, table_id: str) -> dict[str, np.ndarray | Spilled]:
+        """The state dict in the target's key order (a ``Spilled`` where the tensor went to the
+        sink), or one error listing every problem (``label``: ``source -> target`` for the
+        message)."""
         if self.problems.shape:  # the root cause: report it before the unfilled keys it leaves
             raise ShapeMismatchError(
                 f"{label}: shape mismatch: {listing(self.problems.shape)}; "
@@ -104,7 +142,8 @@ class TargetLedger:
         if messages:
             raise MappingError(f"{label} (table {table_id}): " + "; ".join(messages))
         for key, array in self.tensors.items():
-            check_finite(array, f"target tensor {key!r} (from {self.filled_by.get(key)})")
+            if not isinstance(array, Spilled):  # spilled ones were checked on their way out
+                check_finite(array, f"target tensor {key!r} (from {self.filled_by.get(key)})")
         return {key: self.tensors[key] for key in self.shapes}
 
     def _mapping_messages(self) -> list[str]:

@@ -30,7 +30,7 @@ import re
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from .errors import MappingError
 
@@ -68,6 +68,71 @@ def load_manifest(manifest_id: str) -> dict[str, Any]:
             f"manifest {path} is not schema {SCHEMA} for {manifest_id!r}; run `make manifests`"
         )
     return data
+
+
+INDEX_FILE = "index.json"  # every source manifest's weighted layers and variable shapes
+
+
+def weighted_layers(man: Mapping[str, Any]) -> list[tuple[str, list[tuple[int, ...]]]]:
+    """A source manifest's layers that hold variables: (name, each variable's shape)."""
+    if isinstance(man, LazyManifest):
+        return man.weighted
+    return [
+        (lay["name"], [tuple(v["shape"]) for v in lay["vars"]])
+        for lay in man["layers"]
+        if lay["vars"]
+    ]
+
+
+class LazyManifest(Mapping):
+    """A shipped source manifest known by its id and weighted-layer shapes (from the index), read
+    whole only when something else of it is asked for: detection rules most architectures out by
+    shapes alone, so most manifests are never parsed (11 MB of JSON for the shipped ones)."""
+
+    def __init__(self, manifest_id: str, weighted: list[list[Any]]) -> None:
+        self.id = manifest_id
+        self.weighted = [(name, [tuple(s) for s in shapes]) for name, shapes in weighted]
+
+    def __getitem__(self, key: str) -> Any:
+        return self.id if key == "id" else load_manifest(self.id)[key]
+
+    def __iter__(self):
+        return iter(load_manifest(self.id))
+
+    def __len__(self) -> int:
+        return len(load_manifest(self.id))
+
+
+@lru_cache(maxsize=None)
+def manifest_index() -> dict[str, list[list[Any]]]:
+    """The shipped index (``make manifests`` writes it; tests check it is current); empty when
+    missing."""
+    path = manifest_dir() / INDEX_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def source_manifest(manifest_id: str) -> Mapping[str, Any]:
+    """A shipped source manifest: lazy when the index lists it, else read whole."""
+    entry = manifest_index().get(manifest_id)
+    return LazyManifest(manifest_id, entry) if entry is not None else load_manifest(manifest_id)
+
+
+def build_manifest_index() -> dict[str, list[list[Any]]]:
+    """The index of every shipped source manifest, computed from the manifests themselves."""
+    out = {}
+    for path in sorted(manifest_dir().glob("*.json")):
+        if path.name == INDEX_FILE:
+            continue
+        data = json.loads(path.read_text())
+        if "layers" in data:
+            out[data["id"]] = [
+                [n, [list(s) for s in shapes]] for n, shapes in weighted_layers(data)
+            ]
+    return out
+
+
+def index_text(index: dict[str, list[list[Any]]]) -> str:
+    return json.dumps(index, sort_keys=True, separators=(",", ":")) + "\n"
 
 
 def clean_config(config: dict[str, Any]) -> dict[str, Any]:

@@ -304,6 +304,7 @@ def convert_onnx(
     num_classes: int | None = None,
     accept_folded_bn: bool = False,
     progress: Any = None,
+    sink: Any = None,
 ) -> Any:
     """Convert an ONNX model read by ``formats.read`` (see :func:`converter.pipeline.convert`)."""
     import json
@@ -317,7 +318,7 @@ def convert_onnx(
         )
     p = plan(raw, to, accept_folded_bn, _user_mapping(raw, mapping, to))
     kwargs = dict(p.variant.target_kwargs)
-    result = apply_table(p.source, p.table, p.variant, p.target_manifest, kwargs, progress)
+    result = apply_table(p.source, p.table, p.variant, p.target_manifest, kwargs, progress, sink)
     result.notes = p.notes + result.notes
     result.metadata["source.input"] = json.dumps(p.table.input, sort_keys=True)
     if p.folded:

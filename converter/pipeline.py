@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from . import __version__, formats
-from .formats import RawCheckpoint, RawTensor
+from .formats import RawCheckpoint, RawTensor, check_output
 from .errors import ConverterError, InvalidTensorError, MappingError, UnknownArchitectureError
-from .ledger import TargetLedger, check_finite, listing
+from .ledger import Sink, Spilled, TargetLedger, check_finite, listing
 from .manifest import load_manifest, manifest_path, target_manifest_from_model
 from .refusals import refusal_for
 from .preprocessing import preprocessing_spec
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from .heads import HeadPlan
 
 Progress = Callable[[int, int, str], None]
+OpenSink = Callable[[dict[str, Any]], Sink]  # target manifest -> where large tensors stream to
 
 
 @dataclass
@@ -259,6 +260,7 @@ def convert(
     use_ema: bool = False,
     source_bn_momentum: float | None = None,
     accept_folded_bn: bool = False,
+    sink: OpenSink | None = None,
     structures: StructureCache | None = None,
 ) -> ConversionResult:
     """Convert a Keras/TF checkpoint (or an ONNX model) to a PyTorch state dict.
@@ -281,6 +283,9 @@ def convert(
         source_bn_momentum: the source's BatchNorm momentum where the file does not record it
             (TF1 checkpoints without a ``.meta`` graph).
         accept_folded_bn: ONNX only: convert BN folded by the exporter with identity BN stats.
+        sink: given the target manifest, where large tensors go as they are converted (a file
+            being written: :func:`convert_file`); the state dict then holds ``Spilled`` markers
+            for them.
         structures: a ``converter.batch.StructureCache``: the source's resolution, table choice
             and target manifest computed once per source structure and reused for the next files
             of that structure (the same output, byte for byte; ``ckptport convert A B C``).
@@ -290,7 +295,7 @@ def convert(
 
         check_spec(to)  # a bad --to names itself before the source is read
     if (format or formats.sniff(src)) == "onnx":  # converter.onnx_source
-        return _convert_onnx(src, to, mapping, num_classes, accept_folded_bn, progress)
+        return _convert_onnx(src, to, mapping, num_classes, accept_folded_bn, progress, sink)
     tables = load_tables(mapping)
     source = _read_source(
         src, format, tables, source_model, use_ema, source_bn_momentum, structures
@@ -298,7 +303,9 @@ def convert(
     pick = partial(_select_or_draft, tables, source, to, mapping)
     table, variant, drafted = _once(structures, source, ("select", to), pick)
     check_shadowed_rules(table, source)
-    result = _convert_selected(source, table, variant, num_classes, pooling, progress, structures)
+    result = _convert_selected(
+        source, table, variant, num_classes, pooling, progress, sink, structures
+    )
     result.drafted = drafted
     return result
 
@@ -312,17 +319,55 @@ def convert_file(
     format: str | None = None,
     **options: Any,
 ) -> tuple[ConversionResult, Path]:
-    """Convert ``src`` and write the result to ``out`` (safetensors, or .pt by its name): what
-    ``ckptport convert`` does for each file. ``options``: those of :func:`convert`. Returns the
-    result and the path written; a drafted table is written beside the output first. Many files:
-    pass the same ``structures=StructureCache()`` to each (see :func:`convert`)."""
-    from .formats import check_output
+    """Convert ``src`` and write the result to ``out``: what ``ckptport convert`` does for each
+    file. A safetensors output is streamed: each large tensor is written to its place in the file
+    as it is converted, so memory holds one layer's tensors, not the whole state dict, and the
+    bytes are those ``convert(...).save(out)`` writes. ``options``: those of :func:`convert`.
+    Returns the result (its ``state_dict`` reads the written file) and the path written; a
+    drafted table is written beside the output first. Many files: pass the same
+    ``structures=StructureCache()`` to each (see :func:`convert`)."""
+    out = check_output(out, force, (src,))
+    if formats.output_format_for(out, None) != "safetensors":
+        result = convert(src, to, format=format, **options)
+        _write_drafted(result, out, force)
+        return result, result.save(out, force=force)
+    with formats.atomic_output(out, force, (src,)) as tmp:
+        streams: list[Any] = []
 
-    check_output(out, force, (src,))
-    result = convert(src, to, format=format, **options)
-    if result.drafted is not None:  # the table first: a refused table leaves no output either
-        result.drafted.write(drafted_table_path(Path(out)), force=force)
-    return result, result.save(out, force=force)
+        def open_sink(target_manifest: dict[str, Any]) -> Sink:
+            streams.append(formats.stream_writer(tmp, target_manifest))
+            return streams[-1]
+
+        try:
+            result = convert(src, to, format=format, sink=open_sink, **options)
+            _finish_stream(result, streams[-1], tmp)
+        finally:
+            for stream in streams:
+                stream.close()
+        _write_drafted(result, out, force)
+    result.state_dict = formats.FileTensors(out, "safetensors")
+    return result, out
+
+
+def _finish_stream(result: ConversionResult, stream: Any, tmp: Path) -> None:
+    """Write the tensors still in memory and the header. Should a tensor not be what the target
+    manifest planned (its dtype), the whole state dict is written at once instead."""
+    held = {k: a for k, a in result.state_dict.items() if not isinstance(a, Spilled)}
+    if all(stream.fits(key, array) for key, array in held.items()):
+        for key, array in held.items():
+            stream.put(key, array)
+        stream.finish(result.metadata)
+        return
+    whole = {
+        k: stream.get(k) if isinstance(a, Spilled) else a for k, a in result.state_dict.items()
+    }
+    stream.close()
+    formats.FORMATS.get("safetensors").write(tmp, whole, result.metadata)
+
+
+def _write_drafted(result: ConversionResult, out: Path, force: bool) -> None:
+    if result.drafted is not None:  # before the output: a refused table leaves no output either
+        result.drafted.write(drafted_table_path(out), force=force)
 
 
 def drafted_table_path(out: Path) -> Path:
@@ -331,11 +376,13 @@ def drafted_table_path(out: Path) -> Path:
     return out.with_name(out.name.split(".")[0] + ".mapping.toml")
 
 
-def _convert_onnx(src, to, mapping, num_classes, accept_folded_bn, progress) -> ConversionResult:
+def _convert_onnx(src, to, mapping, num_classes, accept_folded_bn, progress, sink):
     from .onnx_source import convert_onnx
 
     options = dict(mapping=mapping, num_classes=num_classes, accept_folded_bn=accept_folded_bn)
-    return convert_onnx(formats.read(src, "onnx"), to, progress=progress, **options)
+    raw = formats.read(src, "onnx")
+    raw.start_hashing()
+    return convert_onnx(raw, to, progress=progress, sink=sink, **options)
 
 
 def _convert_selected(
@@ -345,6 +392,7 @@ def _convert_selected(
     num_classes: int | None,
     pooling: str | None,
     progress: Progress | None,
+    sink: OpenSink | None = None,
     structures: StructureCache | None = None,
 ) -> ConversionResult:
     """The conversion once the table and variant are chosen: the source's own head and any head
@@ -367,6 +415,7 @@ def _convert_selected(
         kwargs,
         head,
         progress,
+        sink,
     )
     result.notes = source.notes + source_head.notes + result.notes
     if result.notes:
@@ -386,6 +435,7 @@ def _read_source(
     """Read and resolve the source; EMA shadows and the user's BN momentum applied (with
     ``structures``: resolved once per structure, see converter.batch)."""
     raw = formats.read(src, format)
+    raw.start_hashing()
     if use_ema:
         from .formats.tf1 import use_shadows
 
@@ -482,7 +532,8 @@ class _TableWalk:
                 self.preprocessing_layers.append(layer)
             self._drop(layer, f"{rule.kind}: {rule.reason or layer.class_name}")
         elif layer.weights:
-            self._map_by_rule(layer, rule, match)
+            with layer.held():
+                self._map_by_rule(layer, rule, match)
 
     def _drop(self, layer: SourceLayer, why: str) -> None:
         self.dropped += [{"key": key, "why": why} for key in layer.keys.values()]
@@ -543,9 +594,11 @@ def _apply(
     kwargs: dict[str, Any],
     head: HeadPlan | None,
     progress: Progress | None,
+    sink: OpenSink | None = None,
 ) -> ConversionResult:
     """Map every source layer into the target, account for every tensor, record the provenance."""
-    walk = _TableWalk(table, variant, head, TargetLedger(target_manifest))
+    ledger = TargetLedger(target_manifest, sink(target_manifest) if sink else None)
+    walk = _TableWalk(table, variant, head, ledger)
     walk.dropped = [{"key": key, "why": why} for key, why in source.raw.ignored.items()]
     total = len(source.layers)
     for n, layer in enumerate(source.layers):
@@ -596,10 +649,11 @@ def apply_table(
     target_manifest: dict[str, Any],
     kwargs: dict[str, Any],
     progress: Progress | None = None,
+    sink: OpenSink | None = None,
 ) -> ConversionResult:
     """Apply ``table``'s ``variant`` to a resolved source (no head reset): what converters of other
     source kinds (ONNX) share with the Keras path."""
-    return _apply(source, table, variant, target_manifest, kwargs, None, progress)
+    return _apply(source, table, variant, target_manifest, kwargs, None, progress, sink)
 
 
 def _check_layer_tensors(layer: SourceLayer) -> None:

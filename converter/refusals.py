@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import MappingError, RegistryError
-from .manifest import load_manifest, manifest_path
+from .manifest import manifest_path, source_manifest
 from .registry import Registry
 
 REFUSAL_KEYS = ("sources", "reason", "closest", "differs", "remedy")
@@ -129,7 +129,7 @@ def refusal_for(manifest_id: str | None) -> Refusal | None:
 
 def refused_manifests() -> list[dict[str, Any]]:
     """The refused sources' manifests, so that every format of them is recognised."""
-    return [load_manifest(mid) for mid in builtin_refusals()]
+    return [source_manifest(mid) for mid in builtin_refusals()]
 
 
 def refusal_heads() -> dict[str, Any]:

@@ -14,6 +14,8 @@ import json
 import os
 import re
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -30,7 +32,7 @@ from .errors import (
 )
 from .formats import RawCheckpoint, RawTensor
 from .keras_layers import KERAS_LAYERS, canonical_attr, sub_var_name, var_names
-from .manifest import load_manifest
+from .manifest import source_manifest, weighted_layers
 from .refusals import refusal_heads, refused_manifests
 from .nesting import (
     Head,
@@ -63,9 +65,26 @@ class SourceLayer:
     index: int = 0
     scope: str = ""  # "": a layer of the model itself; else the nested model layer it is inside
     file_name: str = ""  # the name the file gives it, when auto names were renumbered (else "")
+    _held: dict[str, np.ndarray] | None = field(default=None, repr=False, compare=False)
 
     def load(self, var: str) -> np.ndarray:
-        return self.weights[var].load()
+        """The variable's values; read once per ``held()`` block."""
+        held = self._held
+        if held is None:
+            return self.weights[var].load()
+        if var not in held:
+            held[var] = self.weights[var].load()
+        return held[var]
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """Within the block, each variable is read from the file once (checks then transforms
+        read the same arrays); released after it, so memory holds one layer at a time."""
+        self._held = {}
+        try:
+            yield
+        finally:
+            self._held = None
 
 
 @dataclass
@@ -801,7 +820,10 @@ def resolve(
                 f"{raw.path}: weights do not match the file's own model config ({exc})"
             ) from None
         return _described(raw, layers, manifests, heads, "file", skel)
+    have = Counter(tuple(t.shape) for t in raw.tensors.values())
     for n, man in enumerate(manifests):
+        if not may_fit(have, man, heads.get(man["id"])):
+            continue
         found = _fit_manifest(raw, man, heads.get(man["id"]))
         if found is not None:
             return _disambiguated(raw, found, man, manifests[n + 1 :], heads)
@@ -818,6 +840,20 @@ def resolve(
         f" no known architecture ({len(manifests)} tried); pass --source-model module:function that"
         " builds the Keras model, or --mapping with a table for it"
     )
+
+
+def may_fit(have: Counter[tuple[int, ...]], man: dict[str, Any], spec: HeadSpec | None) -> bool:
+    """Whether a file whose tensors have the shapes counted in ``have`` can hold this shipped
+    architecture at all, its classifier aside (stock, re-headed, headless or nested, it holds
+    every other variable at the manifest's shape): a cheap test from the file's layout, before
+    the full fit."""
+    need = Counter(
+        shape
+        for name, shapes in weighted_layers(man)
+        if not (spec and spec.is_top(name))
+        for shape in shapes
+    )
+    return not need - have
 
 
 def computation_key(layers: list[Any]) -> list[tuple[str, str]]:
@@ -848,7 +884,10 @@ def _disambiguated(
     skel = skeleton_from_manifest(man)
     key, computes = structure_key(skel), computation_key(skel)
     fits = [(man["id"], skel, found)]
+    have = Counter(tuple(t.shape) for t in raw.tensors.values())
     for other_man in others:
+        if not may_fit(have, other_man, heads.get(other_man["id"])):
+            continue
         other = skeleton_from_manifest(other_man)
         if structure_key(other) != key or computation_key(other) == computes:
             continue
@@ -914,6 +953,8 @@ def _described(
 ) -> SourceModel:
     """A source resolved from a config (the file's or the user's model): its manifest, head,
     nesting (the application found by structure at any depth of nested models)."""
+    have = Counter(tuple(t.shape) for t in raw.tensors.values())
+    manifests = [m for m in manifests if may_fit(have, m, heads.get(m["id"]))]
     scope, manifest_id = _application_scope(layers, skel, manifests, heads)
     nesting = None
     if scope:
@@ -1071,7 +1112,7 @@ def source_manifests(tables: list[Table]) -> list[dict[str, Any]]:
             if variant.source and variant.source not in seen:
                 seen.add(variant.source)
                 try:
-                    out.append(load_manifest(variant.source))
+                    out.append(source_manifest(variant.source))
                 except MappingError:
                     continue  # a table for an architecture whose manifest is not shipped
     return out

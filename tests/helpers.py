@@ -145,6 +145,19 @@ def assert_clean_error(rc: int, err: str, *needles: str, out: Path | None = None
         assert not list(out.parent.glob(f".{out.name}.*")), "a partial file was left behind"
 
 
+def convert_streamed_and_held(src: Path, out_dir: Path, **options):
+    """Convert ``src`` both ways: streamed into a file (``convert_file``, the CLI's path) and held
+    in memory then saved (``convert(...).save``); the two files must be byte-identical. Returns
+    the in-memory result and the streamed file."""
+    import converter
+
+    _, streamed = converter.convert_file(src, out_dir / "streamed.safetensors", **options)
+    result = converter.convert(src, **options)
+    held = result.save(out_dir / "held.safetensors")
+    assert streamed.read_bytes() == held.read_bytes(), f"{src}: streamed output differs"
+    return result, streamed
+
+
 def sha(p: Path) -> str:
     """SHA-256 of a file's bytes."""
     return hashlib.sha256(Path(p).read_bytes()).hexdigest()

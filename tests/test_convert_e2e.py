@@ -13,6 +13,7 @@ import torch
 import converter
 from helpers import (
     ALL_FORMATS,
+    convert_streamed_and_held,
     headless_build,
     keras_build_args,
     make_keras_fixture,
@@ -153,9 +154,8 @@ def test_variant_end_to_end(table, variant, tmp_path):
     fn, kwargs, inp = keras_build_args(variant.source)
     fx = make_keras_fixture(fn, kwargs, inp, ["keras"])
     src = fx["files"]["keras"]
-    result = converter.convert(src, to=variant.target)
+    result, out = convert_streamed_and_held(src, tmp_path, to=variant.target)
     assert result.source_arch == variant.source and result.config_origin == "file"
-    out = result.save(tmp_path / "model.safetensors")
     model = load_model(out)
     assert not model.training
     err = rel_err(torch_logits(model, fx["x"], result.preprocessing), fx["logits"])
@@ -209,10 +209,10 @@ def test_every_source_format(source_id, fmt, tmp_path):
         with pytest.raises(UnknownArchitectureError, match="computed differently"):
             converter.convert(fx["files"][fmt])
         return
-    result = converter.convert(fx["files"][fmt])
+    result, out = convert_streamed_and_held(fx["files"][fmt], tmp_path)
     assert result.source_arch == source_id  # detected, --to left out: the table's default target
     assert result.config_origin == ("file" if fmt in ("keras", "h5") else "manifest")
-    model = load_model(result.save(tmp_path / "m.safetensors"))
+    model = load_model(out)
     err = rel_err(torch_logits(model, fx["x"], result.preprocessing), fx["logits"])
     tol = DEEP_TOL if source_id in DEEP_SOURCES else TOL
     assert err < tol, f"{fmt}: logits differ by {err:.2e} of their scale"

@@ -114,17 +114,17 @@ def test_internal_error_is_one_line_exit_70(monkeypatch, capsys):
 SLOW_WRITER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    import converter.formats as formats
+    from converter.formats.safetensors_file import SafetensorsStream
     from converter.cli import main
 
-    real = formats.FORMATS.get("safetensors").write
+    real = SafetensorsStream.finish  # the streamed write's last step (the header)
 
-    def slow(self, path, tensors, metadata):
-        real(path, tensors, metadata)
+    def slow(self, metadata):
+        real(self, metadata)
         Path(sys.argv[1]).write_text("writing")
         time.sleep(60)
 
-    type(formats.FORMATS.get("safetensors")).write = slow
+    SafetensorsStream.finish = slow
     sys.exit(main(sys.argv[2:]))
 """)
 

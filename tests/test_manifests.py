@@ -15,17 +15,29 @@ from pathlib import Path
 
 import pytest
 
-from converter.manifest import SCHEMA, manifest_dir, slug
+from converter.manifest import (
+    INDEX_FILE,
+    SCHEMA,
+    LazyManifest,
+    build_manifest_index,
+    index_text,
+    manifest_dir,
+    slug,
+    source_manifest,
+    weighted_layers,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
-FILES = sorted(p for p in manifest_dir().glob("*.json"))
+FILES = sorted(p for p in manifest_dir().glob("*.json") if p.name != INDEX_FILE)
 MANIFESTS = {p: json.loads(p.read_text()) for p in FILES}
 SOURCES = {m["id"]: m for m in MANIFESTS.values() if m.get("framework") == "keras"}
 TARGETS = {m["id"]: m for m in MANIFESTS.values() if "library" in m}
 
 
 def _gen():
-    spec = importlib.util.spec_from_file_location("_gen_manifests", ROOT / "fixtures" / "gen_manifests.py")
+    spec = importlib.util.spec_from_file_location(
+        "_gen_manifests", ROOT / "fixtures" / "gen_manifests.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -48,6 +60,15 @@ def test_shipped_set_is_what_the_generator_makes():
     assert set(SOURCES) == set(gen.SOURCES) and set(TARGETS) == set(gen.TARGETS)
 
 
+def test_index_is_current():
+    """The shipped index (what detection reads instead of every manifest) is the manifests' own
+    weighted layers and shapes, and the lazy manifests it gives read the rest from the file."""
+    assert (manifest_dir() / INDEX_FILE).read_text() == index_text(build_manifest_index())
+    lazy = source_manifest("keras:ResNet50")
+    assert isinstance(lazy, LazyManifest) and lazy["layers"] == SOURCES["keras:ResNet50"]["layers"]
+    assert weighted_layers(lazy) == weighted_layers(SOURCES["keras:ResNet50"])
+
+
 @pytest.mark.parametrize("path", FILES, ids=[p.name for p in FILES])
 def test_file_is_canonical(path):
     """Named by its id's slug, schema current, written exactly as the generator writes it."""
@@ -62,7 +83,8 @@ def test_file_is_canonical(path):
 
 SLOW_TARGETS = {"torchvision:vgg19"}  # 144M parameters: initialising them takes seconds
 TARGET_PARAMS = [
-    pytest.param(m, marks=[pytest.mark.slow] if m in SLOW_TARGETS else [], id=m) for m in sorted(TARGETS)
+    pytest.param(m, marks=[pytest.mark.slow] if m in SLOW_TARGETS else [], id=m)
+    for m in sorted(TARGETS)
 ]
 
 
@@ -83,9 +105,14 @@ def test_target_manifest_matches_real_model(mid):
         assert t["shape"] == list(v.shape), t["key"]
         assert t["dtype"] == str(v.dtype).removeprefix("torch."), t["key"]
     bn = {
-        n: {"eps": m.eps, "momentum": m.momentum, "affine": m.affine,
-            "track_running_stats": m.track_running_stats}
-        for n, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+        n: {
+            "eps": m.eps,
+            "momentum": m.momentum,
+            "affine": m.affine,
+            "track_running_stats": m.track_running_stats,
+        }
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
     }
     assert man["bn_modules"] == bn
 
@@ -114,16 +141,25 @@ def test_source_auto_names_are_canonical(mid):
     build = man["build"]
     weighted = [lay for lay in man["layers"] if lay["vars"]]
     if build["kwargs"]["include_top"] is False:  # ConvNeXt: ends with an auto-named LayerNorm
-        assert weighted[-1]["name"] == "layer_normalization" and build["kwargs"].get("pooling") is None
+        assert (
+            weighted[-1]["name"] == "layer_normalization" and build["kwargs"].get("pooling") is None
+        )
         return
     assert build["kwargs"]["weights"] is None and build["kwargs"]["include_top"] is True
     assert build["kwargs"]["classes"] == 1000 and build["kwargs"]["classifier_activation"] is None
-    assert [lay for lay in man["layers"] if lay["vars"]][-1]["vars"][-1]["shape"] == [1000]  # the head
+    assert [lay for lay in man["layers"] if lay["vars"]][-1]["vars"][-1]["shape"] == [
+        1000
+    ]  # the head
 
 
 # Keras family -> (momentum, epsilon, center, scale), or None (no BN); Keras momentum is PyTorch 1 - momentum
 BN_FACTS = {
-    "EfficientNetV2": (0.9, 1e-3, True, True),  # before EfficientNet: the first prefix that matches wins
+    "EfficientNetV2": (
+        0.9,
+        1e-3,
+        True,
+        True,
+    ),  # before EfficientNet: the first prefix that matches wins
     "EfficientNet": (0.99, 1e-3, True, True),
     "MobileNetV2": (0.999, 1e-3, True, True),
     "MobileNetV3": (0.999, 1e-3, True, True),
@@ -145,7 +181,9 @@ BN_FREE_TARGETS |= {f"timm:convnext_{v}" for v in ("tiny", "small", "base", "lar
 @pytest.mark.parametrize("mid", sorted(SOURCES))
 def test_keras_bn_facts(mid):
     family = next(f for f in BN_FACTS if mid.startswith(f"keras:{f}"))
-    bns = [lay["config"] for lay in SOURCES[mid]["layers"] if lay["class_name"] == "BatchNormalization"]
+    bns = [
+        lay["config"] for lay in SOURCES[mid]["layers"] if lay["class_name"] == "BatchNormalization"
+    ]
     if BN_FACTS[family] is None:
         assert not bns
         return
@@ -165,8 +203,10 @@ def test_target_bn_defaults(mid):
     eps = 1e-3 if ":tf_" in mid or mid in TF_EPS_TARGETS else 1e-5
     eps = TARGETS[mid]["kwargs"].get("bn_eps", eps)  # built with the table's bn_eps (mobilenetv2)
     expected = set() if mid in BN_FREE_TARGETS else {(eps, 0.1, True, True)}
-    assert {(b["eps"], b["momentum"], b["affine"], b["track_running_stats"])
-            for b in TARGETS[mid]["bn_modules"].values()} == expected
+    assert {
+        (b["eps"], b["momentum"], b["affine"], b["track_running_stats"])
+        for b in TARGETS[mid]["bn_modules"].values()
+    } == expected
 
 
 MNV3 = {
@@ -194,7 +234,9 @@ def mnv3_block_map(source: dict, target: dict) -> tuple[list[str], int]:
         if m and f"{m[1]}.{m[2]}" not in blocks:
             blocks.append(f"{m[1]}.{m[2]}")
     *ir, last = blocks
-    assert last.endswith(".0") and f"blocks.{last}.conv.weight" in {t["key"] for t in target["tensors"]}
+    assert last.endswith(".0") and f"blocks.{last}.conv.weight" in {
+        t["key"] for t in target["tensors"]
+    }
     assert len(ir) == len(ks)
     return ir, int(last.split(".")[0])
 
@@ -219,7 +261,9 @@ def test_mobilenetv3_block_correspondence(mid):
     _, _, cin, cout = kshape["conv_1"]
     assert tshape[f"blocks.{last}.0.conv.weight"] == [cout, cin, 1, 1]
     assert tshape[f"blocks.{last}.0.bn1.weight"] == [cout]
-    variants = [v for t in builtin_tables() for v in t.variants if v.source == mid and v.target == MNV3[mid]]
+    variants = [
+        v for t in builtin_tables() for v in t.variants if v.source == mid and v.target == MNV3[mid]
+    ]
     for v in variants:
         assert v.lookups.get("blocks") == blocks
         assert v.consts.get("last") == last

@@ -9,6 +9,9 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -63,9 +66,26 @@ class RawCheckpoint:
     # layers inferred from variable names (TF1), used only when no shipped architecture fits
     fallback_config: dict[str, Any] | None = None
     _sha256: str | None = field(default=None, repr=False)
+    _hashing: threading.Thread | None = field(default=None, repr=False)
+
+    def start_hashing(self) -> None:
+        """Hash the file(s) in a background thread while the conversion reads them (hashlib and
+        file reads release the GIL): ``sha256`` then waits only for what is left."""
+        if self._sha256 is None and self._hashing is None:
+            self._hashing = threading.Thread(target=self._hash, daemon=True, name="sha256")
+            self._hashing.start()
+
+    def _hash(self) -> None:
+        try:
+            self._sha256 = sha256_path(self.path)
+        except OSError:
+            pass  # ``sha256`` hashes again in the caller and raises there
 
     @property
     def sha256(self) -> str:
+        if self._hashing is not None:
+            self._hashing.join()
+            self._hashing = None
         if self._sha256 is None:
             self._sha256 = sha256_path(self.path)
         return self._sha256
@@ -204,9 +224,20 @@ def write_atomic(
     force: bool = False,
     inputs: tuple[str | os.PathLike, ...] = (),
 ) -> Path:
-    """Run ``writer(tmp)`` on a temporary file beside ``path`` and rename it into place. The output
-    policy is :func:`check_output`; the temporary file never survives a failure or a catchable
-    termination signal (SIGINT, SIGTERM, SIGHUP)."""
+    """Run ``writer(tmp)`` on a temporary file beside ``path`` and rename it into place (see
+    :func:`atomic_output`)."""
+    with atomic_output(path, force, inputs) as tmp:
+        writer(tmp)
+    return Path(path)
+
+
+@contextmanager
+def atomic_output(
+    path: str | os.PathLike, force: bool = False, inputs: tuple[str | os.PathLike, ...] = ()
+) -> Iterator[Path]:
+    """A temporary file beside ``path`` to write, renamed into place when the block ends. The
+    output policy is :func:`check_output`; the temporary file never survives a failure or a
+    catchable termination signal (SIGINT, SIGTERM, SIGHUP)."""
     from ..interrupts import signals_raise
 
     p = check_output(path, force, inputs)
@@ -214,13 +245,38 @@ def write_atomic(
         fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".partial", dir=p.parent)
         os.close(fd)
         try:
-            writer(Path(tmp))
+            yield Path(tmp)
             os.chmod(tmp, 0o644)
             os.replace(tmp, p)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-    return p
+
+
+def stream_writer(path: Path, target_manifest: dict[str, Any]) -> Any:
+    """A safetensors file at ``path`` laid out for the manifest's tensors, written one tensor at a
+    time (``put``), the header last (``finish``): see safetensors_file.SafetensorsStream."""
+    from .safetensors_file import Layout, SafetensorsStream
+
+    entries = {t["key"]: (t["dtype"], tuple(t["shape"])) for t in target_manifest["tensors"]}
+    return SafetensorsStream(path, Layout.plan(entries))
+
+
+class FileTensors(Mapping):
+    """A written file's tensors by key, each read when asked for (a streamed conversion's state
+    dict: nothing held in memory)."""
+
+    def __init__(self, path: str | os.PathLike, format: str | None = None) -> None:
+        self.raw = read(path, format)
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self.raw.tensors[key].load()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.raw.tensors)
+
+    def __len__(self) -> int:
+        return len(self.raw.tensors)
 
 
 write_checkpoint = write

@@ -6,7 +6,9 @@ the same input gives the same bytes.
 from __future__ import annotations
 
 import json
+import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -83,29 +85,11 @@ class Safetensors(Format):
         return RawCheckpoint(path, self.name, tensors, metadata=meta)
 
     def write(self, path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
-        header: dict[str, object] = {}
-        offset = 0
-        order = sorted(tensors)
-        for key in order:
-            arr = tensors[key]
-            dt = _ST_DTYPES.get(str(arr.dtype))
-            if dt is None:
-                raise SourceFormatError(
-                    f"cannot write tensor {key!r} of dtype {arr.dtype} to safetensors"
-                )
-            end = offset + arr.nbytes
-            header[key] = {"dtype": dt, "shape": list(arr.shape), "data_offsets": [offset, end]}
-            offset = end
-        if metadata:
-            header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
-        blob = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
-        blob += b" " * (-len(blob) % 8)
+        layout = Layout.plan({k: (str(a.dtype), tuple(a.shape)) for k, a in tensors.items()})
         with open(path, "wb") as fh:
-            fh.write(struct.pack("<Q", len(blob)))
-            fh.write(blob)
-            for key in order:
-                arr = np.ascontiguousarray(tensors[key])
-                fh.write(arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
+            fh.write(layout.header(metadata))
+            for key in layout.order:
+                fh.write(_raw_bytes(tensors[key]))
 
 
 def _read_header(path: Path, size: int) -> tuple[dict, int]:
@@ -119,3 +103,145 @@ def _read_header(path: Path, size: int) -> tuple[dict, int]:
         except json.JSONDecodeError as exc:
             raise SourceFormatError(f"{path} has a corrupt safetensors header ({exc})") from exc
     return header, 8 + n
+
+
+# ------------------------------------------------------------------ layout and streamed writes
+
+#: header room kept for the metadata, beyond the tensor entries: a streamed write places the data
+#: before the metadata is known (it is only complete once every tensor is converted)
+METADATA_ROOM = 16384
+METADATA_ROOM_PER_TENSOR = 512
+CHUNK_BYTES = 16 << 20  # moving the data after an outgrown header: this much at a time
+
+
+@dataclass
+class Layout:
+    """Where each tensor goes in a safetensors file: keys sorted, data packed in that order, the
+    header padded with spaces to a room planned from the tensors alone (so a file written tensor
+    by tensor before its metadata is known has the same bytes as one written at once; a header
+    that outgrows the room is written exact instead)."""
+
+    entries: dict[str, tuple[str, tuple[int, ...]]]  # key -> (numpy dtype name, shape)
+    order: list[str]
+    offsets: dict[str, tuple[int, int]]
+    room: int  # bytes the header is padded to when it fits
+
+    @classmethod
+    def plan(cls, entries: dict[str, tuple[str, tuple[int, ...]]]) -> "Layout":
+        order = sorted(entries)
+        offsets, offset = {}, 0
+        for key in order:
+            dtype, shape = entries[key]
+            if dtype not in _ST_DTYPES:
+                raise SourceFormatError(
+                    f"cannot write tensor {key!r} of dtype {dtype} to safetensors"
+                )
+            end = offset + int(np.prod(shape, dtype=np.int64)) * _np_dtype(dtype).itemsize
+            offsets[key], offset = (offset, end), end
+        layout = cls(entries, order, offsets, 0)
+        bare = len(_json(layout._tensor_header()))
+        layout.room = _round8(bare + METADATA_ROOM + METADATA_ROOM_PER_TENSOR * len(order))
+        return layout
+
+    @property
+    def data_bytes(self) -> int:
+        return self.offsets[self.order[-1]][1] if self.order else 0
+
+    def _tensor_header(self) -> dict[str, object]:
+        return {
+            key: {
+                "dtype": _ST_DTYPES[self.entries[key][0]],
+                "shape": list(self.entries[key][1]),
+                "data_offsets": list(self.offsets[key]),
+            }
+            for key in self.order
+        }
+
+    def header_blob(self, metadata: dict[str, str]) -> bytes:
+        """The JSON header, padded with spaces to ``room`` (or to 8 bytes when it is larger)."""
+        header = self._tensor_header()
+        if metadata:
+            header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
+        blob = _json(header)
+        size = self.room if len(blob) <= self.room else _round8(len(blob))
+        return blob + b" " * (size - len(blob))
+
+    def header(self, metadata: dict[str, str]) -> bytes:
+        """The file's first bytes: the header's length, then the header."""
+        blob = self.header_blob(metadata)
+        return struct.pack("<Q", len(blob)) + blob
+
+
+class SafetensorsStream:
+    """A safetensors file written tensor by tensor, in any order, at the offsets its ``Layout``
+    gives (the same bytes as ``Safetensors.write`` of the whole state dict): ``put`` writes one
+    tensor, ``get`` reads one back, ``finish`` writes the header once the metadata is known."""
+
+    def __init__(self, path: Path, layout: Layout) -> None:
+        self.path, self.layout = Path(path), layout
+        self.base = 8 + layout.room
+        self.fh = open(self.path, "w+b")
+        self.written: set[str] = set()
+
+    def fits(self, key: str, array: np.ndarray) -> bool:
+        """Whether the layout planned ``array`` (its dtype and shape) at ``key``."""
+        return self.layout.entries.get(key) == (str(array.dtype), tuple(array.shape))
+
+    def put(self, key: str, array: np.ndarray) -> None:
+        self.fh.seek(self.base + self.layout.offsets[key][0])
+        self.fh.write(_raw_bytes(array))
+        self.written.add(key)
+
+    def get(self, key: str) -> np.ndarray:
+        dtype, shape = self.layout.entries[key]
+        start, end = self.layout.offsets[key]
+        self.fh.seek(self.base + start)
+        data = self.fh.read(end - start)
+        return np.frombuffer(data, dtype=_np_dtype(dtype).newbyteorder("<")).reshape(shape).copy()
+
+    def finish(self, metadata: dict[str, str]) -> None:
+        """Write the header; every tensor must have been put. A header larger than the planned
+        room moves the data once (rare: metadata beyond the room planned per tensor)."""
+        missing = [k for k in self.layout.order if k not in self.written]
+        if missing:
+            raise SourceFormatError(f"{self.path}: tensors never written: {missing[:5]}")
+        head = self.layout.header(metadata)
+        if len(head) == self.base:
+            self.fh.seek(0)
+            self.fh.write(head)
+            self.fh.close()
+            return
+        self._rewrite_with(head)
+
+    def _rewrite_with(self, head: bytes) -> None:
+        moved = self.path.with_name(self.path.name + ".moved")
+        try:
+            with open(moved, "wb") as out:
+                out.write(head)
+                self.fh.seek(self.base)
+                while chunk := self.fh.read(CHUNK_BYTES):
+                    out.write(chunk)
+            self.fh.close()
+            os.replace(moved, self.path)
+        finally:
+            moved.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        if not self.fh.closed:
+            self.fh.close()
+
+
+def _raw_bytes(array: np.ndarray) -> np.ndarray:
+    """The array's bytes, little-endian, as a flat uint8 view (no copy when it is contiguous and
+    little-endian already)."""
+    array = np.ascontiguousarray(array)
+    array = array.astype(array.dtype.newbyteorder("<"), copy=False)
+    return array.reshape(-1).view(np.uint8)
+
+
+def _json(header: dict[str, object]) -> bytes:
+    return json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+
+
+def _round8(n: int) -> int:
+    return n + (-n % 8)
