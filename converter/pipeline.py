@@ -286,9 +286,8 @@ def convert(
         sink: given the target manifest, where large tensors go as they are converted (a file
             being written: :func:`convert_file`); the state dict then holds ``Spilled`` markers
             for them.
-        structures: a ``converter.batch.StructureCache``: the source's resolution, table choice
-            and target manifest computed once per source structure and reused for the next files
-            of that structure (the same output, byte for byte; ``ckptport convert A B C``).
+        structures: a ``converter.batch.StructureCache``: resolution, table choice and target
+            manifest once per source structure, reused for its next files (the same bytes).
     """
     if to is not None:
         from .model import check_spec
