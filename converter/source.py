@@ -1172,7 +1172,7 @@ def rebind(source: SourceModel, raw: RawCheckpoint) -> SourceModel:
                 f" {source.raw.path} of its structure has; it is not the same structure"
             )
         weights = {var: raw.tensors[key] for var, key in lay.keys.items()}
-        layers.append(dataclasses.replace(lay, weights=weights, keys=dict(lay.keys)))
+        layers.append(dataclasses.replace(lay, weights=weights, keys=dict(lay.keys), _held=None))
     for key, why in source.raw.ignored.items():
         raw.ignored.setdefault(key, why)
     raw.notes += source.raw.notes[len(raw.notes) :]
