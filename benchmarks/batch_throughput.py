@@ -5,8 +5,9 @@ with --jobs 1 and 2. A benchmark, not a test: numbers go to docs/benchmarks.md.
     python benchmarks/batch_throughput.py [--n 30] [--jobs 1,2] [--source F] [--workdir DIR]
 
 ``bench_batch(source, ...) -> dict`` is what benchmarks/run.py calls. Each variant is timed as
-whole processes (wall clock, peak RSS of the largest process: getrusage of the children, workers
-included); the variants alternate over ``rounds`` and medians are quoted. Every variant's outputs
+whole processes (wall clock; CPU time, user + system, of every process, which other users of a
+shared machine do not inflate as they do the wall clock; peak RSS of the largest process: getrusage
+of the children, workers included); the variants alternate over ``rounds``, medians are quoted. Every variant's outputs
 are checked byte for byte against the one-process-per-file outputs.
 """
 
@@ -35,8 +36,9 @@ start = time.perf_counter()
 codes = [subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
          for cmd in json.loads(sys.argv[1])]
 wall = time.perf_counter() - start
-rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-print(json.dumps({"codes": codes, "wall_s": wall, "peak_rss_mib": rss}))
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+cpu, rss = usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
+print(json.dumps({"codes": codes, "wall_s": wall, "cpu_s": cpu, "peak_rss_mib": rss}))
 """
 
 
@@ -130,6 +132,7 @@ def _summary(source: Path, n: int, rows: dict, digests: dict) -> dict:
             name: {
                 "wall_s": round(walls[name], 2),
                 "runs_s": [round(r["wall_s"], 2) for r in runs],
+                "cpu_s": round(statistics.median(r["cpu_s"] for r in runs), 2),
                 "files_per_s": round(n / walls[name], 2),
                 "speedup": round(walls[base] / walls[name], 2),
                 "peak_rss_mib": round(max(r["peak_rss_mib"] for r in runs)),
