@@ -10,7 +10,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .errors import ConverterError, FrameworkMissingError, MappingError, SourceFormatError
 from .specs import Spec, parse_spec
@@ -264,6 +264,27 @@ def load_model(path: str | os.PathLike, device: str = "cpu") -> Any:
     return model.to(device)
 
 
+def build_on_meta(
+    spec: str | Spec, prepare: Callable[[Any], Any] = lambda model: None, **kwargs: Any
+) -> tuple[Any, Any]:
+    """``(model, prepare(model))`` with the model built on the meta device and ``prepare`` (apply
+    surgeries, trace a dummy forward pass) run there: shapes only, no memory, no weight
+    initialisation (a multi-GB model in milliseconds). Where the model's code cannot run on meta
+    (a factory or forward that reads tensor values: ``.item()``, numpy, data-dependent shapes),
+    built and prepared the ordinary way, which raises the real error if there is one; its
+    parameters' ``is_meta`` tell which."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            model = build_target(spec, **kwargs)
+            return model, prepare(model)
+    except Exception:  # noqa: BLE001 - not runnable on meta (or not at all: the real build says)
+        pass
+    model = build_target(spec, **kwargs)
+    return model, prepare(model)
+
+
 def _built_empty(target: str, kwargs: dict, surgeries: list, keys: set[str]) -> Any:
     """The target with its surgeries built on the meta device (no weight initialisation, no
     memory: every tensor comes from the file, loaded with ``assign``), when that is safe: every
@@ -278,10 +299,8 @@ def _built_empty(target: str, kwargs: dict, surgeries: list, keys: set[str]) -> 
         with torch.device("meta"):
             model = build_target(target, **kwargs)
             apply_surgeries(model, surgeries)
-    except ConverterError:
-        raise
-    except Exception:  # noqa: BLE001 - any failure: build it the ordinary way
-        return torch.nn.Module()
+    except Exception:  # noqa: BLE001 - any failure (a user's factory that reads a tensor's value
+        return torch.nn.Module()  # raises a ConverterError): the ordinary build says what is wrong
     named = dict(model.named_parameters(remove_duplicate=False))
     buffers = dict(model.named_buffers(remove_duplicate=False))
     shared = len({id(t) for t in named.values()}) < len(named)

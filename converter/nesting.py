@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from functools import lru_cache
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -44,11 +45,17 @@ class HeadSpec:
     top: str | None = None
 
     def is_top(self, name: str) -> bool:
-        pattern = self.source if not self.top else f"(?:{self.source})|(?:{self.top})"
-        return re.fullmatch(pattern, name) is not None
+        return _top_pattern(self.source, self.top).fullmatch(name) is not None
 
     def is_classifier(self, name: str) -> bool:
-        return re.fullmatch(self.source, name) is not None
+        return _top_pattern(self.source, None).fullmatch(name) is not None
+
+
+@lru_cache(maxsize=None)
+def _top_pattern(source: str, top: str | None) -> re.Pattern[str]:
+    """The compiled pattern of a head's classifier (and other top layers): detection asks every
+    layer of every candidate manifest."""
+    return re.compile(source if not top else f"(?:{source})|(?:{top})")
 
 
 @dataclass

@@ -6,6 +6,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -13,7 +14,7 @@ import numpy as np
 
 from . import __version__, formats
 from .formats import RawCheckpoint, RawTensor, check_output
-from .errors import ConverterError, InvalidTensorError, MappingError, UnknownArchitectureError
+from .errors import InvalidTensorError, MappingError, UnknownArchitectureError
 from .ledger import Sink, Spilled, TargetLedger, check_finite, listing
 from .manifest import load_manifest, manifest_path, target_manifest_from_model
 from .refusals import refusal_for
@@ -24,6 +25,7 @@ from .tables import Drop, Rule, Table, Variant, load_tables, render
 from .transforms import Emitted, LayerContext
 
 if TYPE_CHECKING:
+    from .batch import StructureCache
     from .heads import HeadPlan
 
 Progress = Callable[[int, int, str], None]
@@ -226,23 +228,12 @@ def target_manifest_for(
 def _shape_only_target(variant: Variant, kwargs: dict[str, Any]) -> Any:
     """The target with its surgeries, for its keys, shapes and BN settings only: built on the meta
     device (no memory, no weight initialisation: a 350M-parameter model in milliseconds), or
-    normally where the model's code cannot be built there."""
-    import torch
-
-    from .model import build_target
+    normally where the model's code cannot be built there (model.build_on_meta)."""
+    from .model import build_on_meta
     from .surgeries import apply_surgeries
 
-    try:
-        with torch.device("meta"):
-            model = build_target(variant.target, **kwargs)
-            apply_surgeries(model, variant.surgeries)
-        return model
-    except ConverterError:
-        raise
-    except Exception:  # code that computes with real tensors while building
-        model = build_target(variant.target, **kwargs)
-        apply_surgeries(model, variant.surgeries)
-        return model
+    surgeries = variant.surgeries
+    return build_on_meta(variant.target, lambda m: apply_surgeries(m, surgeries), **kwargs)[0]
 
 
 def convert(
@@ -259,6 +250,7 @@ def convert(
     source_bn_momentum: float | None = None,
     accept_folded_bn: bool = False,
     sink: OpenSink | None = None,
+    structures: StructureCache | None = None,
 ) -> ConversionResult:
     """Convert a Keras/TF checkpoint (or an ONNX model) to a PyTorch state dict.
 
@@ -283,6 +275,8 @@ def convert(
         sink: given the target manifest, where large tensors go as they are converted (a file
             being written: :func:`convert_file`); the state dict then holds ``Spilled`` markers
             for them.
+        structures: a ``converter.batch.StructureCache``: resolution, table choice and target
+            manifest once per source structure, reused for its next files (the same bytes).
     """
     if to is not None:
         from .model import check_spec
@@ -291,10 +285,15 @@ def convert(
     if (format or formats.sniff(src)) == "onnx":  # converter.onnx_source
         return _convert_onnx(src, to, mapping, num_classes, accept_folded_bn, progress, sink)
     tables = load_tables(mapping)
-    source = _read_source(src, format, tables, source_model, use_ema, source_bn_momentum)
-    table, variant, drafted = _select_or_draft(tables, source, to, mapping)
+    source = _read_source(
+        src, format, tables, source_model, use_ema, source_bn_momentum, structures
+    )
+    pick = partial(_select_or_draft, tables, source, to, mapping)
+    table, variant, drafted = _once(structures, source, ("select", to), pick)
     check_shadowed_rules(table, source)
-    result = _convert_selected(source, table, variant, num_classes, pooling, progress, sink)
+    result = _convert_selected(
+        source, table, variant, num_classes, pooling, progress, sink, structures
+    )
     result.drafted = drafted
     return result
 
@@ -313,7 +312,8 @@ def convert_file(
     as it is converted, so memory holds one layer's tensors, not the whole state dict, and the
     bytes are those ``convert(...).save(out)`` writes. ``options``: those of :func:`convert`.
     Returns the result (its ``state_dict`` reads the written file) and the path written; a
-    drafted table is written beside the output first."""
+    drafted table is written beside the output first. Many files: pass the same
+    ``structures=StructureCache()`` to each (see :func:`convert`)."""
     out = check_output(out, force, (src,))
     if formats.output_format_for(out, None) != "safetensors":
         result = convert(src, to, format=format, **options)
@@ -381,6 +381,7 @@ def _convert_selected(
     pooling: str | None,
     progress: Progress | None,
     sink: OpenSink | None = None,
+    structures: StructureCache | None = None,
 ) -> ConversionResult:
     """The conversion once the table and variant are chosen: the source's own head and any head
     reset planned, the target manifest built, every layer mapped, notes recorded."""
@@ -391,7 +392,7 @@ def _convert_selected(
     if head and source_head.rules:  # a reset drops the user's Dense too
         head.source = re.compile(f"(?:{head.source.pattern})|{source_head.rules[0].source.pattern}")
     kwargs = {**variant.target_kwargs, **(head.target_kwargs if head else {})}
-    target_manifest = _target_manifest(source, table, variant, kwargs, source_head)
+    target_manifest = _target_manifest(source, table, variant, kwargs, source_head, structures)
     if head:
         head.surgeries = variant.surgeries + source_head.surgeries
     result = _apply(
@@ -417,18 +418,33 @@ def _read_source(
     source_model: str | None,
     use_ema: bool,
     source_bn_momentum: float | None,
+    structures: StructureCache | None = None,
 ) -> SourceModel:
-    """Read and resolve the source; EMA shadows and the user's BN momentum applied."""
+    """Read and resolve the source; EMA shadows and the user's BN momentum applied (with
+    ``structures``: resolved once per structure, see converter.batch)."""
     raw = formats.read(src, format)
     raw.start_hashing()
     if use_ema:
         from .formats.tf1 import use_shadows
 
         use_shadows(raw)
-    source = resolve_source(raw, tables, source_model=source_model)
-    if source_bn_momentum is not None:
-        fill_bn_momentum(source, source_bn_momentum)
-    return source
+
+    def resolved(raw: RawCheckpoint) -> SourceModel:
+        source = resolve_source(raw, tables, source_model=source_model)
+        if source_bn_momentum is not None:
+            fill_bn_momentum(source, source_bn_momentum)
+        return source
+
+    if structures is None:
+        return resolved(raw)
+    context = ([(t.id, t.version) for t in tables], source_model, source_bn_momentum)
+    return structures.source(raw, resolved, context)
+
+
+def _once(structures: StructureCache | None, source: SourceModel, step: Any, compute: Callable):
+    """``compute()``, or with ``structures`` its value for ``source``'s structure and ``step``,
+    computed for the first file of that structure."""
+    return compute() if structures is None else structures.once(source, step, compute)
 
 
 def _with_source_head(
@@ -456,20 +472,32 @@ def recorded_target_manifest(table: Table, variant: Variant) -> dict[str, Any] |
 
 
 def _target_manifest(
-    source: SourceModel, table: Table, variant: Variant, kwargs: dict[str, Any], plan: Any
+    source: SourceModel,
+    table: Table,
+    variant: Variant,
+    kwargs: dict[str, Any],
+    plan: Any,
+    structures: StructureCache | None = None,
 ) -> dict[str, Any]:
     """The target manifest with the source head's surgeries (rebuilt once more when the user's
-    Dense needs the classifier resized)."""
+    Dense needs the classifier resized); with ``structures``, built once per structure."""
     from .heads import classifier_resize
 
     recorded = recorded_target_manifest(table, variant)
     if recorded is not None and not kwargs and not plan.surgeries:
         return recorded
+
+    def manifest_for(surgical: Variant, built: bool) -> dict[str, Any]:
+        step = ["target manifest", surgical.target, kwargs, surgical.surgeries, built]
+        step = json.dumps(step, sort_keys=True, default=str)
+        compute = partial(target_manifest_for, surgical, kwargs, built)
+        return _once(structures, source, step, compute)
+
     surgical = replace(variant, surgeries=variant.surgeries + plan.surgeries)
-    manifest = target_manifest_for(surgical, kwargs, built=bool(plan.surgeries))
+    manifest = manifest_for(surgical, bool(plan.surgeries))
     if classifier_resize(plan, source, table, manifest):
         surgical = replace(variant, surgeries=variant.surgeries + plan.surgeries)
-        manifest = target_manifest_for(surgical, kwargs, built=True)
+        manifest = manifest_for(surgical, True)
     return manifest
 
 

@@ -8,6 +8,8 @@ manifest: a shipped one found by structural match, or one made from a model the 
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import os
 import re
@@ -1152,6 +1154,30 @@ def resolve_source(
     model_manifest = _source_model_manifest(source_model) if source_model else None
     heads = {**refusal_heads(), **head_specs(tables)}  # refused sources re-headed/nested too
     return resolve(raw, manifests, model_manifest, heads)
+
+
+def rebind(source: SourceModel, raw: RawCheckpoint) -> SourceModel:
+    """``source`` (resolved from a file of the same structure as ``raw``: every tensor key, shape
+    and dtype, the config, group names, ignored keys and notes as read) resolved on ``raw``
+    instead, without resolving again: the same layers, configs, manifest, head and nesting, each
+    variable bound to ``raw``'s tensor of the same key; what resolution added to the raw checkpoint
+    (keys it ignored, notes) added to ``raw`` likewise. What a batch conversion does for each file
+    after the first of a structure (converter.batch)."""
+    layers = []
+    for lay in source.layers:
+        missing = [key for key in lay.keys.values() if key not in raw.tensors]
+        if missing:
+            raise SourceFormatError(
+                f"{raw.path} has no tensor {missing[0]!r} (layer {lay.name!r}), which the file"
+                f" {source.raw.path} of its structure has; it is not the same structure"
+            )
+        weights = {var: raw.tensors[key] for var, key in lay.keys.items()}
+        layers.append(dataclasses.replace(lay, weights=weights, keys=dict(lay.keys), _held=None))
+    for key, why in source.raw.ignored.items():
+        raw.ignored.setdefault(key, why)
+    raw.notes += source.raw.notes[len(raw.notes) :]
+    head, nesting = copy.deepcopy(source.head), copy.deepcopy(source.nesting)
+    return dataclasses.replace(source, raw=raw, layers=layers, head=head, nesting=nesting)
 
 
 def fill_bn_momentum(source: SourceModel, momentum: float) -> list[str]:

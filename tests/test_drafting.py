@@ -483,6 +483,60 @@ def test_padding_hint_for_a_strided_same_conv():
     assert padding_hints(None, taps, same) == []
 
 
+# A factory module that records where the model was built and whether its forward read a value.
+DEVICE_PROBE = """
+import importlib.util, os
+
+spec = importlib.util.spec_from_file_location("draft_twins_probe", {twins!r})
+twins = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(twins)
+
+
+def _seen(what):
+    with open(os.environ["DRAFT_PROBE"], "a") as fh:
+        fh.write(what + "\\n")
+
+
+def build():
+    model = twins.flat()
+    _seen(next(model.parameters()).device.type)
+    return model
+
+
+def build_reading_values():
+    model = build()
+    forward = model.forward
+
+    def reads_a_value(x):
+        _seen("value " + str(float(x.abs().sum().item())))  # no values on the meta device
+        return forward(x)
+
+    model.forward = reads_a_value
+    return model
+"""
+
+
+@pytest.mark.parametrize(
+    "factory, seen",
+    [
+        ("build", ["meta"]),
+        ("build_reading_values", ["meta", "cpu", "value 0.0"]),  # fell back to a real build
+    ],
+)
+def test_draft_builds_and_traces_the_target_on_meta(fx, factory, seen, tmp_path, monkeypatch):
+    """Drafting needs the target's structure only: the module is built and run on the meta
+    device (a 2 GiB module allocates nothing); one whose forward reads tensor values is built
+    for real instead, with the same draft."""
+    from converter.drafting import draft
+
+    probe = tmp_path / "probe.py"
+    probe.write_text(DEVICE_PROBE.format(twins=str(TWINS)))
+    monkeypatch.setenv("DRAFT_PROBE", str(tmp_path / "seen.txt"))
+    rows = draft(fx["files"]["flat"]["keras"], f"{probe}:{factory}").rows()
+    assert {r["source_layer"]: r["target_module"] for r in rows} == EXPECTED["flat"]
+    assert (tmp_path / "seen.txt").read_text().split("\n")[:-1] == seen
+
+
 def test_a_drafted_table_converts_without_pytorch_while_the_module_is_unchanged(fx, tmp_path):
     """The drafted table records the module's manifest and its file's sha256: converting with it
     imports no PyTorch (a multi-GB source then streams in little memory) and writes the same

@@ -1,4 +1,4 @@
-"""ckptport convert SRC [--to SPEC] [-o OUT]"""
+"""ckptport convert SRC [--to SPEC] [-o OUT]; several SRC (or a directory of them): -o DIR"""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def summary(result, out: Path | None) -> dict:
 
 
 @click.command("convert")
-@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("srcs", metavar="SRC...", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
     "--to",
     "to",
@@ -47,7 +47,18 @@ def summary(result, out: Path | None) -> dict:
     "-o",
     "--output",
     type=click.Path(path_type=Path),
-    help="Output file (.safetensors, or .pt). Default: ./<src>.safetensors",
+    help=(
+        "Output file (.safetensors, or .pt). Default: ./<src>.safetensors. Several sources: an"
+        " existing directory (default: .), each written as DIR/<name>.safetensors."
+    ),
+)
+@click.option(
+    "-j",
+    "--jobs",
+    type=click.IntRange(min=0),
+    default=1,
+    show_default=True,
+    help="Several sources: worker processes (0: one per CPU). Each holds one checkpoint at once.",
 )
 @click.option(
     "--format",
@@ -116,7 +127,28 @@ def summary(result, out: Path | None) -> dict:
 )
 @force_option
 @json_option
-def command(
+def command(srcs, jobs, **params) -> int:
+    """Convert a Keras/TF checkpoint or an ONNX model SRC to a PyTorch state dict. With no table
+    for SRC and --to your own module (file.py:factory), a mapping is drafted from both
+    structures, written beside the output as OUT.mapping.toml, and the result verified layer by
+    layer.
+
+    Several SRC, or a directory holding checkpoints (files sniffed, sorted; a TF checkpoint prefix
+    or SavedModel directory is one source; a TF checkpoint directory itself is one source, pass
+    DIR/*.index for each of its checkpoints): each is converted into the directory -o with the
+    same options, detected once per structure, one line per file; exit 2 if any failed (the
+    others are written). --verify, --inputs, --no-verify and drafting work on one source only."""
+    from ..batch import list_sources
+
+    sources, skipped = list_sources(list(srcs))
+    if len(srcs) > 1 or sources != list(srcs):  # several sources: cli/convert_many.py
+        from .convert_many import run_batch
+
+        return run_batch(sources, skipped, jobs, **params)
+    return _convert_single(srcs[0], **params)
+
+
+def _convert_single(
     src,
     to,
     output,
@@ -134,10 +166,7 @@ def command(
     force,
     as_json,
 ) -> int:
-    """Convert a Keras/TF checkpoint or an ONNX model SRC to a PyTorch state dict. With no table
-    for SRC and --to your own module (file.py:factory), a mapping is drafted from both
-    structures, written beside the output as OUT.mapping.toml, and the result verified layer by
-    layer."""
+    """``convert`` with one source (the command's docstring)."""
     from ..errors import ConverterError
     from ..formats import check_output
     from ..model import check_spec
@@ -152,7 +181,7 @@ def command(
     )
     from ..pipeline import drafted_table_path
 
-    if mapping is None and _may_draft(to):  # refuse an existing table before the long work
+    if mapping is None and may_draft(to):  # refuse an existing table before the long work
         check_output(drafted_table_path(out), force, (src,))
     console = stderr_console()
     options = dict(mapping=mapping, source_model=source_model, format=src_format)
@@ -243,7 +272,7 @@ def _convert_with_progress(console, as_json: bool, src, to, out, force: bool, **
         return convert_file(src, out, to, force=force, progress=progress, **kwargs)
 
 
-def _may_draft(to: str | None) -> bool:
+def may_draft(to: str | None) -> bool:
     """Whether this conversion drafts its mapping when no table fits: ``to`` is the user's own
     module."""
     from ..specs import looks_like_spec, parse_spec

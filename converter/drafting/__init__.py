@@ -90,12 +90,10 @@ def draft(
 
 def draft_for_source(source: SourceModel, to: str) -> Draft:
     """Draft the table for an already resolved source (what ``convert`` does when no table fits)."""
-    from ..model import build_target
-    from .target import dummy_inputs, trace_target
+    from .target import build_and_trace, dummy_inputs
 
     graph, moved = without_preprocessing(source_graph(source))
-    model = build_target(to)
-    traced = trace_target(model, dummy_inputs(graph.input_shape()), graph.input_dtype())
+    model, traced = build_and_trace(to, dummy_inputs(graph.input_shape()), graph.input_dtype())
     try:
         matches = align(graph, traced)
     except MappingError as exc:

@@ -86,11 +86,22 @@ class SourceGraph:
         return "float32"
 
     def input_shape(self) -> tuple[int | None, ...] | None:
-        """The first input's shape without the batch axis, when the source declares it."""
+        """The first input's shape without the batch axis, when the source declares it, else what
+        the first weighted layer reads (a TF1 checkpoint's layers inferred from variable names
+        declare no input): ``(width,)`` before a Dense, ``(None, ..., channels)`` before a
+        convolution."""
         for node in self.inputs:
             shape = node.attrs.get("shape")
             if shape:
                 return tuple(shape)
+        first = next((n for n in self.nodes if n.weights), None)
+        kernel = first.weights.get("kernel") if first else None
+        if not kernel:
+            return None
+        if first.kind == "Dense":
+            return (kernel[0],)
+        if first.kind.startswith("Conv"):
+            return (None,) * (len(kernel) - 2) + (kernel[-2],)
         return None
 
 

@@ -53,6 +53,17 @@ def dummy_inputs(shape: tuple[int | None, ...] | None, default: int = 32) -> lis
     return [first] if first == (1, *dims) else [first, (1, *dims)]
 
 
+def build_and_trace(
+    to: str, shapes: list[tuple[int, ...]], dtype: str = "float32"
+) -> tuple[Any, TargetGraph]:
+    """The target ``to`` built and traced on the meta device (shapes only: a 2 GiB module
+    allocates nothing), or built and traced for real where its code cannot run there
+    (:func:`converter.model.build_on_meta`)."""
+    from ..model import build_on_meta
+
+    return build_on_meta(to, lambda model: trace_target(model, shapes, dtype))
+
+
 def trace_target(model: Any, shapes: list[tuple[int, ...]], dtype: str = "float32") -> TargetGraph:
     """:func:`trace_once` on the first input shape the model accepts (``dtype``: the source's
     input dtype; integer ids for an Embedding)."""
@@ -90,7 +101,11 @@ def trace_once(model: Any, input_shape: tuple[int, ...], dtype: str = "float32")
             handles.append(module.register_forward_hook(tracker.post(name)))
     was_training = model.training
     model.eval()
-    x = torch.zeros(input_shape, dtype=torch.long if dtype.startswith(("int", "uint")) else None)
+    x = torch.zeros(
+        input_shape,
+        dtype=torch.long if dtype.startswith(("int", "uint")) else None,
+        device=_device(model),
+    )
     tracker.sources[id(x)] = frozenset({MODEL_INPUT})
     tracker.keep.append(x)
     try:
@@ -169,6 +184,16 @@ class _Tracker:
             self.flat[id(out)] = hwc
             self.keep.append(out)  # its id must not be reused while recorded
             return
+
+
+def _device(model: Any) -> Any:
+    """Where the model's tensors are (the meta device when it was built there), CPU if none."""
+    import itertools
+
+    import torch
+
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 def _flow_mode(tracker: _Tracker) -> Any:

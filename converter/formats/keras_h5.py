@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import shutil
+import struct
+import tempfile
 import zipfile
+import zlib
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -131,15 +136,104 @@ class KerasArchive(Format):
                     raise SourceFormatError(
                         f"{path} has no model.weights.h5 inside; re-save with model.save()"
                     )
-                data = zf.read("model.weights.h5")
+                member = member_file(zf, path, "model.weights.h5")
         except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, EOFError) as exc:
             raise SourceFormatError(
                 f"{path} is a damaged .keras archive ({exc}); re-save it"
             ) from exc
-        f = _open_h5(io.BytesIO(data), f"{path}: its member model.weights.h5")
+        try:
+            f = _open_h5(member, f"{path}: its member model.weights.h5")
+        except SourceFormatError:
+            member.close()
+            raise
         raw = _read_weights_h5(f, path, self.name)
         raw.model_config = config
         return raw
+
+
+def member_file(zf: zipfile.ZipFile, path: Path, name: str) -> io.RawIOBase | IO[bytes]:
+    """A read-only file object holding the archive member ``name``, never the whole member in
+    memory: a window onto its bytes in the archive when it is stored uncompressed (what Keras
+    writes), else the member extracted (streamed) to an anonymous temporary file, which the
+    system removes when it is closed or the process exits, however it exits."""
+    info = zf.getinfo(name)
+    if info.compress_type == zipfile.ZIP_STORED:
+        window = MemberWindow(path, member_data_offset(path, info), info.file_size)
+        if window.crc32() != info.CRC:  # what zipfile checks on extraction
+            window.close()
+            raise zipfile.BadZipFile(f"Bad CRC-32 for file {name!r}")
+        return window
+    tmp = tempfile.TemporaryFile()
+    try:
+        with zf.open(info) as src:
+            shutil.copyfileobj(src, tmp, 1 << 20)
+        tmp.seek(0)
+    except BaseException:
+        tmp.close()
+        raise
+    return tmp
+
+
+def member_data_offset(path: Path, info: zipfile.ZipInfo) -> int:
+    """Where a member's bytes start in the archive: after its local header, whose name and extra
+    field lengths may differ from the central directory's."""
+    with open(path, "rb") as fh:
+        fh.seek(info.header_offset)
+        header = fh.read(30)
+    if len(header) != 30 or header[:4] != b"PK\x03\x04":
+        raise zipfile.BadZipFile(f"bad local header for member {info.filename}")
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    return info.header_offset + 30 + name_len + extra_len
+
+
+class MemberWindow(io.RawIOBase):
+    """Bytes ``start .. start + size`` of a file as a read-only, seekable file object (h5py
+    reads an archive member through it in place)."""
+
+    def __init__(self, path: Path, start: int, size: int) -> None:
+        super().__init__()
+        self._fh = open(path, "rb", buffering=0)
+        self._start, self._size, self._pos = start, size, 0
+        if os.fstat(self._fh.fileno()).st_size < start + size:
+            self._fh.close()
+            raise zipfile.BadZipFile(f"{path.name} ends inside a member: truncated")
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        if base + offset < 0:
+            raise ValueError(f"negative seek position {base + offset}")
+        self._pos = base + offset
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        n = max(0, min(len(view), self._size - self._pos))
+        got = os.preadv(self._fh.fileno(), [view[:n]], self._start + self._pos) if n else 0
+        self._pos += got
+        return got
+
+    def crc32(self, chunk: int = 1 << 22) -> int:
+        """The CRC-32 of the window's bytes (read in chunks; the position is kept)."""
+        crc, pos, buf = 0, self._pos, bytearray(chunk)
+        self._pos = 0
+        while n := self.readinto(buf):
+            crc = zlib.crc32(memoryview(buf)[:n], crc)
+        self._pos = pos
+        return crc
+
+    def close(self) -> None:
+        if not self.closed:
+            self._fh.close()
+        super().close()
 
 
 def _zip_has(path: Path, member: str) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,13 +175,15 @@ class Layout:
 
 class SafetensorsStream:
     """A safetensors file written tensor by tensor, in any order, at the offsets its ``Layout``
-    gives (the same bytes as ``Safetensors.write`` of the whole state dict): ``put`` writes one
-    tensor, ``get`` reads one back, ``finish`` writes the header once the metadata is known."""
+    gives (the same bytes as ``Safetensors.write`` of the whole state dict): ``put`` hands one
+    tensor to a writer thread (the conversion goes on meanwhile), ``get`` reads one back,
+    ``finish`` writes the header once the metadata is known."""
 
     def __init__(self, path: Path, layout: Layout) -> None:
         self.path, self.layout = Path(path), layout
         self.base = 8 + layout.room
-        self.fh = open(self.path, "w+b")
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.writer = _BackgroundWriter(self.fd)
         self.written: set[str] = set()
 
     def fits(self, key: str, array: np.ndarray) -> bool:
@@ -188,15 +191,14 @@ class SafetensorsStream:
         return self.layout.entries.get(key) == (str(array.dtype), tuple(array.shape))
 
     def put(self, key: str, array: np.ndarray) -> None:
-        self.fh.seek(self.base + self.layout.offsets[key][0])
-        self.fh.write(_raw_bytes(array))
+        self.writer.write(_raw_bytes(array), self.base + self.layout.offsets[key][0])
         self.written.add(key)
 
     def get(self, key: str) -> np.ndarray:
+        self.writer.drain()
         dtype, shape = self.layout.entries[key]
         start, end = self.layout.offsets[key]
-        self.fh.seek(self.base + start)
-        data = self.fh.read(end - start)
+        data = os.pread(self.fd, end - start, self.base + start)
         return np.frombuffer(data, dtype=_np_dtype(dtype).newbyteorder("<")).reshape(shape).copy()
 
     def finish(self, metadata: dict[str, str]) -> None:
@@ -205,30 +207,95 @@ class SafetensorsStream:
         missing = [k for k in self.layout.order if k not in self.written]
         if missing:
             raise SourceFormatError(f"{self.path}: tensors never written: {missing[:5]}")
+        self.writer.drain()
         head = self.layout.header(metadata)
         if len(head) == self.base:
-            self.fh.seek(0)
-            self.fh.write(head)
-            self.fh.close()
-            return
-        self._rewrite_with(head)
+            os.pwrite(self.fd, head, 0)
+        else:
+            self._rewrite_with(head)
+        self.close()
 
     def _rewrite_with(self, head: bytes) -> None:
         moved = self.path.with_name(self.path.name + ".moved")
         try:
             with open(moved, "wb") as out:
                 out.write(head)
-                self.fh.seek(self.base)
-                while chunk := self.fh.read(CHUNK_BYTES):
+                offset = self.base
+                while chunk := os.pread(self.fd, CHUNK_BYTES, offset):
                     out.write(chunk)
-            self.fh.close()
+                    offset += len(chunk)
             os.replace(moved, self.path)
         finally:
             moved.unlink(missing_ok=True)
 
     def close(self) -> None:
-        if not self.fh.closed:
-            self.fh.close()
+        """Stop the writer and close the file (after ``finish``, or on failure: the caller
+        removes the partial file)."""
+        if self.fd >= 0:
+            self.writer.stop()
+            os.close(self.fd)
+            self.fd = -1
+
+
+class _BackgroundWriter:
+    """Writes (bytes, offset) items with ``os.pwrite`` in a thread, so that converting the next
+    layer overlaps writing this one (file writes release the GIL). At most ``IN_FLIGHT_BYTES`` wait
+    (or one larger tensor), so memory stays bounded; a write error is raised in the caller at its
+    next ``write``/``drain``."""
+
+    IN_FLIGHT_BYTES = 32 << 20
+
+    def __init__(self, fd: int) -> None:
+        self.fd, self.items, self.pending, self.error = fd, [], 0, None
+        self.cond = threading.Condition()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="safetensors-writer")
+        self.stopping = False
+        self.thread.start()
+
+    def write(self, data: np.ndarray, offset: int) -> None:
+        with self.cond:
+            while self.pending and self.pending + data.nbytes > self.IN_FLIGHT_BYTES:
+                self._raise()
+                self.cond.wait()
+            self._raise()
+            self.items.append((data, offset))
+            self.pending += data.nbytes
+            self.cond.notify_all()
+
+    def drain(self) -> None:
+        with self.cond:
+            while self.pending and self.error is None:
+                self.cond.wait()
+            self._raise()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+        self.thread.join()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while not self.items and not self.stopping:
+                    self.cond.wait()
+                if not self.items:
+                    return
+                data, offset = self.items.pop(0)
+            try:
+                view, done = memoryview(data).cast("B"), 0
+                while done < len(view):
+                    done += os.pwrite(self.fd, view[done:], offset + done)
+            except OSError as exc:
+                with self.cond:
+                    self.error = exc
+            with self.cond:
+                self.pending -= data.nbytes
+                self.cond.notify_all()
 
 
 def _raw_bytes(array: np.ndarray) -> np.ndarray:

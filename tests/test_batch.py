@@ -1,0 +1,187 @@
+"""Many checkpoints in one command (converter/batch.py, cli/convert_many.py): one resolution per
+source structure with outputs byte for byte those of converting each file alone, a bad file
+reported on its line without stopping the rest, the JSON list, worker processes, the up-front
+refusals. Cheap: copies of one cached MobileNetV3Small .weights.h5 (test_cli's fixture), made
+to differ by an h5py edit of one kernel."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import h5py
+import pytest
+
+from converter import pipeline
+from converter.batch import StructureCache, list_sources, output_name
+from converter.cli import main
+from helpers import assert_clean_error, keras_build_args, make_keras_fixture, sha
+
+EPOCHS = ["epoch_01", "epoch_02", "epoch_03"]
+PLACEHOLDER = b"an output that must survive without --force"
+
+
+@pytest.fixture(scope="module")
+def mnv3() -> dict:
+    fn, kw, inp = keras_build_args("keras:MobileNetV3Small")
+    return make_keras_fixture(fn, kw, inp, ["keras", "weights.h5", "h5"])
+
+
+def _scale_first_kernel(path: Path, factor: float) -> None:
+    """The same structure, other weights: the file's first 4-D dataset scaled."""
+    with h5py.File(path, "r+") as f:
+        kernels: list[str] = []
+        f.visititems(lambda n, o: kernels.append(n) if getattr(o, "ndim", 0) == 4 else None)
+        ds = f[kernels[0]]
+        ds[...] = ds[...] * factor
+
+
+@pytest.fixture(scope="module")
+def epochs(mnv3, tmp_path_factory) -> Path:
+    """A training run's directory: three checkpoints of one structure, a truncated one, a note."""
+    d = tmp_path_factory.mktemp("run")
+    for n, name in enumerate(EPOCHS):
+        shutil.copy(mnv3["files"]["weights.h5"], d / f"{name}.weights.h5")
+        _scale_first_kernel(d / f"{name}.weights.h5", 1.0 + n / 10)
+    data = Path(mnv3["files"]["weights.h5"]).read_bytes()
+    (d / "epoch_04.weights.h5").write_bytes(data[: len(data) // 3])
+    (d / "notes.txt").write_text("lr 1e-3\n")
+    return d
+
+
+def test_one_resolution_per_structure_and_the_bytes_of_converting_alone(
+    mnv3, epochs, tmp_path, monkeypatch
+):
+    calls, resolve = [], pipeline.resolve_source
+
+    def counted(raw, *args, **kwargs):
+        calls.append(raw.path)
+        return resolve(raw, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "resolve_source", counted)
+    sources = [epochs / f"{name}.weights.h5" for name in EPOCHS] + [Path(mnv3["files"]["keras"])]
+    cache = StructureCache()
+    batch = [
+        pipeline.convert_file(src, tmp_path / f"{n}.safetensors", structures=cache)[1]
+        for n, src in enumerate(sources)
+    ]
+    assert len(calls) == 2 and cache.resolutions == 2 and cache.hits == 2  # .weights.h5, .keras
+    assert calls[0] == sources[0] and calls[1] == sources[3]
+    alone = pipeline.convert_file(sources[2], tmp_path / "alone.safetensors")[1]
+    assert sha(batch[2]) == sha(alone)  # re-bound: the bytes of converting the file alone
+    assert len({sha(p) for p in batch[:3]}) == 3  # each file's own tensors
+
+
+def _run(*args) -> tuple[int, str, str]:
+    """``ckptport ARGS`` in-process (module fixtures cannot use capsys)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in args])
+    return rc, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def one_job(epochs, tmp_path_factory) -> tuple[int, str, Path]:
+    """The directory converted with --jobs 1, epoch_03's output already there (no --force)."""
+    out = tmp_path_factory.mktemp("out")
+    (out / "epoch_03.safetensors").write_bytes(PLACEHOLDER)
+    rc, stdout, err = _run("convert", epochs, "-o", out)
+    assert stdout == ""
+    return rc, err, out
+
+
+def test_a_bad_file_is_reported_on_its_line_and_the_others_are_written(epochs, one_job):
+    rc, err, out = one_job
+    lines = err.strip().splitlines()
+    assert rc == 2 and "Traceback" not in err, err
+    assert lines[0] == "skipped 1 entry that is no checkpoint: notes.txt"
+    for name in EPOCHS[:2]:
+        assert any(line.startswith(f"converted {epochs / name}.weights.h5 -> ") for line in lines)
+        assert (out / f"{name}.safetensors").stat().st_size > 1_000_000
+    bad = [line for line in lines if line.startswith("failed")]
+    assert len(bad) == 2 and "epoch_03.safetensors exists; pass --force" in bad[0], bad
+    assert bad[0].startswith(f"failed    {epochs / 'epoch_03.weights.h5'}: "), bad
+    assert bad[1].startswith(f"failed    {epochs / 'epoch_04.weights.h5'} is truncated"), bad
+    assert (out / "epoch_03.safetensors").read_bytes() == PLACEHOLDER
+    assert sorted(p.name for p in out.iterdir()) == [f"{n}.safetensors" for n in EPOCHS]
+    assert lines[-1].startswith("2 of 4 converted in ") and lines[-1].endswith(
+        f"2 failed: {epochs / 'epoch_03.weights.h5'}, {epochs / 'epoch_04.weights.h5'}"
+    )
+
+
+def test_jobs_2_writes_the_files_of_jobs_1_and_json_lists_each_file(epochs, one_job):
+    _, _, out = one_job
+    before = {n: sha(out / f"{n}.safetensors") for n in EPOCHS[:2]}
+    rc, stdout, err = _run("convert", epochs, "-o", out, "--jobs", "2", "--force", "--json")
+    assert rc == 2 and err == "", err
+    listed = json.loads(stdout)
+    names = [f"epoch_0{n}.weights.h5" for n in (1, 2, 3, 4)]
+    assert [Path(f["source"]).name for f in listed] == names
+    assert [f["ok"] for f in listed] == [True, True, True, False]
+    assert listed[0]["output"] == str(out / "epoch_01.safetensors") and listed[0]["tensors"] == 244
+    assert listed[0]["target"] == "timm:tf_mobilenetv3_small_100" and listed[0]["seconds"] > 0
+    assert listed[3]["output"] is None and listed[3]["exit_code"] == 2
+    assert "truncated" in listed[3]["error"]
+    assert {n: sha(out / f"{n}.safetensors") for n in EPOCHS[:2]} == before
+    assert (out / "epoch_03.safetensors").read_bytes() != PLACEHOLDER
+
+
+def test_output_must_be_an_existing_directory(epochs, tmp_path, cli):
+    two = [epochs / "epoch_01.weights.h5", epochs / "epoch_02.weights.h5"]
+    rc, _, err = cli("convert", *two, "-o", tmp_path / "out.safetensors")
+    assert_clean_error(rc, err, "out.safetensors does not exist", "must be an existing directory")
+    (tmp_path / "file").write_text("")
+    rc, _, err = cli("convert", *two, "-o", tmp_path / "file")
+    assert_clean_error(rc, err, "file is a file", "2 sources")
+
+
+def test_two_sources_with_one_output_name_are_refused(epochs, tmp_path, cli):
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(epochs / "epoch_01.weights.h5", other)
+    two = [epochs / "epoch_01.weights.h5", other / "epoch_01.weights.h5"]
+    rc, _, err = cli("convert", *two, "-o", tmp_path)
+    assert_clean_error(rc, err, "would both be written to", str(tmp_path / "epoch_01.safetensors"))
+    assert sorted(tmp_path.iterdir()) == [other]
+
+
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--verify"], "--verify works on one source and 2 are given"),
+        (["--no-verify"], "--no-verify works on one source"),
+        (["--to", "model.py:build"], "drafts a mapping, which batch conversion (2 sources)"),
+    ],
+)
+def test_one_source_options_are_refused_with_several(epochs, tmp_path, cli, flags, needle):
+    two = [epochs / "epoch_01.weights.h5", epochs / "epoch_02.weights.h5"]
+    rc, _, err = cli("convert", *two, "-o", tmp_path, *flags)
+    assert_clean_error(rc, err, needle)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_directory_lists_its_sources_sorted_one_per_checkpoint(tmp_path):
+    for name in ["b.keras", "a.weights.h5", "notes.txt", "old.safetensors", "checkpoint", ".c.h5"]:
+        (tmp_path / name).write_bytes(b"x")
+    for name in ["ckpt-2.index", "ckpt-2.data-00000-of-00001"]:
+        (tmp_path / name).write_bytes(b"x")
+    saved = tmp_path / "export" / "variables"
+    saved.mkdir(parents=True)
+    (saved / "variables.index").write_bytes(b"x")
+    (saved.parent / "saved_model.pb").write_bytes(b"x")
+    (tmp_path / "logs").mkdir()
+    sources, skipped = list_sources([tmp_path])
+    assert [p.name for p in sources] == ["a.weights.h5", "b.keras", "ckpt-2", "export"]
+    assert [p.name for p in skipped] == ["logs", "notes.txt", "old.safetensors"]
+    names = ["epoch_05.weights.h5", "model.05-0.12.h5", "ckpt-2", "export", "m.keras", "x.onnx"]
+    assert [output_name(Path(n)) for n in names] == [
+        "epoch_05.safetensors",
+        "model.05-0.12.safetensors",
+        "ckpt-2.safetensors",
+        "export.safetensors",
+        "m.safetensors",
+        "x.safetensors",
+    ]
