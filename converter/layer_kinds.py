@@ -9,6 +9,7 @@ refusal, naming the layer and the fix, of every configuration PyTorch's module c
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ from .transforms import (
     LayerTransform,
     Permute,
     TensorTransform,
+    ToShape,
     register,
 )
 
@@ -643,3 +645,34 @@ class BidirectionalTransform(KindTransform):
         for prefix, reverse in (("forward/", False), ("backward/", True)):
             out.update(inner.cell_to_keras(tensors, prefix, inner.suffix(args, reverse)))
         return out
+
+
+CUSTOM_PAIR = ("*", "*")  # drafting: a source kind no transform pairs (a user's own Keras layer)
+
+
+@register("same_names")
+class SameNamesTransform(KindTransform):
+    """A user's own Keras layer (a class no other transform pairs) -> a module whose parameters
+    carry its variables' names: each variable copied as it is, or reshaped where only size-1 axes
+    differ (table ``args``: parameter name -> target shape, e.g. ``{ gain = [4, 1, 1] }``).
+    Drafting offers it for custom layers only; the aligner still checks every shape and the data
+    flow, and the conversion names any parameter no variable fills."""
+
+    pairs = (CUSTOM_PAIR,)
+    example: dict[str, Any] = {"config": {}, "shapes": {"gain": (4,), "shift": (4,)}}
+    BARE = re.compile(r"^[A-Za-z0-9_-]+$")  # a TOML bare key: what the drafted args can name
+
+    def draft_args(self, target_attrs: dict[str, Any]) -> dict[str, Any] | None:
+        tensors = target_attrs.get("tensors") or {}
+        if not tensors or not all(self.BARE.match(p) for p in tensors):
+            return None
+        return {p: [int(d) for d in s] for p, s in tensors.items()}
+
+    def tensor_params(
+        self, config: dict[str, Any], shapes: dict[str, tuple], args: dict[str, Any] | None = None
+    ) -> dict[str, tuple[str, TensorTransform]]:
+        args = args or {}
+        return {
+            var: (var, ToShape(tuple(args[var]), shape) if var in args else IDENTITY)
+            for var, shape in shapes.items()
+        }

@@ -534,9 +534,6 @@ class NormalizationTransform(LayerTransform):
         return out
 
 
-from . import layer_kinds  # noqa: E402,F401  (more layer kinds, registered on import)
-
-
 class ToShape(TensorTransform):
     """Reshape ``frm`` -> ``to`` where they differ only in size-1 axes (a per-channel vector (C,)
     -> (C, 1, 1)); refuses any other shape, so no transposed matrix passes as a reshape."""
@@ -564,34 +561,5 @@ class ToShape(TensorTransform):
         return f"reshape->{self.to}"
 
 
-import re  # noqa: E402  (appended code; the module's head is not this branch's)
-
-CUSTOM_PAIR = ("*", "*")  # drafting: a source kind no transform pairs (a user's own Keras layer)
-
-
-@register("same_names")
-class SameNamesTransform(layer_kinds.KindTransform):
-    """A user's own Keras layer (a class no other transform pairs) -> a module whose parameters
-    carry its variables' names: each variable copied as it is, or reshaped where only size-1 axes
-    differ (table ``args``: parameter name -> target shape, e.g. ``{ gain = [4, 1, 1] }``).
-    Drafting offers it for custom layers only; the aligner still checks every shape and the data
-    flow, and the conversion names any parameter no variable fills."""
-
-    pairs = (CUSTOM_PAIR,)
-    example: dict[str, Any] = {"config": {}, "shapes": {"gain": (4,), "shift": (4,)}}
-    BARE = re.compile(r"^[A-Za-z0-9_-]+$")  # a TOML bare key: what the drafted args can name
-
-    def draft_args(self, target_attrs: dict[str, Any]) -> dict[str, Any] | None:
-        tensors = target_attrs.get("tensors") or {}
-        if not tensors or not all(self.BARE.match(p) for p in tensors):
-            return None
-        return {p: [int(d) for d in s] for p, s in tensors.items()}
-
-    def tensor_params(
-        self, config: dict[str, Any], shapes: dict[str, tuple], args: dict[str, Any] | None = None
-    ) -> dict[str, tuple[str, TensorTransform]]:
-        args = args or {}
-        return {
-            var: (var, ToShape(tuple(args[var]), shape) if var in args else IDENTITY)
-            for var, shape in shapes.items()
-        }
+# more layer kinds, registered on import (last: layer_kinds builds on everything above)
+from . import layer_kinds  # noqa: E402,F401

@@ -26,7 +26,8 @@ from functools import lru_cache
 from typing import Any
 
 from ..errors import AmbiguousMappingError, ConverterError, MappingError
-from ..transforms import CUSTOM_PAIR, TRANSFORMS, LayerTransform, TensorTransform
+from ..layer_kinds import CUSTOM_PAIR
+from ..transforms import TRANSFORMS, LayerTransform, TensorTransform
 from .graph import INPUT, SourceGraph, SourceNode
 from .target import MODEL_INPUT, TargetGraph, TargetNode
 

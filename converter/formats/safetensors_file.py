@@ -182,7 +182,8 @@ class SafetensorsStream:
     def __init__(self, path: Path, layout: Layout) -> None:
         self.path, self.layout = Path(path), layout
         self.base = 8 + layout.room
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        # no O_TRUNC (the temporary file is new): ext4 flushes a truncated file's data on close
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         self.writer = _BackgroundWriter(self.fd)
         self.written: set[str] = set()
 
