@@ -42,6 +42,8 @@ test-fast: $(STAMP) browser
 # benchmarks/results.json and the tables of docs/benchmarks.md. The peer path needs onnx2torch.
 bench: $(STAMP)
 	$(BIN)/pip install -q -c constraints.txt -e '.[bench]'
+	# byte-compile as an installed package is (PYTHONDONTWRITEBYTECODE would leave stale .pyc)
+	$(BIN)/python -m compileall -q converter
 	$(BIN)/python benchmarks/run.py --update-doc
 
 manifests: $(STAMP)
