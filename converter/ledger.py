@@ -36,8 +36,6 @@ class Sink(Protocol):
     """Where a streamed conversion puts large tensors as they are placed (a safetensors file being
     written: converter.formats.safetensors_file.SafetensorsStream)."""
 
-    def fits(self, key: str, array: np.ndarray) -> bool: ...
-
     def put(self, key: str, array: np.ndarray) -> None: ...
 
     def get(self, key: str) -> np.ndarray: ...
@@ -95,7 +93,7 @@ class TargetLedger:
 
     def _keep(self, key: str, array: np.ndarray) -> None:
         """Hold a placed tensor, or (streaming, large, checked now) hand it to the sink."""
-        if self.sink is None or array.nbytes < SPILL_BYTES or not self.sink.fits(key, array):
+        if self.sink is None or array.nbytes < SPILL_BYTES:
             self.tensors[key] = array
             return
         check_finite(array, f"target tensor {key!r} (from {self.filled_by.get(key)})")
@@ -124,10 +122,10 @@ class TargetLedger:
             self._keep(key, difference.astype(current.dtype))
 
     def place_fresh(self, tensors: dict[str, np.ndarray], filled_by: str) -> None:
-        """Put tensors made for the target itself (a fresh classifier head) as they are."""
+        """Put tensors made for the target itself (a fresh classifier head), checked and cast as
+        any other."""
         for key, array in tensors.items():
-            self.filled_by[key] = filled_by
-            self._keep(key, array)
+            self.place(key, array, filled_by, "the target's own initialisation")
 
     def finish(self, label: str, table_id: str) -> dict[str, np.ndarray | Spilled]:
         """The state dict in the target's key order (a ``Spilled`` where the tensor went to the

@@ -328,7 +328,7 @@ def convert_file(
 
         try:
             result = convert(src, to, format=format, sink=open_sink, **options)
-            _finish_stream(result, streams[-1], tmp)
+            _finish_stream(result, streams[-1])
         finally:
             for stream in streams:
                 stream.close()
@@ -337,20 +337,13 @@ def convert_file(
     return result, out
 
 
-def _finish_stream(result: ConversionResult, stream: Any, tmp: Path) -> None:
-    """Write the tensors still in memory and the header. Should a tensor not be what the target
-    manifest planned (its dtype), the whole state dict is written at once instead."""
-    held = {k: a for k, a in result.state_dict.items() if not isinstance(a, Spilled)}
-    if all(stream.fits(key, array) for key, array in held.items()):
-        for key, array in held.items():
+def _finish_stream(result: ConversionResult, stream: Any) -> None:
+    """Write the tensors still in memory (the small ones: every tensor went through the ledger,
+    at the target manifest's dtype and shape, so each has its planned place) and the header."""
+    for key, array in result.state_dict.items():
+        if not isinstance(array, Spilled):
             stream.put(key, array)
-        stream.finish(result.metadata)
-        return
-    whole = {
-        k: stream.get(k) if isinstance(a, Spilled) else a for k, a in result.state_dict.items()
-    }
-    stream.close()
-    formats.FORMATS.get("safetensors").write(tmp, whole, result.metadata)
+    stream.finish(result.metadata)
 
 
 def _write_drafted(result: ConversionResult, out: Path, force: bool) -> None:

@@ -40,10 +40,6 @@ def _open_h5(source: Any, label: Path | str):
         ) from exc
 
 
-def _dataset_tensor(key: str, ds: Any) -> RawTensor:
-    return RawTensor(key, tuple(ds.shape), str(ds.dtype), lambda ds=ds: ds[()])
-
-
 def _lowlevel_tensor(key: str, f: Any) -> RawTensor:
     """A dataset by its path, through h5py's low-level API (a tenth of the high-level cost for
     the hundreds of small datasets of a Keras file); read whole, into a fresh array."""
@@ -310,7 +306,7 @@ class LegacyH5(Format):
                         f"{path}: weight {lname}/{wname} is listed but missing (truncated file?)"
                     )
                 key = f"{root.name.strip('/')}/{lname}/{wname}".lstrip("/")
-                tensors[key] = _dataset_tensor(key, g[wname])
+                tensors[key] = _lowlevel_tensor(key, f)
         return RawCheckpoint(path, self.name, tensors, model_config=config, ignored=ignored)
 
 

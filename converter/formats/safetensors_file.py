@@ -187,11 +187,12 @@ class SafetensorsStream:
         self.writer = _BackgroundWriter(self.fd)
         self.written: set[str] = set()
 
-    def fits(self, key: str, array: np.ndarray) -> bool:
-        """Whether the layout planned ``array`` (its dtype and shape) at ``key``."""
-        return self.layout.entries.get(key) == (str(array.dtype), tuple(array.shape))
-
     def put(self, key: str, array: np.ndarray) -> None:
+        if self.layout.entries.get(key) != (str(array.dtype), tuple(array.shape)):
+            raise SourceFormatError(
+                f"{self.path}: tensor {key!r} is {array.dtype}{tuple(array.shape)}, the layout"
+                f" planned {self.layout.entries.get(key)}"
+            )
         self.writer.write(_raw_bytes(array), self.base + self.layout.offsets[key][0])
         self.written.add(key)
 
