@@ -93,6 +93,22 @@ def test_tensor_transform_semantics():
         np.testing.assert_array_equal(out[:, cc * h * w + hh * w + ww], kern[(hh * w + ww) * c + cc])
 
 
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 1, 1, 1), (3, 3, 3, 64), (1, 1, 200, 300), (3, 3, 33, 129), (5, 2, 257, 31), (7, 7, 3, 65)],
+)
+def test_tiled_transposes_equal_numpy(shape):
+    """The tiled HWIO -> OIHW and (in, out) -> (out, in) copies equal numpy's transpose, kernel
+    sizes that are no multiple of the tile included, and are contiguous."""
+    x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+    got = CONV_HWIO_TO_OIHW(x)
+    np.testing.assert_array_equal(got, np.transpose(x, (3, 2, 0, 1)))
+    assert got.flags.c_contiguous
+    m = x.reshape(-1, shape[-1])
+    np.testing.assert_array_equal(DENSE_IN_OUT_TO_OUT_IN(m), m.T)
+    assert DENSE_IN_OUT_TO_OUT_IN(m).flags.c_contiguous
+
+
 def test_registry_duplicate_and_miss_list_valid_names():
     reg: Registry[int] = Registry("thing")
     reg.add("a", 1)
