@@ -22,8 +22,12 @@ def torch_side_hazard() -> bool:
     return sys.modules.get("tensorflow") is not None and sys.modules.get("torchvision") is None
 
 
-def import_torch_side() -> None:
-    """Import torchvision before anything imports Keras: the other order segfaults."""
+def import_torch_side(torchvision: bool = True) -> None:
+    """Import the PyTorch side before anything imports Keras: torchvision after TensorFlow
+    segfaults. ``torchvision=False`` (a user's own module) imports torch alone: torchvision costs
+    ~300 MiB of peak RSS and ~1.5 s that such a conversion does not use, and torch alone before
+    Keras is safe (tests/test_import_order.py); ``prefer_torch_first`` still imports torchvision
+    before code that may import TensorFlow."""
     if torch_side_hazard():
         raise ConverterError(
             "tensorflow was imported before torchvision in this process, and importing torchvision"
@@ -32,7 +36,10 @@ def import_torch_side() -> None:
             " itself)"
         )
     try:
-        import torchvision  # noqa: F401  (imported for its import order, see torch_side_hazard)
+        if torchvision:
+            import torchvision  # noqa: F401  (imported for its import order, see torch_side_hazard)
+        else:
+            import torch  # noqa: F401
     except ImportError as exc:
         raise FrameworkMissingError(
             f"PyTorch/torchvision is needed here: {exc}; pip install 'ckptport[torch]'"
@@ -148,7 +155,7 @@ def build_target(spec: str | Spec, **kwargs: Any) -> Any:
     ``file.py:factory`` / ``package.module:factory`` (no pretrained weights are ever downloaded:
     torchvision detection builders get ``weights_backbone=None`` too)."""
     parsed = spec if isinstance(spec, Spec) else parse_spec(spec)
-    import_torch_side()
+    import_torch_side(torchvision=parsed.is_library)
     if not parsed.is_library:
         return _build_user_model(parsed, kwargs)
     builder, args = _library_builder(parsed)
@@ -238,13 +245,14 @@ def apply_bn_config(model: Any, bn_config: dict[str, dict[str, Any]]) -> None:
 def load_model(path: str | os.PathLike, device: str = "cpu") -> Any:
     """Build the recorded target, apply the recorded surgeries and per-module BN momentum/eps, load
     the state dict strictly (every key, every shape) and return the model in eval mode."""
-    import_torch_side()
     import numpy as np
-    import torch
 
     from .surgeries import apply_surgeries
 
     tensors, meta = read_converted(path)
+    import_torch_side(torchvision=parse_spec(meta["target"]).is_library)
+    import torch
+
     kwargs = json.loads(meta.get("target.kwargs", "{}"))
     surgeries = json.loads(meta.get("surgeries", "[]"))
     model = _built_empty(meta["target"], kwargs, surgeries, set(tensors))

@@ -7,7 +7,7 @@ import importlib
 
 import click
 
-from .common import run_main
+from .common import run_main, skip_native_teardown
 
 # name -> (module, one-line help). Help text is here so `--help` needs no subcommand import.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -73,3 +73,10 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Console entry point."""
     return run_main(cli, argv)
+
+
+def entry() -> None:
+    """The console script (and ``python -m converter``): main(), then exit without libtorch's
+    exit-time destructors (see skip_native_teardown)."""
+    leave = skip_native_teardown()
+    leave(main())
