@@ -520,13 +520,14 @@ def build_reading_values():
     "factory, seen",
     [
         ("build", ["meta"]),
-        ("build_reading_values", ["meta", "cpu", "value 0.0"]),  # fell back to a real build
+        # traced on storage that reads as zeros, not built again for real
+        ("build_reading_values", ["meta", "value 0.0"]),
     ],
 )
-def test_draft_builds_and_traces_the_target_on_meta(fx, factory, seen, tmp_path, monkeypatch):
-    """Drafting needs the target's structure only: the module is built and run on the meta
-    device (a 2 GiB module allocates nothing); one whose forward reads tensor values is built
-    for real instead, with the same draft."""
+def test_draft_builds_the_target_on_meta(fx, factory, seen, tmp_path, monkeypatch):
+    """Drafting needs the target's structure only: the module is built on the meta device (a
+    2 GiB module allocates nothing) and traced on CPU storage that reads as zeros, so a forward
+    that reads tensor values runs too, with the same draft."""
     from converter.drafting import draft
 
     probe = tmp_path / "probe.py"
@@ -573,3 +574,111 @@ def test_a_drafted_table_converts_without_pytorch_while_the_module_is_unchanged(
     assert recorded_target_manifest(loaded, loaded.variants[0]) is None
     built = convert(src, to, mapping=table).save(tmp_path / "built.safetensors")
     assert built.read_bytes() == out.read_bytes()  # the record is what the module builds
+
+
+def test_a_drafting_conversion_loads_no_pytorch_the_child_traces(fx, tmp_path):
+    """In a process without PyTorch, drafting traces the module in a child process: the
+    converting process streams the source with torch never imported, and writes the table and
+    bytes drafting in this process (PyTorch loaded) writes."""
+    from converter import convert_file
+
+    src = fx["files"]["resblock"]["keras"]
+    to = target("resblock")
+    script = (
+        "import sys, converter\n"
+        "converter.convert_file(sys.argv[1], sys.argv[2], sys.argv[3])\n"
+        "print(sorted(m for m in ('torch', 'tensorflow', 'keras') if m in sys.modules))\n"
+    )
+    out = tmp_path / "child" / "m.safetensors"
+    out.parent.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(src), str(out), to],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr[-2000:]
+    here = convert_file(src, tmp_path / "here.safetensors", to)[1]
+    assert out.read_bytes() == here.read_bytes()
+    child_table = (tmp_path / "child" / "m.mapping.toml").read_text()
+    assert child_table == (tmp_path / "here.mapping.toml").read_text()
+
+
+CHILD_FAILURES = """
+import torch
+from torch import nn
+
+
+def raises():
+    raise ValueError("factory says no")
+
+
+def wrong_input():
+    return nn.Sequential(nn.Linear(7, 3))
+"""
+
+
+@pytest.mark.parametrize(
+    "factory, needles",
+    [
+        ("raises", ["ConverterError", "ValueError: factory says no"]),
+        ("wrong_input", ["MappingError", "running the target on a dummy input failed"]),
+    ],
+)
+def test_the_child_s_failure_is_the_same_one_line_error(fx, tmp_path, factory, needles):
+    """What the trace raises in the child is raised again here as the same class and message."""
+    module = tmp_path / "failing.py"
+    module.write_text(CHILD_FAILURES)
+    script = (
+        "import sys\n"
+        "from converter import draft\n"
+        "try:\n"
+        "    draft(sys.argv[1], sys.argv[2])\n"
+        "except Exception as exc:\n"
+        "    print(type(exc).__name__, exc)\n"
+        "print('torch' in sys.modules)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(fx["files"]["resblock"]["keras"]), f"{module}:{factory}"],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    lines = proc.stdout.strip().splitlines()
+    assert proc.returncode == 0 and len(lines) == 2, proc.stderr[-2000:]
+    assert all(n in lines[0] for n in needles), lines[0]
+    assert lines[1] == "False" and "Traceback" not in proc.stderr
+
+
+def test_tracing_a_meta_built_module_imports_no_dynamo(tmp_path):
+    """The meta-built module is traced on zero-reading CPU storage: PyTorch's Python meta kernels
+    (which import torch._dynamo, +165 MiB resident) never run; large tensors stay fresh
+    mappings (zeros), small ones are zeroed."""
+    script = (
+        "import sys, torch\n"
+        "from converter.drafting.target import on_empty_cpu, trace_target, FRESH_MAPPING_BYTES\n"
+        "with torch.device('meta'):\n"
+        "    m = torch.nn.Sequential(torch.nn.Linear(4096, 2200), torch.nn.BatchNorm1d(2200))\n"
+        "assert m[0].weight.nelement() * 4 > FRESH_MAPPING_BYTES\n"
+        "g = trace_target(on_empty_cpu(m), [(1, 4096)])\n"
+        "print([n.name for n in g.nodes], 'torch._dynamo' in sys.modules,\n"
+        "      float(m[1].running_var.abs().sum()), float(m[0].weight.abs().sum()))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["['0',", "'1']", "False", "0.0", "0.0"]
+
+
+def test_tensor_records_ignore_a_dead_tensor_s_reused_id():
+    """The trace keeps no activation alive; a record of a tensor that died must not pass to a new
+    tensor that got its id (CPython reuses a freed object's memory at once)."""
+    import torch
+
+    from converter.drafting.target import TensorRecords
+
+    records = TensorRecords()
+    a = torch.zeros(3)
+    records[a] = "a"
+    assert records.get(a) == "a"
+    key = id(a)
+    del a
+    b = torch.zeros(3)
+    if id(b) != key:
+        pytest.skip("this interpreter did not reuse the id: nothing to check")
+    assert records.get(b) is None

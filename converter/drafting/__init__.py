@@ -90,32 +90,31 @@ def draft(
 
 def draft_for_source(source: SourceModel, to: str) -> Draft:
     """Draft the table for an already resolved source (what ``convert`` does when no table fits)."""
-    from .target import build_and_trace, dummy_inputs
+    from .target import dummy_inputs, trace_target_side
 
     graph, moved = without_preprocessing(source_graph(source))
-    model, traced = build_and_trace(to, dummy_inputs(graph.input_shape()), graph.input_dtype())
+    side = trace_target_side(to, dummy_inputs(graph.input_shape()), graph.input_dtype())
     try:
-        matches = align(graph, traced)
+        matches = align(graph, side.graph)
     except MappingError as exc:
         if not chained(source_config(source)):
             raise
         raise type(exc)(f"{exc} ({CHAINED})") from exc
-    text = render_table(matches, to, source, graph, moved) + target_record(to, model)
-    return Draft(text, matches, to, source.raw.path, _eps_notes(matches, model))
+    text = render_table(matches, to, source, graph, moved) + target_record(to, side.manifest)
+    return Draft(text, matches, to, source.raw.path, _eps_notes(matches, side.manifest))
 
 
-def target_record(to: str, model: Any) -> str:
+def target_record(to: str, manifest: dict[str, Any]) -> str:
     """The ``[target_manifest]`` section of a drafted table (see tables._target_record): for a
     module file, what converting with the table needs of the module, so that it imports no
     PyTorch while the file is unchanged; nothing for an importable module."""
     from ..formats import sha256_path
-    from ..manifest import target_manifest_from_model
     from ..specs import parse_spec
 
     spec = parse_spec(to)
     if spec.kind != "file":
         return ""
-    manifest = json.dumps(target_manifest_from_model(model, to, "user", to, {}), sort_keys=True)
+    recorded = json.dumps(manifest, sort_keys=True)
     return "\n".join(
         [
             "",
@@ -125,20 +124,23 @@ def target_record(to: str, model: Any) -> str:
             "[target_manifest]",
             f"target = {_q(to)}",
             f'sha256 = "{sha256_path(spec.path)}"',
-            f"json = '''{manifest}'''",
+            f"json = '''{recorded}'''",
             "",
         ]
     )
 
 
-def _eps_notes(matches: list[Match], model: Any) -> list[str]:
+def _eps_notes(matches: list[Match], manifest: dict[str, Any]) -> list[str]:
     """The target's BatchNorm modules constructed with another eps than their source layer's."""
     from ..pipeline import eps_mismatch_notes
 
+    bn = manifest["bn_modules"]
     pairs = {
-        m.target.name: (model.get_submodule(m.target.name).eps, m.source.config["epsilon"])
+        m.target.name: (bn[m.target.name]["eps"], m.source.config["epsilon"])
         for m in matches
-        if m.source.kind == "BatchNormalization" and "epsilon" in m.source.config
+        if m.source.kind == "BatchNormalization"
+        and "epsilon" in m.source.config
+        and m.target.name in bn
     }
     return eps_mismatch_notes(pairs)
 

@@ -53,15 +53,109 @@ def dummy_inputs(shape: tuple[int | None, ...] | None, default: int = 32) -> lis
     return [first] if first == (1, *dims) else [first, (1, *dims)]
 
 
-def build_and_trace(
-    to: str, shapes: list[tuple[int, ...]], dtype: str = "float32"
-) -> tuple[Any, TargetGraph]:
-    """The target ``to`` built and traced on the meta device (shapes only: a 2 GiB module
-    allocates nothing), or built and traced for real where its code cannot run there
-    (:func:`converter.model.build_on_meta`)."""
-    from ..model import build_on_meta
+@dataclass
+class TargetSide:
+    """What drafting needs of the user's module: its traced graph and its manifest (keys, shapes,
+    dtypes, BatchNorm settings: converter.manifest.target_manifest_from_model)."""
 
-    return build_on_meta(to, lambda model: trace_target(model, shapes, dtype))
+    graph: TargetGraph
+    manifest: dict[str, Any]
+
+
+def trace_target_side(to: str, shapes: list[tuple[int, ...]], dtype: str = "float32") -> TargetSide:
+    """The module ``to`` built and traced (:func:`traced_here`): in this process when PyTorch is
+    loaded here already, otherwise in a child process (converter.drafting.trace_child), so that a
+    conversion that drafts never loads PyTorch (~520 MiB resident) into the process that then
+    streams the source: a multi-GB checkpoint converts in the memory of its largest layer."""
+    import sys
+
+    if "torch" in sys.modules:
+        return traced_here(to, shapes, dtype)
+    from .trace_child import traced_in_child
+
+    return traced_in_child(to, shapes, dtype)
+
+
+def traced_here(to: str, shapes: list[tuple[int, ...]], dtype: str = "float32") -> TargetSide:
+    """The module built on the meta device (a 2 GiB module allocates nothing and initialises
+    nothing) and traced on CPU storage that reads as zeros (:func:`on_empty_cpu`); built and traced
+    the ordinary way where its code cannot run so (:func:`converter.model.build_on_meta`)."""
+    from ..manifest import target_manifest_from_model
+    from ..model import build_on_meta, build_target
+
+    model = build_on_meta(to)[0]
+    try:
+        graph = trace_target(on_empty_cpu(model), shapes, dtype)
+    except MappingError:
+        if not _built_on_meta(model):
+            raise
+        model = build_target(to)  # the real error, if there is one
+        graph = trace_target(model, shapes, dtype)
+    return TargetSide(graph, target_manifest_from_model(model, to, "user", to, {}))
+
+
+# glibc's largest mmap threshold on 64-bit (and so torch's CPU allocator's): larger allocations
+# are fresh anonymous mappings, which read as zeros from the kernel's zero page and take no
+# memory until written.
+FRESH_MAPPING_BYTES = 32 * 2**20
+
+
+def on_empty_cpu(model: Any) -> Any:
+    """A meta-built ``model`` given CPU storage for a dummy forward pass, in place: tensors under
+    FRESH_MAPPING_BYTES zeroed, larger ones left as allocated (fresh mappings: zeros that are not
+    resident). Tracing on the meta device instead runs PyTorch's Python meta kernels, which import
+    torch._dynamo (+165 MiB resident); a forward pass on this storage reads a 2 GiB module without
+    making it resident. A model with real storage is returned as it is."""
+    import itertools
+
+    import torch
+
+    if not _built_on_meta(model):
+        return model
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for t in itertools.chain(model.parameters(), model.buffers()):
+            if t.nelement() * t.element_size() < FRESH_MAPPING_BYTES:
+                t.zero_()
+    return model
+
+
+def _built_on_meta(model: Any) -> bool:
+    import itertools
+
+    return any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+def graph_to_json(graph: TargetGraph) -> dict[str, Any]:
+    """A TargetGraph as JSON types (tuples as lists, sets sorted), for the child process."""
+    nodes = [
+        {
+            "name": n.name,
+            "kind": n.kind,
+            "tensors": {k: list(v) for k, v in n.tensors.items()},
+            "attrs": {k: list(v) if isinstance(v, tuple) else v for k, v in n.attrs.items()},
+            "inputs": sorted(n.inputs),
+            "bases": list(n.bases),
+        }
+        for n in graph.nodes
+    ]
+    return {"nodes": nodes, "outputs": sorted(graph.outputs)}
+
+
+def graph_from_json(data: dict[str, Any]) -> TargetGraph:
+    """The inverse of :func:`graph_to_json`."""
+    nodes = [
+        TargetNode(
+            n["name"],
+            n["kind"],
+            {k: tuple(v) for k, v in n["tensors"].items()},
+            {k: tuple(v) if isinstance(v, list) else v for k, v in n["attrs"].items()},
+            frozenset(n["inputs"]),
+            tuple(n["bases"]),
+        )
+        for n in data["nodes"]
+    ]
+    return TargetGraph(nodes, frozenset(data["outputs"]))
 
 
 def trace_target(model: Any, shapes: list[tuple[int, ...]], dtype: str = "float32") -> TargetGraph:
@@ -106,8 +200,7 @@ def trace_once(model: Any, input_shape: tuple[int, ...], dtype: str = "float32")
         dtype=torch.long if dtype.startswith(("int", "uint")) else None,
         device=_device(model),
     )
-    tracker.sources[id(x)] = frozenset({MODEL_INPUT})
-    tracker.keep.append(x)
+    tracker.sources[x] = frozenset({MODEL_INPUT})
     try:
         with torch.no_grad(), _flow_mode(tracker):
             y = model(x)
@@ -120,19 +213,36 @@ def trace_once(model: Any, input_shape: tuple[int, ...], dtype: str = "float32")
     return TargetGraph(list(tracker.nodes.values()), tracker.origin(_tensors(y)))
 
 
-class _Tracker:
-    """Tensor id -> the parameterised modules (or the input) it was computed from."""
+class TensorRecords:
+    """Tensor -> value by identity, keeping no tensor alive (a real forward pass frees each
+    activation once used): the entry of a tensor that died, whose id a new tensor may reuse, is
+    ignored."""
 
     def __init__(self) -> None:
-        self.sources: dict[int, frozenset[str]] = {}
-        self.flat: dict[int, tuple[int, int, int]] = {}
-        self.keep: list[Any] = []  # tensors stay alive so their ids are not reused
+        self._entries: dict[int, tuple[Any, Any]] = {}
+
+    def get(self, t: Any, default: Any = None) -> Any:
+        entry = self._entries.get(id(t))
+        return entry[1] if entry is not None and entry[0]() is t else default
+
+    def __setitem__(self, t: Any, value: Any) -> None:
+        import weakref
+
+        self._entries[id(t)] = (weakref.ref(t), value)
+
+
+class _Tracker:
+    """Tensor -> the parameterised modules (or the input) it was computed from."""
+
+    def __init__(self) -> None:
+        self.sources = TensorRecords()  # frozenset of module names
+        self.flat = TensorRecords()  # (H, W, C) of the 4-d map a 2-d tensor was flattened from
         self.nodes: dict[str, TargetNode] = {}
 
     def origin(self, tensors: list[Any]) -> frozenset[str]:
         out: set[str] = set()
         for t in tensors:
-            out |= self.sources.get(id(t), frozenset())
+            out |= self.sources.get(t, frozenset())
         return frozenset(out)
 
     def pre(self, name: str, module: Any, tensors: dict[str, tuple[int, ...]]):
@@ -141,7 +251,7 @@ class _Tracker:
             node = self.nodes.get(name)
             if node is None:
                 attrs = module_attrs(module)
-                hwc = next((self.flat[id(t)] for t in flat if id(t) in self.flat), None)
+                hwc = next((self.flat.get(t) for t in flat if self.flat.get(t)), None)
                 if hwc:
                     attrs["flattened_from"] = hwc
                 bases = tuple(c.__name__ for c in type(module).__mro__[1:])
@@ -154,8 +264,7 @@ class _Tracker:
     def post(self, name: str):
         def hook(mod, args, output):
             for t in _tensors(output):
-                self.sources[id(t)] = frozenset({name})
-                self.keep.append(t)
+                self.sources[t] = frozenset({name})
 
         return hook
 
@@ -166,23 +275,21 @@ class _Tracker:
         outs = _tensors(result)
         for t in outs:
             if origin:
-                self.sources[id(t)] = origin | self.sources.get(id(t), frozenset())
-                self.keep.append(t)
+                self.sources[t] = origin | self.sources.get(t, frozenset())
             self._flattened(ins, t)
 
     def _flattened(self, ins: list[Any], out: Any) -> None:
         """Record (H, W, C) on a 2-d tensor made from a 4-d one (flatten/view/reshape), and keep
         it through shape-preserving operations (dropout, activations)."""
         for t in ins:
-            if id(t) in self.flat and tuple(t.shape) == tuple(out.shape):
-                hwc = self.flat[id(t)]
+            if self.flat.get(t) and tuple(t.shape) == tuple(out.shape):
+                hwc = self.flat.get(t)
             elif t.dim() == 4 and out.dim() == 2 and out.shape[1] == t[0].numel():
                 _, c, h, w = t.shape
                 hwc = (int(h), int(w), int(c))
             else:
                 continue
-            self.flat[id(out)] = hwc
-            self.keep.append(out)  # its id must not be reused while recorded
+            self.flat[out] = hwc
             return
 
 
