@@ -328,6 +328,7 @@ def _in_workers(pairs, todo, outcomes, options, jobs: int, on_done, summarize) -
     stops them too, a write in progress removing its temporary file."""
     import multiprocessing
 
+    others = set(multiprocessing.active_children())  # the caller's, left alone on interrupt
     pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
     try:
         futures = {pool.submit(convert_one, *pairs[n], options, summarize): n for n in todo}
@@ -339,7 +340,7 @@ def _in_workers(pairs, todo, outcomes, options, jobs: int, on_done, summarize) -
                 outcomes[n] = _outcome_of(future, pairs[n][0])
                 on_done(outcomes[n])
     except BaseException:  # Ctrl-C, SIGTERM: the workers stop too (a write removes its temp file)
-        for process in list((getattr(pool, "_processes", None) or {}).values()):
+        for process in set(multiprocessing.active_children()) - others:  # the pool's workers
             process.terminate()
         raise
     finally:

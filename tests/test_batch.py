@@ -185,3 +185,57 @@ def test_a_directory_lists_its_sources_sorted_one_per_checkpoint(tmp_path):
         "m.safetensors",
         "x.safetensors",
     ]
+
+
+def _children(pid: int) -> set[int]:
+    """The live processes whose parent is ``pid`` (Linux /proc)."""
+    out = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.add(int(stat.parent.name))
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_sigterm_stops_the_workers_and_leaves_only_whole_outputs(mnv3, tmp_path):
+    """SIGTERM while --jobs 2 workers convert: exit 143, the workers are gone, and every file in
+    the output directory is a whole output (no temporary file left)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from converter import formats
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for n in range(16):
+        shutil.copy(mnv3["files"]["weights.h5"], run / f"epoch_{n:02d}.weights.h5")
+    out = tmp_path / "out"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "converter", "convert", str(run), "-o", str(out), "--jobs", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    workers: set[int] = set()
+    while time.monotonic() < deadline and len(workers) < 2 and proc.poll() is None:
+        workers = {p for p in _children(proc.pid) if b"multiprocessing" in
+                   Path(f"/proc/{p}/cmdline").read_bytes()}  # fmt: skip
+        time.sleep(0.05)
+    assert len(workers) == 2, "the workers did not start"
+    time.sleep(1.0)  # inside the conversions (each worker imports, then converts)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    time.sleep(0.5)
+    alive = [p for p in workers if Path(f"/proc/{p}").exists() and
+             Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]  # fmt: skip
+    assert not alive, f"workers still running: {alive}"
+    left = sorted(p.name for p in out.iterdir())
+    assert all(name.endswith(".safetensors") for name in left), left
+    for name in left:
+        assert formats.read(out / name).tensors  # whole files only
