@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -327,9 +326,13 @@ def _in_workers(pairs, todo, outcomes, options, jobs: int, on_done, summarize) -
     state inherited from this one: no framework imported here reaches them); Ctrl-C or SIGTERM
     stops them too, a write in progress removing its temporary file."""
     import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     others = set(multiprocessing.active_children())  # the caller's, left alone on interrupt
-    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+    from .allocator import reuse_freed_buffers
+
+    context = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=reuse_freed_buffers)
     try:
         futures = {pool.submit(convert_one, *pairs[n], options, summarize): n for n in todo}
         pending = set(futures)

@@ -214,8 +214,8 @@ def test_sigterm_stops_the_workers_and_leaves_only_whole_outputs(mnv3, tmp_path)
 
     run = tmp_path / "run"
     run.mkdir()
-    for n in range(16):
-        shutil.copy(mnv3["files"]["weights.h5"], run / f"epoch_{n:02d}.weights.h5")
+    for n in range(300):  # hard links: seconds of work for two workers, no disk
+        os.link(mnv3["files"]["weights.h5"], run / f"epoch_{n:03d}.weights.h5")
     out = tmp_path / "out"
     out.mkdir()
     cmd = [sys.executable, "-m", "converter", "convert", str(run), "-o", str(out), "--jobs", "2"]
@@ -223,11 +223,12 @@ def test_sigterm_stops_the_workers_and_leaves_only_whole_outputs(mnv3, tmp_path)
     deadline = time.monotonic() + 120
     workers: set[int] = set()
     while time.monotonic() < deadline and len(workers) < 2 and proc.poll() is None:
-        workers = {p for p in _children(proc.pid) if b"multiprocessing" in
-                   Path(f"/proc/{p}/cmdline").read_bytes()}  # fmt: skip
+        workers = {p for p in _children(proc.pid) if b"spawn_main" in
+                   Path(f"/proc/{p}/cmdline").read_bytes()}  # fmt: skip (not the resource tracker)
         time.sleep(0.05)
     assert len(workers) == 2, "the workers did not start"
     time.sleep(1.0)  # inside the conversions (each worker imports, then converts)
+    assert proc.poll() is None, "the batch ended before the signal: give it more files"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]

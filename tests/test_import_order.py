@@ -92,3 +92,17 @@ def test_console_script_output_and_exit_code(tiny):
     again = subprocess.run([*cmd, *args, "-o", str(out), "--no-verify"], capture_output=True,
                            text=True, env=ENV)
     assert again.returncode == 2 and "--force" in again.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_the_convert_process_keeps_freed_buffers_for_reuse():
+    """glibc accepts both settings (a rejected value, e.g. a threshold above its maximum, would
+    make mallopt return 0 and the conversion fault every layer's pages in again)."""
+    proc = python("""
+        import platform
+        from converter.allocator import reuse_freed_buffers
+        print(platform.libc_ver()[0], reuse_freed_buffers())
+        """)
+    assert proc.returncode == 0, proc.stderr
+    libc, applied = proc.stdout.split()
+    assert applied == ("True" if libc == "glibc" else "False")

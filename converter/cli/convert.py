@@ -138,7 +138,10 @@ def command(srcs, jobs, **params) -> int:
     DIR/*.index for each of its checkpoints): each is converted into the directory -o with the
     same options, detected once per structure, one line per file; exit 2 if any failed (the
     others are written). --verify, --inputs, --no-verify and drafting work on one source only."""
+    from ..allocator import reuse_freed_buffers
     from ..batch import list_sources
+
+    reuse_freed_buffers()  # this process streams tensors (see converter/allocator.py)
 
     sources, skipped = list_sources(list(srcs))
     if len(srcs) > 1 or sources != list(srcs):  # several sources: cli/convert_many.py
@@ -251,9 +254,11 @@ def _verify_written(src, written: Path, options: dict, inputs, info: dict):
 
 def _convert_with_progress(console, as_json: bool, src, to, out, force: bool, **kwargs):
     """Run the conversion under a progress bar (terminal only) and write the output."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
     from ..pipeline import convert_file
+
+    if as_json or not console.is_terminal:  # no bar to show: rich.progress is not imported
+        return convert_file(src, out, to, force=force, **kwargs)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     with Progress(
         TextColumn("converting"),
@@ -262,7 +267,6 @@ def _convert_with_progress(console, as_json: bool, src, to, out, force: bool, **
         TextColumn("{task.description}"),
         console=console,
         transient=True,
-        disable=as_json or not console.is_terminal,
     ) as bar:
         task = bar.add_task("", total=None)
 
