@@ -115,6 +115,7 @@ BIG_ROWS = {
     "tiny": "the same layout at width 64 (`big_dense.py:tiny`, a 0.1 MiB .keras)",
     "tiny --mapping": "width 64, again with its drafted table (`--mapping`)",
     "import torch": "`python -c 'import torch'` alone",
+    "import torch, os._exit": "`python -c 'import torch, os; os._exit(0)'`: no native teardown",
     "import torch, torchvision": "`python -c 'import torch, torchvision'` alone",
 }
 
@@ -126,7 +127,9 @@ def big_table(section: dict) -> list[str]:
         measured(section) + " `benchmarks/big_fixture.py` builds the `.keras` (34 Dense 4096x4096"
         " + ReLU, BatchNorm after every 4th; 2.13 GiB of float32); `ckptport convert big.keras --to"
         " benchmarks/big_dense.py:factory -o out.safetensors --no-verify`. Goal: peak RSS <"
-        " 600 MiB. The other rows: the part of the peak that does not grow with the checkpoint.",
+        " 600 MiB. Peak RSS is the largest of the process and its children (the drafting run"
+        " traces the module in a child process). The other rows: the part of the peak that does"
+        " not grow with the checkpoint.",
         "",
         "| command | source | wall | peak RSS | RSS goal | outcome |",
         "|---|---|---|---|---|---|",
