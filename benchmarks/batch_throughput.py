@@ -77,9 +77,13 @@ def _variants(sources: list[Path], out: Path, jobs: tuple[int, ...]) -> dict[str
 
 
 def _run_variant(commands: list[list[str]], out: Path) -> tuple[dict, dict[str, str]]:
-    """Time one variant into an empty ``out``; its timing and its outputs' digests."""
+    """Time one variant into an empty ``out``; its timing and its outputs' digests. The disk is
+    synced first: the sources were copied and the last variant's outputs deleted just before,
+    and their writeback (and the discards of the deleted blocks) would otherwise be charged to
+    this variant; a training run's checkpoints are on disk long before they are converted."""
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
+    os.sync()
     row = _timed(commands)
     digests = {p.name: _sha(p) for p in sorted(out.iterdir())}
     shutil.rmtree(out)
