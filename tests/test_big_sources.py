@@ -216,3 +216,24 @@ def test_tf1_dense_checkpoint_in_shards_drafts_onto_a_users_module(factory, tmp_
     model = converter.load_model(result.save(tmp_path / "out.safetensors"))
     assert model[2].momentum == pytest.approx(0.01) and model[2].eps == 1e-3
     np.testing.assert_array_equal(model[3].bias.detach().numpy(), arrays["layer_2/bias"])
+
+
+def test_early_writeback_never_fails_a_write(tmp_path):
+    """Starting writeback is advice: on a file, a pipe (the call fails there) or a closed
+    descriptor it raises nothing and changes no byte."""
+    import os
+
+    from converter.formats.writeback import start_writeback
+
+    path = tmp_path / "f.bin"
+    data = os.urandom(1 << 20)
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        start_writeback(fh.fileno(), 0, len(data))
+    read_end, write_end = os.pipe()
+    start_writeback(write_end, 0, 4096)
+    os.close(read_end)
+    os.close(write_end)
+    start_writeback(write_end, 0, 4096)  # closed: EBADF, ignored
+    assert path.read_bytes() == data

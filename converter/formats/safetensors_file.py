@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import SourceFormatError
 from . import Format, RawCheckpoint, RawTensor, register
+from .writeback import start_writeback
 
 _ST_DTYPES = {
     "float64": "F64",
@@ -243,7 +244,8 @@ class _BackgroundWriter:
     """Writes (bytes, offset) items with ``os.pwrite`` in a thread, so that converting the next
     layer overlaps writing this one (file writes release the GIL). At most ``IN_FLIGHT_BYTES`` wait
     (or one larger tensor), so memory stays bounded; a write error is raised in the caller at its
-    next ``write``/``drain``."""
+    next ``write``/``drain``. Each written range's writeback is started at once
+    (formats.writeback)."""
 
     IN_FLIGHT_BYTES = 32 << 20
 
@@ -292,6 +294,7 @@ class _BackgroundWriter:
                 view, done = memoryview(data).cast("B"), 0
                 while done < len(view):
                     done += os.pwrite(self.fd, view[done:], offset + done)
+                start_writeback(self.fd, offset, done)
             except OSError as exc:
                 with self.cond:
                     self.error = exc
