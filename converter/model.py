@@ -25,7 +25,7 @@ def torch_side_hazard() -> bool:
 def import_torch_side(torchvision: bool = True) -> None:
     """Import the PyTorch side before anything imports Keras: torchvision after TensorFlow
     segfaults. ``torchvision=False`` (a user's own module) imports torch alone: torchvision costs
-    ~300 MiB of peak RSS and ~1.5 s that such a conversion does not use, and torch alone before
+    ~170 MiB of peak RSS and ~1.5 s that such a conversion does not use, and torch alone before
     Keras is safe (tests/test_import_order.py); ``prefer_torch_first`` still imports torchvision
     before code that may import TensorFlow."""
     if torch_side_hazard():

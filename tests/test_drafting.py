@@ -648,7 +648,7 @@ def test_the_child_s_failure_is_the_same_one_line_error(fx, tmp_path, factory, n
 
 def test_tracing_a_meta_built_module_imports_no_dynamo(tmp_path):
     """The meta-built module is traced on zero-reading CPU storage: PyTorch's Python meta kernels
-    (which import torch._dynamo, +165 MiB resident) never run; large tensors stay fresh
+    (which import torch._dynamo, +160 MiB resident) never run; large tensors stay fresh
     mappings (zeros), small ones are zeroed."""
     script = (
         "import sys, torch\n"

@@ -1,5 +1,5 @@
 """The import-order rule in the CLI's processes: a conversion onto the user's own module imports
-torch alone (torchvision is ~300 MiB of peak RSS it does not use), which must leave Keras usable
+torch alone (torchvision is ~170 MiB of peak RSS it does not use), which must leave Keras usable
 afterwards; and the console script's exit without libtorch's native teardown keeps the exit code,
 every atexit handler and buffered output."""
 

@@ -89,8 +89,8 @@ def run_main(cli: click.Group, argv: list[str] | None) -> int:
 def skip_native_teardown() -> Callable[[int], None]:
     """For the console script: returns ``leave(code)``, which exits with ``code``. A process that
     loaded libtorch then ends once Python's own shutdown (threads joined, every atexit handler run)
-    is done, without the libraries' C++ static destructors: those fault in ~130 MiB of pages on the
-    way out (``python -c "import torch"`` peaks at 522 MiB before them, 651 MiB after), which
+    is done, without the libraries' C++ static destructors: those fault in ~125 MiB of pages on the
+    way out (``python -c "import torch"`` peaks at 510 MiB before them, 636 MiB after), which
     would set the peak RSS of a small conversion. Every output is closed by then; stdout and
     stderr are flushed here."""
     import atexit

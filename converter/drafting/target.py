@@ -65,7 +65,7 @@ class TargetSide:
 def trace_target_side(to: str, shapes: list[tuple[int, ...]], dtype: str = "float32") -> TargetSide:
     """The module ``to`` built and traced (:func:`traced_here`): in this process when PyTorch is
     loaded here already, otherwise in a child process (converter.drafting.trace_child), so that a
-    conversion that drafts never loads PyTorch (~520 MiB resident) into the process that then
+    conversion that drafts never loads PyTorch (~510 MiB resident) into the process that then
     streams the source: a multi-GB checkpoint converts in the memory of its largest layer."""
     import sys
 
@@ -104,7 +104,7 @@ def on_empty_cpu(model: Any) -> Any:
     """A meta-built ``model`` given CPU storage for a dummy forward pass, in place: tensors under
     FRESH_MAPPING_BYTES zeroed, larger ones left as allocated (fresh mappings: zeros that are not
     resident). Tracing on the meta device instead runs PyTorch's Python meta kernels, which import
-    torch._dynamo (+165 MiB resident); a forward pass on this storage reads a 2 GiB module without
+    torch._dynamo (+160 MiB resident); a forward pass on this storage reads a 2 GiB module without
     making it resident. A model with real storage is returned as it is."""
     import itertools
 

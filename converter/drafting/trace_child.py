@@ -63,7 +63,7 @@ def _error_class(name: str) -> type[ConverterError]:
 
 def main(argv: list[str]) -> None:
     """Trace, write the result, and leave without libtorch's exit-time destructors (they fault
-    in ~130 MiB; see converter.cli.common.skip_native_teardown)."""
+    in ~125 MiB; see converter.cli.common.skip_native_teardown)."""
     from .target import graph_to_json, traced_here
 
     request = json.loads(Path(argv[0]).read_text())
