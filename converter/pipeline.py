@@ -15,7 +15,7 @@ import numpy as np
 from . import __version__, formats
 from .formats import RawCheckpoint, RawTensor, check_output
 from .errors import InvalidTensorError, MappingError, UnknownArchitectureError
-from .ledger import Sink, Spilled, TargetLedger, check_finite, listing
+from .ledger import SPILL_BYTES, Sink, Spilled, TargetLedger, check_finite, listing
 from .manifest import load_manifest, manifest_path, target_manifest_from_model
 from .refusals import refusal_for
 from .preprocessing import preprocessing_spec
@@ -288,12 +288,12 @@ def convert(
     source = _read_source(
         src, format, tables, source_model, use_ema, source_bn_momentum, structures
     )
-    pick = partial(_select_or_draft, tables, source, to, mapping)
-    table, variant, drafted = _once(structures, source, ("select", to), pick)
-    check_shadowed_rules(table, source)
-    result = _convert_selected(
-        source, table, variant, num_classes, pooling, progress, sink, structures
-    )
+    with source.raw.hashing_stopped_on_error():
+        pick = partial(_select_or_draft, tables, source, to, mapping)
+        table, variant, drafted = _once(structures, source, ("select", to), pick)
+        check_shadowed_rules(table, source)
+        selected = (source, table, variant, num_classes, pooling, progress, sink, structures)
+        result = _convert_selected(*selected)
     result.drafted = drafted
     return result
 
@@ -363,7 +363,8 @@ def _convert_onnx(src, to, mapping, num_classes, accept_folded_bn, progress, sin
     options = dict(mapping=mapping, num_classes=num_classes, accept_folded_bn=accept_folded_bn)
     raw = formats.read(src, "onnx")
     raw.start_hashing()
-    return convert_onnx(raw, to, progress=progress, sink=sink, **options)
+    with raw.hashing_stopped_on_error():
+        return convert_onnx(raw, to, progress=progress, sink=sink, **options)
 
 
 def _convert_selected(
@@ -417,6 +418,12 @@ def _read_source(
     ``structures``: resolved once per structure, see converter.batch)."""
     raw = formats.read(src, format)
     raw.start_hashing()
+    with raw.hashing_stopped_on_error():
+        return _resolved_source(raw, tables, source_model, use_ema, source_bn_momentum, structures)
+
+
+def _resolved_source(raw, tables, source_model, use_ema, source_bn_momentum, structures):
+    """``_read_source``'s steps after the read (the hash running beside them)."""
     if use_ema:
         from .formats.tf1 import use_shadows
 
@@ -540,7 +547,7 @@ class _TableWalk:
         where = f"table {self.table.id} rule {rule!r} on layer {layer.name!r}"
         module = render(rule.target, match, self.variant, where)
         fold = render(rule.fold_bias, match, self.variant, where) if rule.fold_bias else None
-        _check_layer_tensors(layer)
+        _check_layer_tensors(layer, streaming=self.ledger.sink is not None)
         emitted = rule.transform.apply(
             LayerContext(layer, module, self.ledger.shapes, rule.args, fold)
         )
@@ -653,10 +660,16 @@ def apply_table(
     return _apply(source, table, variant, target_manifest, kwargs, None, progress, sink)
 
 
-def _check_layer_tensors(layer: SourceLayer) -> None:
-    """Refuse NaN/inf in any variable and a negative BN moving variance."""
+def _check_layer_tensors(layer: SourceLayer, streaming: bool = False) -> None:
+    """Refuse NaN/inf in any variable and a negative BN moving variance. ``streaming``: a
+    variable of SPILL_BYTES or more is left to the check of what it becomes on its way to the
+    sink (every placed tensor is checked, naming it and this layer): one pass over the large
+    tensors instead of two."""
     for var in layer.weights:
-        check_finite(layer.load(var), f"tensor {layer.keys[var]!r} (layer {layer.name}/{var})")
+        array = layer.load(var)
+        if streaming and array.nbytes >= SPILL_BYTES:
+            continue
+        check_finite(array, f"tensor {layer.keys[var]!r} (layer {layer.name}/{var})")
     if layer.class_name == "BatchNormalization" and "moving_variance" in layer.weights:
         variance = layer.load("moving_variance")
         if (variance < 0).any():

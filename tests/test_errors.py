@@ -147,6 +147,27 @@ def test_bad_bn_stats(value, needle, r50, tmp_path, capsys):
     assert sha(src) == before
 
 
+def test_nan_in_a_large_kernel_is_refused_naming_it(r50, tmp_path, capsys):
+    """A streamed conversion checks a large tensor once, on its way to the output: the error
+    still names the target tensor and the source layer, and no output is left."""
+    src = tmp_path / "model.h5"
+    shutil.copy(r50["files"]["h5"], src)
+    with h5py.File(src, "r+") as f:
+        ds = f["model_weights/conv5_block1_2_conv/conv5_block1_2_conv/kernel"]
+        arr = ds[()]
+        assert arr.nbytes >= (64 << 10)  # spilled to the output as it is converted
+        arr[1, 1, 7, 9] = np.inf
+        ds[...] = arr
+    out = tmp_path / "out.safetensors"
+    rc, _, err = run_cli(["convert", src, "-o", out], capsys)
+    assert_clean_error(rc, err, "conv5_block1_2_conv", "NaN/inf", "layer4.0.conv2.weight", out=out)
+    # the source's background hash stopped with the conversion: a daemon thread left running at
+    # exit could be frozen holding h5py's lock, which hung the interpreter's exit (seen here)
+    import threading
+
+    assert not [t for t in threading.enumerate() if t.name == "sha256"]
+
+
 def test_renorm_refused(r50, tmp_path, capsys):
     src = tmp_path / "model.h5"
     shutil.copy(r50["files"]["h5"], src)

@@ -67,19 +67,39 @@ class RawCheckpoint:
     fallback_config: dict[str, Any] | None = None
     _sha256: str | None = field(default=None, repr=False)
     _hashing: threading.Thread | None = field(default=None, repr=False)
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def start_hashing(self) -> None:
         """Hash the file(s) in a background thread while the conversion reads them (hashlib and
         file reads release the GIL): ``sha256`` then waits only for what is left."""
         if self._sha256 is None and self._hashing is None:
+            self._stop.clear()
             self._hashing = threading.Thread(target=self._hash, daemon=True, name="sha256")
             self._hashing.start()
 
     def _hash(self) -> None:
         try:
-            self._sha256 = sha256_path(self.path)
-        except OSError:
+            self._sha256 = sha256_path(self.path, self._stop)
+        except (OSError, HashStopped):
             pass  # ``sha256`` hashes again in the caller and raises there
+
+    def stop_hashing(self) -> None:
+        """Stop the background hash and wait for its thread: a conversion that failed needs no
+        digest, and no thread of its own may outlive it (a daemon thread still running at
+        interpreter exit can be frozen while it holds a lock, e.g. h5py's, that the exit needs)."""
+        if self._hashing is not None:
+            self._stop.set()
+            self._hashing.join()
+            self._hashing = None
+
+    @contextmanager
+    def hashing_stopped_on_error(self) -> Iterator[None]:
+        """Within the block, any exception (a refusal, Ctrl-C) stops the background hash first."""
+        try:
+            yield
+        except BaseException:
+            self.stop_hashing()
+            raise
 
     @property
     def sha256(self) -> str:
@@ -119,7 +139,13 @@ def register(cls: type[Format]) -> type[Format]:
     return cls
 
 
-def sha256_path(path: Path) -> str:
+class HashStopped(Exception):
+    """``sha256_path`` was asked to stop (RawCheckpoint.stop_hashing)."""
+
+
+def sha256_path(path: Path, stop: threading.Event | None = None) -> str:
+    """The sha256 of a file, of a TF checkpoint prefix's files, or of a directory's files with
+    their relative names; ``stop`` set: HashStopped at the next 1 MiB."""
     h = hashlib.sha256()
     p = Path(path)
     files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else _bundle_files(p)
@@ -128,6 +154,8 @@ def sha256_path(path: Path) -> str:
             h.update(str(f.relative_to(p)).encode())
         with open(f, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
+                if stop is not None and stop.is_set():
+                    raise HashStopped(str(path))
                 h.update(chunk)
     return h.hexdigest()
 
