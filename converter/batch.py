@@ -328,9 +328,9 @@ def _in_workers(pairs, todo, outcomes, options, jobs: int, on_done, summarize) -
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    others = set(multiprocessing.active_children())  # the caller's, left alone on interrupt
     from .allocator import reuse_freed_buffers
 
+    others = set(multiprocessing.active_children())  # the caller's, left alone on interrupt
     context = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=reuse_freed_buffers)
     try:
