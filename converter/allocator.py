@@ -19,11 +19,11 @@ def reuse_freed_buffers() -> bool:
     (docs/benchmarks.md). Returns whether it applied (glibc only)."""
     import ctypes
 
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc (macOS, musl without mallopt): nothing to tune
+    from .libc import function
+
+    mallopt = function("mallopt", ctypes.c_int, ctypes.c_int)
+    if mallopt is None:  # not glibc (macOS, musl): nothing to tune
         return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return bool(
         mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     )

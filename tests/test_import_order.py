@@ -53,16 +53,21 @@ def test_user_module_conversion_imports_torch_alone_and_keras_builds_after(tiny)
     assert "KERAS 128" in proc.stdout
 
 
-def test_library_target_still_imports_torchvision_first(tiny):
-    """A torchvision target keeps the old order: torchvision before anything else."""
-    proc = python("""
-        import sys
+def test_a_user_module_after_tensorflow_is_still_refused_cleanly():
+    """Importing torch alone for a user's module must not bypass the import-order guard: with
+    TensorFlow loaded first and torchvision not, building the module is refused in one line (as
+    before), not attempted."""
+    proc = python(f"""
+        import tensorflow
+        from converter.errors import ConverterError
         from converter.model import build_target
-        build_target("torchvision:resnet18", num_classes=3)
-        print("TORCHVISION", "torchvision" in sys.modules)
+        try:
+            build_target({TINY_TARGET!r})
+        except ConverterError as exc:
+            print("REFUSED", exc)
         """)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "TORCHVISION True" in proc.stdout
+    assert proc.stdout.startswith("REFUSED") and "before tensorflow" in proc.stdout, proc.stdout
 
 
 def test_exit_without_native_teardown_keeps_code_handlers_and_output():

@@ -17,13 +17,16 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import errors
 from ..errors import ConverterError
 
+if TYPE_CHECKING:
+    from .target import TargetSide
 
-def traced_in_child(to: str, shapes: list[tuple[int, ...]], dtype: str) -> Any:
+
+def traced_in_child(to: str, shapes: list[tuple[int, ...]], dtype: str) -> TargetSide:
     """:func:`converter.drafting.target.traced_here` run by a child process (this process's
     import path, so ``package.module:factory`` imports there as here). The child's stderr (the
     user's module may warn) is passed on; its failure is one line naming the target."""

@@ -12,27 +12,17 @@ from the writer thread, the same work overlaps the conversion.
 from __future__ import annotations
 
 import ctypes
-import functools
-from typing import Any
+
+from ..libc import function
 
 SYNC_FILE_RANGE_WRITE = 2
-
-
-@functools.cache
-def _sync_file_range() -> Any:
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):  # not Linux/glibc: nothing to start early
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
+_ARGS = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
 
 
 def start_writeback(fd: int, offset: int, length: int) -> None:
     """Ask the kernel to start writing ``[offset, offset + length)`` of ``fd`` to disk, without
     waiting for it. Where that is not possible (another OS, a file system that refuses), nothing
     happens: the data is written as it would have been, later."""
-    fn = _sync_file_range()
+    fn = function("sync_file_range", *_ARGS)
     if fn is not None:
         fn(fd, offset, length, SYNC_FILE_RANGE_WRITE)  # a failure changes no data: ignored
