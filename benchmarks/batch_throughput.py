@@ -65,10 +65,13 @@ def _variants(sources: list[Path], out: Path, jobs: tuple[int, ...]) -> dict[str
     from converter.batch import output_name
 
     ckptport = [PY, "-m", "converter", "convert"]
+    per_file = [[*ckptport, str(src), "-o", str(out / output_name(src))] for src in sources]
     variants = {
-        "one process per file": [
-            [*ckptport, str(src), "-o", str(out / output_name(src))] for src in sources
-        ]
+        "one process per file": per_file,
+        # what the batch's direct output I/O alone gives (a single file's auto is buffered)
+        "one process per file, --output-io direct": [
+            [*cmd, "--output-io", "direct"] for cmd in per_file
+        ],
     }
     for n in jobs:
         batch = [*ckptport, str(sources[0].parent), "-o", str(out), "--jobs", str(n)]
@@ -118,10 +121,25 @@ def bench_batch(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     result = _summary(source, n, rows, digests)
+    result["output_io"] = _output_io(source, n)
     load.append(os.getloadavg()[0])
     result["load_avg_1m"] = [round(x, 2) for x in load]  # before, after (other users of the CPUs)
     result["cpus"] = os.cpu_count()
     return result
+
+
+def _output_io(source: Path, n: int) -> dict:
+    """What ``--output-io auto`` chose for the batch and for one file (formats.direct_io)."""
+    from converter.formats import direct_io
+
+    size = source.stat().st_size
+    mode = {True: "direct", False: "buffered"}
+    return {
+        "batch": mode[direct_io.choose("auto", n * size)],
+        "single": mode[direct_io.choose("auto", size)],
+        "total_gib": n * size / 2**30,
+        "dirty_background_gib": direct_io.dirty_background_bytes() / 2**30,
+    }
 
 
 def _summary(source: Path, n: int, rows: dict, digests: dict) -> dict:

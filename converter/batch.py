@@ -11,6 +11,7 @@ the library stays silent (``on_done`` is called per file)."""
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import json
 import os
@@ -294,6 +295,7 @@ def convert_many(
     ``on_done`` is called as each finishes; returns the outcomes in the order of ``pairs``.
     ``summarize`` must be a module-level function (it is sent to the workers)."""
     on_done = on_done or (lambda outcome: None)
+    options = {**options, "output_io": output_io(options, [src for src, _ in pairs])}
     outcomes = [_refused_output(src, out, options) for src, out in pairs]
     for outcome in outcomes:
         if outcome is not None:
@@ -307,6 +309,27 @@ def convert_many(
     else:
         _in_workers(pairs, todo, outcomes, options, min(jobs, len(todo)), on_done, summarize)
     return [outcome for outcome in outcomes if outcome is not None]
+
+
+def output_io(options: dict[str, Any], sources: list[Path]) -> str:
+    """How the batch writes its outputs: the ``output_io`` option, ``auto`` decided once for
+    the whole batch on the sources' total size (formats.direct_io.choose: the outputs of a
+    training run's checkpoints are about as large as they are)."""
+    from .formats.direct_io import choose
+
+    mode = options.get("output_io", "auto")
+    if mode != "auto":
+        choose(mode, 0)  # a bad mode refused here, before any worker starts
+        return mode
+    return "direct" if choose(mode, sum(map(source_bytes, sources))) else "buffered"
+
+
+def source_bytes(src: Path) -> int:
+    """The size of a source: a file's, a directory's files', a TF checkpoint prefix's files'."""
+    if src.is_file():
+        return src.stat().st_size
+    files = src.rglob("*") if src.is_dir() else src.parent.glob(glob.escape(src.name) + ".*")
+    return sum(f.stat().st_size for f in files if f.is_file())
 
 
 def _refused_output(src: Path, out: Path, options: dict[str, Any]) -> FileOutcome | None:
@@ -328,11 +351,9 @@ def _in_workers(pairs, todo, outcomes, options, jobs: int, on_done, summarize) -
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    from .allocator import reuse_freed_buffers
-
     others = set(multiprocessing.active_children())  # the caller's, left alone on interrupt
     context = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=reuse_freed_buffers)
+    pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=start_worker)
     try:
         futures = {pool.submit(convert_one, *pairs[n], options, summarize): n for n in todo}
         pending = set(futures)
@@ -348,6 +369,20 @@ def _in_workers(pairs, todo, outcomes, options, jobs: int, on_done, summarize) -
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def start_worker() -> None:
+    """A worker process's set-up: glibc keeps freed tensor buffers (converter.allocator), the
+    conversion's modules are imported, and what they made is frozen out of the garbage
+    collector's full collections, which would otherwise walk every module object again each time
+    a conversion's allocations trigger one."""
+    import gc
+
+    from . import pipeline  # noqa: F401  (imported here, before the freeze)
+    from .allocator import reuse_freed_buffers
+
+    reuse_freed_buffers()
+    gc.freeze()
 
 
 def _outcome_of(future: Any, src: Path) -> FileOutcome:

@@ -305,6 +305,7 @@ def convert_file(
     *,
     force: bool = False,
     format: str | None = None,
+    output_io: str = "auto",
     **options: Any,
 ) -> tuple[ConversionResult, Path]:
     """Convert ``src`` and write the result to ``out``: what ``ckptport convert`` does for each
@@ -313,7 +314,9 @@ def convert_file(
     bytes are those ``convert(...).save(out)`` writes. ``options``: those of :func:`convert`.
     Returns the result (its ``state_dict`` reads the written file) and the path written; a
     drafted table is written beside the output first. Many files: pass the same
-    ``structures=StructureCache()`` to each (see :func:`convert`)."""
+    ``structures=StructureCache()`` to each (see :func:`convert`). ``output_io``: how a
+    safetensors output is written, ``direct`` (around the page cache), ``buffered`` or ``auto``
+    (formats.direct_io.choose)."""
     out = check_output(out, force, (src,))
     if formats.output_format_for(out, None) != "safetensors":
         result = convert(src, to, format=format, **options)
@@ -323,7 +326,7 @@ def convert_file(
         streams: list[Any] = []
 
         def open_sink(target_manifest: dict[str, Any]) -> Sink:
-            streams.append(formats.stream_writer(tmp, target_manifest))
+            streams.append(formats.stream_writer(tmp, target_manifest, output_io))
             return streams[-1]
 
         try:

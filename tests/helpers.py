@@ -146,15 +146,19 @@ def assert_clean_error(rc: int, err: str, *needles: str, out: Path | None = None
 
 
 def convert_streamed_and_held(src: Path, out_dir: Path, **options):
-    """Convert ``src`` both ways: streamed into a file (``convert_file``, the CLI's path) and held
-    in memory then saved (``convert(...).save``); the two files must be byte-identical. Returns
-    the in-memory result and the streamed file."""
+    """Convert ``src`` three ways: streamed into a file (``convert_file``, the CLI's path), with
+    buffered and with direct output I/O, and held in memory then saved (``convert(...).save``);
+    the three files must be byte-identical. Returns the in-memory result and the streamed
+    file."""
     import converter
 
     _, streamed = converter.convert_file(src, out_dir / "streamed.safetensors", **options)
+    direct = out_dir / "direct.safetensors"
+    converter.convert_file(src, direct, output_io="direct", **options)
     result = converter.convert(src, **options)
     held = result.save(out_dir / "held.safetensors")
     assert streamed.read_bytes() == held.read_bytes(), f"{src}: streamed output differs"
+    assert direct.read_bytes() == held.read_bytes(), f"{src}: direct output differs"
     return result, streamed
 
 

@@ -240,3 +240,49 @@ def test_sigterm_stops_the_workers_and_leaves_only_whole_outputs(mnv3, tmp_path)
     assert all(name.endswith(".safetensors") for name in left), left
     for name in left:
         assert formats.read(out / name).tensors  # whole files only
+
+
+def test_output_io_is_decided_once_on_all_the_sources(epochs, one_job, tmp_path, monkeypatch):
+    """--output-io auto: each file alone is below the kernel's dirty-background threshold, the
+    batch's sources together above it, so every output is written direct; the bytes are the
+    buffered ones."""
+    from converter.batch import convert_many, source_bytes
+    from converter.formats import direct_io, safetensors_file
+
+    _, _, buffered = one_job
+    sources = [epochs / f"{name}.weights.h5" for name in EPOCHS[:2]]
+    one = source_bytes(sources[0])
+    monkeypatch.setattr(direct_io, "dirty_background_bytes", lambda: one + 1)
+    made, init = [], safetensors_file.SafetensorsStream.__init__
+
+    def recorded(self, path, layout, direct=False):
+        init(self, path, layout, direct)
+        made.append(self.direct is not None)
+
+    monkeypatch.setattr(safetensors_file.SafetensorsStream, "__init__", recorded)
+    pairs = [(src, tmp_path / output_name(src)) for src in sources]
+    assert all(o.ok for o in convert_many(pairs, {"output_io": "auto"}))
+    assert made == [True, True]
+    for src, out in pairs:
+        assert sha(out) == sha(buffered / out.name)
+    pipeline.convert_file(sources[0], tmp_path / "alone.safetensors")  # alone: buffered
+    assert made == [True, True, False]
+
+
+def test_source_sizes_count_every_file_of_a_source(tmp_path):
+    from converter.batch import source_bytes
+
+    (tmp_path / "ckpt-2.index").write_bytes(b"x" * 10)
+    (tmp_path / "ckpt-2.data-00000-of-00001").write_bytes(b"x" * 100)
+    (tmp_path / "ckpt-20.index").write_bytes(b"x" * 1000)  # another checkpoint
+    (tmp_path / "saved" / "variables").mkdir(parents=True)
+    (tmp_path / "saved" / "saved_model.pb").write_bytes(b"x" * 3)
+    (tmp_path / "saved" / "variables" / "variables.data-00000-of-00001").write_bytes(b"x" * 4)
+    assert source_bytes(tmp_path / "ckpt-2") == 110
+    assert source_bytes(tmp_path / "saved") == 7
+    assert source_bytes(tmp_path / "ckpt-2.index") == 10
+
+
+def test_a_bad_output_io_is_refused_by_the_cli(epochs, tmp_path, cli):
+    rc, _, err = cli("convert", epochs / "epoch_01.weights.h5", "--output-io", "fast")
+    assert rc == 2 and "Invalid value for '--output-io'" in err

@@ -129,14 +129,19 @@ SLOW_WRITER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
-def test_signal_during_write_leaves_nothing(tiny, tmp_path, sig):
+@pytest.mark.parametrize(
+    "sig,io",
+    [(signal.SIGTERM, "auto"), (signal.SIGHUP, "auto"), (signal.SIGINT, "auto"),
+     (signal.SIGTERM, "direct")],
+)  # fmt: skip
+def test_signal_during_write_leaves_nothing(tiny, tmp_path, sig, io):
     out = tmp_path / "out.safetensors"
     ready = tmp_path / "ready"
     script = tmp_path / "slow.py"
     script.write_text(SLOW_WRITER)
     proc = subprocess.Popen([sys.executable, str(script), str(ready), "convert", str(tiny["src"]), "--mapping",
-                             str(tiny["table"]), "-o", str(out)], stderr=subprocess.PIPE, text=True)
+                             str(tiny["table"]), "-o", str(out), "--output-io", io],
+                            stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)

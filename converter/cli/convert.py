@@ -125,6 +125,17 @@ def summary(result, out: Path | None) -> dict:
     type=click.Path(path_type=Path),
     help="With --verify: a .npy/.npz NHWC batch or a folder of images to verify on.",
 )
+@click.option(
+    "--output-io",
+    type=click.Choice(["auto", "direct", "buffered"]),
+    default="auto",
+    show_default=True,
+    help=(
+        "How the output is written: direct (O_DIRECT, around the page cache), buffered, or auto:"
+        " direct when the command writes more than the kernel lets pile up dirty"
+        " (vm.dirty_background_*; a batch counts all its sources)."
+    ),
+)
 @force_option
 @json_option
 def command(srcs, jobs, **params) -> int:
@@ -166,6 +177,7 @@ def _convert_single(
     accept_folded_bn,
     no_verify,
     verify_inputs,
+    output_io,
     force,
     as_json,
 ) -> int:
@@ -190,6 +202,7 @@ def _convert_single(
     options = dict(mapping=mapping, source_model=source_model, format=src_format)
     more = dict(num_classes=num_classes, pooling=pooling, use_ema=use_ema)
     more.update(source_bn_momentum=source_bn_momentum, accept_folded_bn=accept_folded_bn)
+    more.update(output_io=output_io)
     result, written = _convert_with_progress(
         console, as_json, src, to, out, force, **more, **options
     )

@@ -48,7 +48,8 @@ def run_batch(sources: list[Path], skipped: list[Path], jobs: int, **params: Any
     if params["to"] is not None:
         check_spec(params["to"])  # a bad --to names itself before any file is read
     names = ("to", "force", "mapping", "source_model", "num_classes", "pooling", "use_ema")
-    options = {name: params[name] for name in names + ("source_bn_momentum", "accept_folded_bn")}
+    more = ("source_bn_momentum", "accept_folded_bn", "output_io")
+    options = {name: params[name] for name in names + more}
     options["format"] = params["src_format"]
     outdir = params["output"] or Path.cwd()
     return _convert_all(

@@ -281,13 +281,16 @@ def atomic_output(
             raise
 
 
-def stream_writer(path: Path, target_manifest: dict[str, Any]) -> Any:
+def stream_writer(path: Path, target_manifest: dict[str, Any], output_io: str = "auto") -> Any:
     """A safetensors file at ``path`` laid out for the manifest's tensors, written one tensor at a
-    time (``put``), the header last (``finish``): see safetensors_file.SafetensorsStream."""
+    time (``put``), the header last (``finish``): see safetensors_file.SafetensorsStream.
+    ``output_io``: ``direct``, ``buffered`` or ``auto`` (direct_io.choose, on this file's size)."""
+    from .direct_io import choose
     from .safetensors_file import Layout, SafetensorsStream
 
     entries = {t["key"]: (t["dtype"], tuple(t["shape"])) for t in target_manifest["tensors"]}
-    return SafetensorsStream(path, Layout.plan(entries))
+    layout = Layout.plan(entries)
+    return SafetensorsStream(path, layout, direct=choose(output_io, layout.data_bytes))
 
 
 class FileTensors(Mapping):

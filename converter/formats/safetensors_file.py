@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import SourceFormatError
 from . import Format, RawCheckpoint, RawTensor, register
+from .direct_io import DirectFile, open_direct
 from .writeback import start_writeback
 
 _ST_DTYPES = {
@@ -178,14 +179,16 @@ class SafetensorsStream:
     """A safetensors file written tensor by tensor, in any order, at the offsets its ``Layout``
     gives (the same bytes as ``Safetensors.write`` of the whole state dict): ``put`` hands one
     tensor to a writer thread (the conversion goes on meanwhile), ``get`` reads one back,
-    ``finish`` writes the header once the metadata is known."""
+    ``finish`` writes the header once the metadata is known. With ``direct`` the writes bypass
+    the page cache where the file system allows it (formats.direct_io); the bytes are the same."""
 
-    def __init__(self, path: Path, layout: Layout) -> None:
+    def __init__(self, path: Path, layout: Layout, direct: bool = False) -> None:
         self.path, self.layout = Path(path), layout
         self.base = 8 + layout.room
         # no O_TRUNC (the temporary file is new): ext4 flushes a truncated file's data on close
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        self.writer = _BackgroundWriter(self.fd)
+        self.direct = open_direct(self.path, self.base + layout.data_bytes) if direct else None
+        self.writer = _BackgroundWriter(self.fd, self.direct)
         self.written: set[str] = set()
 
     def put(self, key: str, array: np.ndarray) -> None:
@@ -194,15 +197,23 @@ class SafetensorsStream:
                 f"{self.path}: tensor {key!r} is {array.dtype}{tuple(array.shape)}, the layout"
                 f" planned {self.layout.entries.get(key)}"
             )
+        if key in self.written:
+            raise SourceFormatError(f"{self.path}: tensor {key!r} written twice")
         self.writer.write(_raw_bytes(array), self.base + self.layout.offsets[key][0])
         self.written.add(key)
 
     def get(self, key: str) -> np.ndarray:
-        self.writer.drain()
+        self._readable()
         dtype, shape = self.layout.entries[key]
         start, end = self.layout.offsets[key]
         data = os.pread(self.fd, end - start, self.base + start)
         return np.frombuffer(data, dtype=_np_dtype(dtype).newbyteorder("<")).reshape(shape).copy()
+
+    def _readable(self) -> None:
+        """Every write done and readable from the file (a direct file's staged blocks too)."""
+        self.writer.drain()
+        if self.direct is not None:
+            self.direct.flush(partial=True)
 
     def finish(self, metadata: dict[str, str]) -> None:
         """Write the header; every tensor must have been put. A header larger than the planned
@@ -210,11 +221,14 @@ class SafetensorsStream:
         missing = [k for k in self.layout.order if k not in self.written]
         if missing:
             raise SourceFormatError(f"{self.path}: tensors never written: {missing[:5]}")
-        self.writer.drain()
         head = self.layout.header(metadata)
         if len(head) == self.base:
-            os.pwrite(self.fd, head, 0)
+            self.writer.write(np.frombuffer(head, np.uint8), 0)
+            self.writer.drain()
+            if self.direct is not None:
+                self.direct.finish()
         else:
+            self._readable()
             self._rewrite_with(head)
         self.close()
 
@@ -223,8 +237,11 @@ class SafetensorsStream:
         try:
             with open(moved, "wb") as out:
                 out.write(head)
-                offset = self.base
-                while chunk := os.pread(self.fd, CHUNK_BYTES, offset):
+                offset, end = self.base, self.base + self.layout.data_bytes
+                while offset < end:  # (a direct file's last block is whole until finished)
+                    chunk = os.pread(self.fd, min(CHUNK_BYTES, end - offset), offset)
+                    if not chunk:
+                        raise SourceFormatError(f"{self.path}: shorter than its layout")
                     out.write(chunk)
                     offset += len(chunk)
             os.replace(moved, self.path)
@@ -236,6 +253,8 @@ class SafetensorsStream:
         removes the partial file)."""
         if self.fd >= 0:
             self.writer.stop()
+            if self.direct is not None:
+                self.direct.close()
             os.close(self.fd)
             self.fd = -1
 
@@ -245,12 +264,13 @@ class _BackgroundWriter:
     layer overlaps writing this one (file writes release the GIL). At most ``IN_FLIGHT_BYTES`` wait
     (or one larger tensor), so memory stays bounded; a write error is raised in the caller at its
     next ``write``/``drain``. Each written range's writeback is started at once
-    (formats.writeback)."""
+    (formats.writeback), or, given a ``DirectFile``, the writes go through it."""
 
     IN_FLIGHT_BYTES = 32 << 20
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, direct: DirectFile | None = None) -> None:
         self.fd, self.items, self.pending, self.error = fd, [], 0, None
+        self.direct = direct
         self.cond = threading.Condition()
         self.thread = threading.Thread(target=self._run, daemon=True, name="safetensors-writer")
         self.stopping = False
@@ -267,6 +287,8 @@ class _BackgroundWriter:
             self.cond.notify_all()
 
     def drain(self) -> None:
+        """Wait until every write is done (the thread then waits for the next one: its
+        ``DirectFile`` may be used by the caller until then)."""
         with self.cond:
             while self.pending and self.error is None:
                 self.cond.wait()
@@ -291,16 +313,23 @@ class _BackgroundWriter:
                     return
                 data, offset = self.items.pop(0)
             try:
-                view, done = memoryview(data).cast("B"), 0
-                while done < len(view):
-                    done += os.pwrite(self.fd, view[done:], offset + done)
-                start_writeback(self.fd, offset, done)
+                self._write(data, offset)
             except OSError as exc:
                 with self.cond:
                     self.error = exc
             with self.cond:
                 self.pending -= data.nbytes
                 self.cond.notify_all()
+
+    def _write(self, data: np.ndarray, offset: int) -> None:
+        view = memoryview(data).cast("B")
+        if self.direct is not None:
+            self.direct.write(view, offset)
+            return
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self.fd, view[done:], offset + done)
+        start_writeback(self.fd, offset, done)
 
 
 def _raw_bytes(array: np.ndarray) -> np.ndarray:
