@@ -69,7 +69,7 @@ def _variants(sources: list[Path], out: Path, jobs: tuple[int, ...]) -> dict[str
     variants = {
         "one process per file": per_file,
         # what the batch's direct output I/O alone gives (a single file's auto is buffered)
-        "one process per file, --output-io direct": [
+        DIRECT_BASE: [
             [*cmd, "--output-io", "direct"] for cmd in per_file
         ],
     }
@@ -142,9 +142,13 @@ def _output_io(source: Path, n: int) -> dict:
     }
 
 
+DIRECT_BASE = "one process per file, --output-io direct"
+
+
 def _summary(source: Path, n: int, rows: dict, digests: dict) -> dict:
     base = "one process per file"
     walls = {name: statistics.median(r["wall_s"] for r in runs) for name, runs in rows.items()}
+    direct = walls.get(DIRECT_BASE)
     return {
         "source": str(source),
         "source_mib": round(source.stat().st_size / 2**20, 1),
@@ -157,6 +161,7 @@ def _summary(source: Path, n: int, rows: dict, digests: dict) -> dict:
                 "cpu_s": round(statistics.median(r["cpu_s"] for r in runs), 2),
                 "files_per_s": round(n / walls[name], 2),
                 "speedup": round(walls[base] / walls[name], 2),
+                "speedup_vs_direct": round(direct / walls[name], 2) if direct else None,
                 "peak_rss_mib": round(max(r["peak_rss_mib"] for r in runs)),
                 "same_bytes": digests[name] == digests[base] and len(digests[name]) == n,
             }

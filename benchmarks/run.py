@@ -307,7 +307,7 @@ def run(sections: list[str], runs: int, peer_runs: int, device: str) -> dict:
     results = {}
     for name in sections:
         print(f"benchmark: {name}", file=sys.stderr)
-        n = {"peer": peer_runs, "big": peer_runs, "verify": 3, "batch": 1}.get(name, runs)
+        n = {"peer": peer_runs, "big": peer_runs, "verify": 3, "batch": 2}.get(name, runs)
         where, load = machine(), os.getloadavg()[0]
         data = bench_verify(n, device) if name == "verify" else BENCHES[name](n)
         where.update(runs=n, load_1m=[round(load, 1), round(os.getloadavg()[0], 1)])
