@@ -33,16 +33,24 @@ def aligned_writes(monkeypatch):
     """Every ``os.pwrite`` the direct file makes, checked as ``O_DIRECT`` demands: offset, length
     and buffer address multiples of the block (on any file system: the fd needs no O_DIRECT)."""
     seen = []
-    real = os.pwrite
+    pwrite, preadv = os.pwrite, os.preadv
 
-    def checked(fd, data, offset):
+    def aligned(data, offset) -> int:
         view = memoryview(data)
         address = ctypes.addressof(ctypes.c_char.from_buffer(view))
         assert offset % BLOCK == 0 and view.nbytes % BLOCK == 0 and address % BLOCK == 0
-        seen.append((offset, view.nbytes))
-        return real(fd, data, offset)
+        return view.nbytes
 
-    monkeypatch.setattr(direct_io.os, "pwrite", checked)
+    def checked_write(fd, data, offset):
+        seen.append((offset, aligned(data, offset)))
+        return pwrite(fd, data, offset)
+
+    def checked_read(fd, buffers, offset):
+        assert len(buffers) == 1 and aligned(buffers[0], offset)
+        return preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(direct_io.os, "pwrite", checked_write)
+    monkeypatch.setattr(direct_io.os, "preadv", checked_read)
     return seen
 
 
@@ -51,7 +59,7 @@ def test_any_ranges_in_any_order_make_the_same_bytes_aligned(size, tmp_path, ali
     data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
     path = tmp_path / "f"
     path.write_bytes(b"")
-    direct = DirectFile(os.open(path, os.O_WRONLY), size)
+    direct = DirectFile(os.open(path, os.O_RDWR), size)
     for start, end in _ranges(size, random.Random(size)):
         direct.write(memoryview(data)[start:end], start)
     direct.finish()
@@ -61,10 +69,46 @@ def test_any_ranges_in_any_order_make_the_same_bytes_aligned(size, tmp_path, ali
     assert sum(n for _, n in aligned_writes) == -(-size // BLOCK) * BLOCK  # each block once
 
 
+def test_ranges_written_again_end_with_their_last_bytes(tmp_path, aligned_writes, monkeypatch):
+    """A tensor adjusted after it was placed (a conv bias folded into a streamed running mean) is
+    written again: over edge blocks still being filled, filled and waiting, or already on disk
+    (read back, patched, written again)."""
+    size, rng = 200_003, random.Random(7)
+    want = bytearray(np.random.default_rng(7).integers(0, 256, size, dtype=np.uint8).tobytes())
+    read_back, read_block = [], DirectFile._read_block
+
+    def spied(direct: DirectFile, index: int) -> bytearray:
+        read_back.append(index)
+        return read_block(direct, index)
+
+    monkeypatch.setattr(DirectFile, "_read_block", spied)
+    path = tmp_path / "f"
+    path.write_bytes(b"")
+    direct = DirectFile(os.open(path, os.O_RDWR), size)
+    ranges = _ranges(size, rng)
+
+    def again(a: int, b: int) -> None:
+        want[a:b] = bytes(rng.randrange(256) for _ in range(b - a))
+        direct.write(memoryview(bytes(want))[a:b], a, again=True)
+
+    for n, (start, end) in enumerate(ranges):
+        direct.write(memoryview(bytes(want))[start:end], start)
+        if n == len(ranges) // 2:
+            direct.flush()  # the filled edge blocks go to disk mid-way
+            for a, b in ranges[: n + 1]:
+                again(a, b)
+        elif n % 3 == 0:  # an earlier range (maybe this one)
+            again(*ranges[rng.randrange(n + 1)])
+    direct.finish()
+    direct.close()
+    assert path.read_bytes() == bytes(want)
+    assert read_back  # blocks on disk were patched
+
+
 def test_a_block_never_filled_is_a_bug_not_a_short_file(tmp_path):
     path = tmp_path / "f"
     path.write_bytes(b"")
-    direct = DirectFile(os.open(path, os.O_WRONLY), 2 * BLOCK)
+    direct = DirectFile(os.open(path, os.O_RDWR), 2 * BLOCK)
     direct.write(memoryview(b"x" * 10), 0)
     with pytest.raises(RuntimeError, match=r"blocks \[0\] were never filled"):
         direct.finish()

@@ -354,3 +354,19 @@ def test_verify_inputs_must_fit_the_source(kinds, converted, tmp_path):
     np.save(tmp_path / "images.npy", np.zeros((2, 8, 8, 3), np.float32))
     with pytest.raises(VerificationError, match=r"the source takes \(batch, 7\)"):
         verify(info["files"]["seq"], path, mapping=table, inputs=tmp_path / "images.npy")
+
+
+@pytest.mark.parametrize("output_io", ["buffered", "direct"])
+def test_a_bias_folded_into_a_streamed_running_mean(kinds, converted, output_io, tmp_path,
+                                                    monkeypatch):  # fmt: skip
+    """Every tensor streamed to the output as it is placed (the spill size at 0): the conv bias
+    folded into the BN's running mean afterwards rewrites that tensor in the file, buffered or
+    direct, and the file is the held conversion's byte for byte."""
+    from converter import convert_file, ledger
+
+    info, _ = kinds
+    _, _, held, table = converted["conv2d"]
+    monkeypatch.setattr(ledger, "SPILL_BYTES", 0)
+    out = tmp_path / "streamed.safetensors"
+    convert_file(info["files"]["conv2d"], out, mapping=table, output_io=output_io)
+    assert out.read_bytes() == held.read_bytes()

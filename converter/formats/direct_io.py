@@ -69,7 +69,7 @@ def open_direct(path: Path, size: int) -> "DirectFile | None":
     where its file system takes no direct I/O (tmpfs, some network file systems): one block is
     written as a probe, at offset 0, which the caller overwrites later."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+        fd = os.open(path, os.O_RDWR | os.O_DIRECT)
     except OSError:
         return None
     direct = DirectFile(fd, size)
@@ -94,10 +94,11 @@ def _take_buffer() -> mmap.mmap:
 
 
 class DirectFile:
-    """A file written with ``O_DIRECT`` at any byte offsets, in any order, each byte once:
-    ``write`` writes the range's whole blocks at once and stages its partial edge blocks until the
-    ranges beside them fill them; ``finish`` checks that every block was written and cuts the file
-    to ``size``. Not thread-safe: one writer thread uses it."""
+    """A file written with ``O_DIRECT`` at any byte offsets, in any order: ``write`` writes the
+    range's whole blocks at once and stages its partial edge blocks until the ranges beside them
+    fill them (each byte written once, or ``again``: a range rewritten); ``finish`` checks that
+    every block was written and cuts the file to ``size``. Not thread-safe: one writer thread
+    uses it."""
 
     def __init__(self, fd: int, size: int) -> None:
         self.fd, self.size = fd, size
@@ -105,16 +106,17 @@ class DirectFile:
         self.edges: dict[int, list] = {}  # block index -> [bytearray(BLOCK), bytes filled]
         self.ready: dict[int, bytearray] = {}  # filled edge blocks not written yet
 
-    def write(self, data: memoryview, offset: int) -> None:
-        """Write ``data`` (bytes) at ``offset``."""
+    def write(self, data: memoryview, offset: int, again: bool = False) -> None:
+        """Write ``data`` (bytes) at ``offset``; ``again``: over a range written before (a
+        tensor adjusted after it was placed)."""
         end = offset + len(data)
         first, last = -(-offset // BLOCK) * BLOCK, end // BLOCK * BLOCK  # the whole blocks
         if first >= last:
-            self._stage(data, offset)
+            self._stage(data, offset, again)
             return
-        self._stage(data[: first - offset], offset)
+        self._stage(data[: first - offset], offset, again)
         self._write_blocks(data[first - offset : last - offset], first)
-        self._stage(data[last - offset :], last)
+        self._stage(data[last - offset :], last, again)
 
     def flush(self, partial: bool = False) -> None:
         """Write the filled edge blocks, and with ``partial`` those still being filled too (their
@@ -140,19 +142,34 @@ class DirectFile:
             self.fd = -1
             _BUFFERS.append(self.buffer)
 
-    def _stage(self, data: memoryview, offset: int) -> None:
-        """Copy ``data`` (within at most two blocks) into its staged edge blocks."""
+    def _stage(self, data: memoryview, offset: int, again: bool) -> None:
+        """Copy ``data`` (within at most two blocks) into its staged edge blocks (``again``:
+        bytes counted before; a block filled since is patched, read back if it was written)."""
         while len(data):
             index, start = divmod(offset, BLOCK)
             n = min(len(data), BLOCK - start)
-            edge = self.edges.setdefault(index, [bytearray(BLOCK), 0])
-            edge[0][start : start + n] = data[:n]
-            edge[1] += n
-            if edge[1] == min(BLOCK, self.size - index * BLOCK):
-                self.ready[index] = self.edges.pop(index)[0]
+            if again and index not in self.edges:
+                block = self.ready.get(index) or self._read_block(index)
+                block[start : start + n] = data[:n]
+                self.ready[index] = block
+            else:
+                edge = self.edges.setdefault(index, [bytearray(BLOCK), 0])
+                edge[0][start : start + n] = data[:n]
+                edge[1] += 0 if again else n
+                if edge[1] == min(BLOCK, self.size - index * BLOCK):
+                    self.ready[index] = self.edges.pop(index)[0]
             data, offset = data[n:], offset + n
         if len(self.ready) >= READY_BLOCKS:
             self.flush()
+
+    def _read_block(self, index: int) -> bytearray:
+        """A block written before, read back (through the aligned buffer)."""
+        view = memoryview(self.buffer)[:BLOCK]
+        if os.preadv(self.fd, [view], index * BLOCK) != BLOCK:
+            raise OSError(f"direct write: block {index} reads back short")
+        block = bytearray(view)
+        view.release()
+        return block
 
     def _write_runs(self, blocks: dict[int, bytearray]) -> None:
         """Write ``blocks`` (index -> contents), each run of consecutive ones in one write."""

@@ -197,9 +197,8 @@ class SafetensorsStream:
                 f"{self.path}: tensor {key!r} is {array.dtype}{tuple(array.shape)}, the layout"
                 f" planned {self.layout.entries.get(key)}"
             )
-        if key in self.written:
-            raise SourceFormatError(f"{self.path}: tensor {key!r} written twice")
-        self.writer.write(_raw_bytes(array), self.base + self.layout.offsets[key][0])
+        offset = self.base + self.layout.offsets[key][0]
+        self.writer.write(_raw_bytes(array), offset, again=key in self.written)  # adjusted
         self.written.add(key)
 
     def get(self, key: str) -> np.ndarray:
@@ -276,13 +275,14 @@ class _BackgroundWriter:
         self.stopping = False
         self.thread.start()
 
-    def write(self, data: np.ndarray, offset: int) -> None:
+    def write(self, data: np.ndarray, offset: int, again: bool = False) -> None:
+        """Queue ``data`` for ``offset`` (``again``: a range written before, rewritten)."""
         with self.cond:
             while self.pending and self.pending + data.nbytes > self.IN_FLIGHT_BYTES:
                 self._raise()
                 self.cond.wait()
             self._raise()
-            self.items.append((data, offset))
+            self.items.append((data, offset, again))
             self.pending += data.nbytes
             self.cond.notify_all()
 
@@ -311,9 +311,9 @@ class _BackgroundWriter:
                     self.cond.wait()
                 if not self.items:
                     return
-                data, offset = self.items.pop(0)
+                data, offset, again = self.items.pop(0)
             try:
-                self._write(data, offset)
+                self._write(data, offset, again)
             except OSError as exc:
                 with self.cond:
                     self.error = exc
@@ -321,10 +321,10 @@ class _BackgroundWriter:
                 self.pending -= data.nbytes
                 self.cond.notify_all()
 
-    def _write(self, data: np.ndarray, offset: int) -> None:
+    def _write(self, data: np.ndarray, offset: int, again: bool) -> None:
         view = memoryview(data).cast("B")
         if self.direct is not None:
-            self.direct.write(view, offset)
+            self.direct.write(view, offset, again)
             return
         done = 0
         while done < len(view):
