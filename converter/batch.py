@@ -224,6 +224,7 @@ class FileOutcome:
     info: dict[str, Any] | None = None  # ``summarize(result, output)``
     error: str | None = None
     exit_code: int = ExitCode.OK
+    skipped: bool = False  # its output existed (``skip_existing``): left as it is
 
     @property
     def ok(self) -> bool:
@@ -231,6 +232,8 @@ class FileOutcome:
 
     def to_dict(self) -> dict[str, Any]:
         head = {"source": str(self.source), "ok": self.ok, "seconds": round(self.seconds, 3)}
+        if self.skipped:
+            return {**head, "skipped": True, "output": str(self.output)}
         if self.ok:
             return {**head, **(self.info or {})}
         return {**head, "output": None, "error": self.error, "exit_code": int(self.exit_code)}
@@ -293,10 +296,14 @@ def convert_many(
     ``force``, ``mapping``, ...): in this process (``jobs`` 1) or in ``jobs`` worker processes,
     each with its own StructureCache; an output that exists without ``force`` fails at once.
     ``on_done`` is called as each finishes; returns the outcomes in the order of ``pairs``.
-    ``summarize`` must be a module-level function (it is sent to the workers)."""
+    ``summarize`` must be a module-level function (it is sent to the workers). With the option
+    ``skip_existing``, a pair whose output exists is skipped (its outcome says so) instead."""
     on_done = on_done or (lambda outcome: None)
-    options = {**options, "output_io": output_io(options, [src for src, _ in pairs])}
-    outcomes = [_refused_output(src, out, options) for src, out in pairs]
+    options = dict(options)
+    skip = options.pop("skip_existing", False)
+    todo_pairs = [(src, out) for src, out in pairs if not (skip and out.is_file())]
+    options["output_io"] = output_io(options, [src for src, _ in todo_pairs])
+    outcomes = [_refused_output(src, out, options, skip) for src, out in pairs]
     for outcome in outcomes:
         if outcome is not None:
             on_done(outcome)
@@ -332,11 +339,15 @@ def source_bytes(src: Path) -> int:
     return sum(f.stat().st_size for f in files if f.is_file())
 
 
-def _refused_output(src: Path, out: Path, options: dict[str, Any]) -> FileOutcome | None:
-    """The outcome of a file whose output may not be written (it exists, no ``force``), else
-    None: checked before any worker starts."""
+def _refused_output(
+    src: Path, out: Path, options: dict[str, Any], skip: bool
+) -> FileOutcome | None:
+    """The outcome of a file whose output may not be written (it exists, no ``force``) or is
+    skipped (it exists, ``skip``), else None: checked before any worker starts."""
     from .formats import check_output
 
+    if skip and out.is_file():
+        return FileOutcome(src, out, 0.0, skipped=True)
     try:
         check_output(out, bool(options.get("force")), (src,))
     except ConverterError as err:

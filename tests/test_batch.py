@@ -286,3 +286,42 @@ def test_source_sizes_count_every_file_of_a_source(tmp_path):
 def test_a_bad_output_io_is_refused_by_the_cli(epochs, tmp_path, cli):
     rc, _, err = cli("convert", epochs / "epoch_01.weights.h5", "--output-io", "fast")
     assert rc == 2 and "Invalid value for '--output-io'" in err
+
+
+def test_skip_existing_converts_only_what_is_new(epochs, tmp_path):
+    """A training run still writing checkpoints: rerun with --skip-existing, the outputs already
+    there are named and left as they are, the new files converted; a failure still fails."""
+    first = epochs / "epoch_01.weights.h5"
+    rc, _, err = _run("convert", first, epochs / "epoch_02.weights.h5", "-o", tmp_path)
+    assert rc == 0, err
+    before = {p.name: (sha(p), p.stat().st_mtime_ns) for p in tmp_path.iterdir()}
+    rc, _, err = _run("convert", epochs, "-o", tmp_path, "--skip-existing")
+    lines = err.strip().splitlines()
+    assert rc == 2 and "Traceback" not in err, err
+    out = tmp_path / "epoch_01.safetensors"
+    assert f"skipped   {first}: {out} exists (--skip-existing)" in lines
+    assert any(line.startswith(f"converted {epochs / 'epoch_03.weights.h5'} -> ") for line in lines)
+    assert lines[-1].startswith("1 of 4 converted, 2 skipped (their outputs exist) in ")
+    assert lines[-1].endswith(f"1 failed: {epochs / 'epoch_04.weights.h5'}")
+    assert {p.name: (sha(p), p.stat().st_mtime_ns) for p in tmp_path.iterdir()
+            if p.name in before} == before  # fmt: skip
+    rc, stdout, _ = _run("convert", epochs, "-o", tmp_path, "--skip-existing", "--json")
+    listed = {Path(f["source"]).name: f for f in json.loads(stdout)}
+    assert listed["epoch_03.weights.h5"] == {
+        "source": str(epochs / "epoch_03.weights.h5"),
+        "ok": True,
+        "skipped": True,
+        "seconds": 0.0,
+        "output": str(tmp_path / "epoch_03.safetensors"),
+    }
+    assert not listed["epoch_04.weights.h5"]["ok"]
+
+
+def test_skip_existing_one_source_and_its_conflict_with_force(epochs, tmp_path, cli):
+    src, out = epochs / "epoch_01.weights.h5", tmp_path / "e1.safetensors"
+    out.write_bytes(PLACEHOLDER)
+    rc, stdout, err = cli("convert", src, "-o", out, "--skip-existing")
+    assert rc == 0 and stdout == "" and err.strip() == f"skipped   {src}: {out} exists (--skip-existing)"
+    assert out.read_bytes() == PLACEHOLDER
+    rc, _, err = cli("convert", src, "-o", out, "--skip-existing", "--force")
+    assert_clean_error(rc, err, "--skip-existing", "--force")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..errors import UnsupportedLayerError, VerificationError
+from ..errors import ConverterError, UnsupportedLayerError, VerificationError
 from .common import EXIT_OK, emit_json, force_option, json_option, stderr_console
 
 
@@ -136,6 +136,14 @@ def summary(result, out: Path | None) -> dict:
         " (vm.dirty_background_*; a batch counts all its sources)."
     ),
 )
+@click.option(
+    "--skip-existing",
+    is_flag=True,
+    help=(
+        "Leave an output that exists as it is and say so (a rerun over a training run's"
+        " directory converts only its new checkpoints)."
+    ),
+)
 @force_option
 @json_option
 def command(srcs, jobs, **params) -> int:
@@ -154,6 +162,11 @@ def command(srcs, jobs, **params) -> int:
 
     reuse_freed_buffers()  # this process streams tensors (see converter/allocator.py)
 
+    if params["skip_existing"] and params["force"]:
+        raise ConverterError(
+            "--skip-existing leaves existing outputs as they are and --force overwrites them:"
+            " pass one of them"
+        )
     sources, skipped = list_sources(list(srcs))
     if len(srcs) > 1 or sources != list(srcs):  # several sources: cli/convert_many.py
         from .convert_many import run_batch
@@ -178,11 +191,11 @@ def _convert_single(
     no_verify,
     verify_inputs,
     output_io,
+    skip_existing,
     force,
     as_json,
 ) -> int:
     """``convert`` with one source (the command's docstring)."""
-    from ..errors import ConverterError
     from ..formats import check_output
     from ..model import check_spec
 
@@ -191,9 +204,10 @@ def _convert_single(
 
     if to is not None:
         check_spec(to)  # a bad --to names itself first, before the output check
-    out = check_output(
-        output or Path.cwd() / (src.name.split(".")[0] + ".safetensors"), force, (src,)
-    )
+    out = output or Path.cwd() / (src.name.split(".")[0] + ".safetensors")
+    if skip_existing and out.is_file():
+        return _skipped(src, out, as_json)
+    out = check_output(out, force, (src,))
     from ..pipeline import drafted_table_path
 
     if mapping is None and may_draft(to):  # refuse an existing table before the long work
@@ -220,6 +234,21 @@ def _convert_single(
         if "verification_skipped" in info:
             console.print(f"  verification: not run ({info['verification_skipped']})")
     return rc
+
+
+def _skipped(src: Path, out: Path, as_json: bool) -> int:
+    """--skip-existing with an existing output: the batch's line (or JSON object) for it."""
+    from rich.markup import escape
+
+    from ..batch import FileOutcome
+    from .convert_many import file_line
+
+    outcome = FileOutcome(src, out, 0.0, skipped=True)
+    if as_json:
+        emit_json(outcome.to_dict())
+    else:
+        stderr_console().print(escape(file_line(outcome)))
+    return EXIT_OK
 
 
 NO_CONFIG_TO_RUN = (

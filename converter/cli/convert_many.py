@@ -48,7 +48,7 @@ def run_batch(sources: list[Path], skipped: list[Path], jobs: int, **params: Any
     if params["to"] is not None:
         check_spec(params["to"])  # a bad --to names itself before any file is read
     names = ("to", "force", "mapping", "source_model", "num_classes", "pooling", "use_ema")
-    more = ("source_bn_momentum", "accept_folded_bn", "output_io")
+    more = ("source_bn_momentum", "accept_folded_bn", "output_io", "skip_existing")
     options = {name: params[name] for name in names + more}
     options["format"] = params["src_format"]
     outdir = params["output"] or Path.cwd()
@@ -118,7 +118,10 @@ def _file_bar(console, total: int, quiet: bool):
 
 
 def file_line(outcome) -> str:
-    """One line per file: where it went, the target, tensors and time; or why it failed."""
+    """One line per file: where it went, the target, tensors and time; that its output exists
+    (--skip-existing); or why it failed."""
+    if outcome.skipped:
+        return f"skipped   {outcome.source}: {outcome.output} exists (--skip-existing)"
     if not outcome.ok:  # most errors name the file first
         named = outcome.error.startswith(str(outcome.source))
         return f"failed    {'' if named else f'{outcome.source}: '}{outcome.error}"
@@ -130,9 +133,11 @@ def file_line(outcome) -> str:
 
 
 def total_line(outcomes: list, seconds: float, workers: int) -> str:
-    """The last line: how many converted, in how long, and which failed."""
+    """The last line: how many converted (and skipped), in how long, and which failed."""
     failed = [str(o.source) for o in outcomes if not o.ok]
-    done = len(outcomes) - len(failed)
+    skipped = sum(o.skipped for o in outcomes)
+    done = len(outcomes) - len(failed) - skipped
     jobs = f", {workers} workers" if workers > 1 and len(outcomes) > 1 else ""
-    line = f"{done} of {len(outcomes)} converted in {seconds:.1f} s{jobs}"
+    kept = f", {skipped} skipped (their outputs exist)" if skipped else ""
+    line = f"{done} of {len(outcomes)} converted{kept} in {seconds:.1f} s{jobs}"
     return line + (f"; {len(failed)} failed: {', '.join(failed)}" if failed else "")
