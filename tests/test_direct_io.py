@@ -59,7 +59,7 @@ def test_any_ranges_in_any_order_make_the_same_bytes_aligned(size, tmp_path, ali
     data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
     path = tmp_path / "f"
     path.write_bytes(b"")
-    direct = DirectFile(os.open(path, os.O_RDWR), size)
+    direct = DirectFile(os.open(path, os.O_WRONLY), size, path)
     for start, end in _ranges(size, random.Random(size)):
         direct.write(memoryview(data)[start:end], start)
     direct.finish()
@@ -84,7 +84,7 @@ def test_ranges_written_again_end_with_their_last_bytes(tmp_path, aligned_writes
     monkeypatch.setattr(DirectFile, "_read_block", spied)
     path = tmp_path / "f"
     path.write_bytes(b"")
-    direct = DirectFile(os.open(path, os.O_RDWR), size)
+    direct = DirectFile(os.open(path, os.O_WRONLY), size, path)
     ranges = _ranges(size, rng)
 
     def again(a: int, b: int) -> None:
@@ -108,7 +108,7 @@ def test_ranges_written_again_end_with_their_last_bytes(tmp_path, aligned_writes
 def test_a_block_never_filled_is_a_bug_not_a_short_file(tmp_path):
     path = tmp_path / "f"
     path.write_bytes(b"")
-    direct = DirectFile(os.open(path, os.O_RDWR), 2 * BLOCK)
+    direct = DirectFile(os.open(path, os.O_WRONLY), 2 * BLOCK, path)
     direct.write(memoryview(b"x" * 10), 0)
     with pytest.raises(RuntimeError, match=r"blocks \[0\] were never filled"):
         direct.finish()

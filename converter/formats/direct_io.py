@@ -69,10 +69,10 @@ def open_direct(path: Path, size: int) -> "DirectFile | None":
     where its file system takes no direct I/O (tmpfs, some network file systems): one block is
     written as a probe, at offset 0, which the caller overwrites later."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_DIRECT)
+        fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
     except OSError:
         return None
-    direct = DirectFile(fd, size)
+    direct = DirectFile(fd, size, path)
     try:
         os.pwrite(fd, memoryview(direct.buffer)[:BLOCK], 0)
     except OSError:
@@ -100,8 +100,8 @@ class DirectFile:
     every block was written and cuts the file to ``size``. Not thread-safe: one writer thread
     uses it."""
 
-    def __init__(self, fd: int, size: int) -> None:
-        self.fd, self.size = fd, size
+    def __init__(self, fd: int, size: int, path: Path) -> None:
+        self.fd, self.size, self.path = fd, size, path
         self.buffer = _take_buffer()
         self.edges: dict[int, list] = {}  # block index -> [bytearray(BLOCK), bytes filled]
         self.ready: dict[int, bytearray] = {}  # filled edge blocks not written yet
@@ -163,10 +163,15 @@ class DirectFile:
             self.flush()
 
     def _read_block(self, index: int) -> bytearray:
-        """A block written before, read back (through the aligned buffer)."""
+        """A block written before, read back (through the aligned buffer; rare: a tensor written
+        again, its edge block already on disk)."""
         view = memoryview(self.buffer)[:BLOCK]
-        if os.preadv(self.fd, [view], index * BLOCK) != BLOCK:
-            raise OSError(f"direct write: block {index} reads back short")
+        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECT)
+        try:
+            if os.preadv(fd, [view], index * BLOCK) != BLOCK:
+                raise OSError(f"{self.path}: block {index} reads back short")
+        finally:
+            os.close(fd)
         block = bytearray(view)
         view.release()
         return block
