@@ -301,9 +301,9 @@ def convert_many(
     on_done = on_done or (lambda outcome: None)
     options = dict(options)
     skip = options.pop("skip_existing", False)
-    todo_pairs = [(src, out) for src, out in pairs if not (skip and out.is_file())]
-    options["output_io"] = output_io(options, [src for src, _ in todo_pairs])
     outcomes = [_refused_output(src, out, options, skip) for src, out in pairs]
+    sources = [src for (src, _), outcome in zip(pairs, outcomes) if outcome is None]
+    options["output_io"] = output_io(options, sources)  # on what will be converted
     for outcome in outcomes:
         if outcome is not None:
             on_done(outcome)
