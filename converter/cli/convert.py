@@ -131,7 +131,8 @@ def summary(result, out: Path | None) -> dict:
     default="auto",
     show_default=True,
     help=(
-        "How the output is written: direct (O_DIRECT, around the page cache), buffered, or auto:"
+        "How a .safetensors output is written: direct (O_DIRECT, around the page cache),"
+        " buffered, or auto:"
         " direct when the command writes more than the kernel lets pile up dirty"
         " (vm.dirty_background_*; a batch counts all its sources)."
     ),
