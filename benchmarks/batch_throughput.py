@@ -104,6 +104,7 @@ def bench_batch(
     per ``jobs``; per variant: median wall time, files per second, peak RSS, speed-up over one
     process per file, and whether its outputs are the per-file outputs byte for byte."""
     tmp = Path(tempfile.mkdtemp(prefix="batch-bench-", dir=workdir))
+    io = _output_io(source, n)  # what --output-io auto decides, as the runs start
     load = [os.getloadavg()[0]]
     try:
         run = tmp / "run"
@@ -121,7 +122,7 @@ def bench_batch(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     result = _summary(source, n, rows, digests)
-    result["output_io"] = _output_io(source, n)
+    result["output_io"] = io
     load.append(os.getloadavg()[0])
     result["load_avg_1m"] = [round(x, 2) for x in load]  # before, after (other users of the CPUs)
     result["cpus"] = os.cpu_count()

@@ -322,11 +322,10 @@ def output_io(options: dict[str, Any], sources: list[Path]) -> str:
     """How the batch writes its outputs: the ``output_io`` option, ``auto`` decided once for
     the whole batch on the sources' total size (formats.direct_io.choose: the outputs of a
     training run's checkpoints are about as large as they are)."""
-    from .formats.direct_io import choose
+    from .formats.direct_io import check_mode, choose
 
-    mode = options.get("output_io", "auto")
+    mode = check_mode(options.get("output_io", "auto"))  # refused before any worker starts
     if mode != "auto":
-        choose(mode, 0)  # a bad mode refused here, before any worker starts
         return mode
     return "direct" if choose(mode, sum(map(source_bytes, sources))) else "buffered"
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from . import __version__, formats
 from .formats import RawCheckpoint, RawTensor, check_output
+from .formats.direct_io import check_mode
 from .errors import InvalidTensorError, MappingError, UnknownArchitectureError
 from .ledger import SPILL_BYTES, Sink, Spilled, TargetLedger, check_finite, listing
 from .manifest import load_manifest, manifest_path, target_manifest_from_model
@@ -318,6 +319,7 @@ def convert_file(
     safetensors output is written, ``direct`` (around the page cache), ``buffered`` or ``auto``
     (formats.direct_io.choose)."""
     out = check_output(out, force, (src,))
+    check_mode(output_io)  # refused before the source is read
     if formats.output_format_for(out, None) != "safetensors":
         result = convert(src, to, format=format, **options)
         _write_drafted(result, out, force)

@@ -184,3 +184,10 @@ def test_the_kernels_threshold_is_read():
         pytest.skip("not Linux")
     threshold = direct_io.dirty_background_bytes()
     assert 0 < threshold < 2**63 - 1
+
+
+def test_a_bad_mode_is_refused_before_the_source_is_read(tmp_path):
+    from converter import convert_file
+
+    with pytest.raises(ConverterError, match="output I/O mode 'fast'"):
+        convert_file(tmp_path / "missing.weights.h5", tmp_path / "o.safetensors", output_io="fast")

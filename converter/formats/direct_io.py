@@ -33,12 +33,17 @@ BUFFER_BYTES = 8 << 20  # the aligned buffer every direct write goes through
 READY_BLOCKS = 256  # completed edge blocks written together once this many wait
 
 
+def check_mode(mode: str) -> str:
+    """``mode``, refused unless it is one of ``MODES``."""
+    if mode not in MODES:
+        raise ConverterError(f"output I/O mode {mode!r}: expected one of {', '.join(MODES)}")
+    return mode
+
+
 def choose(mode: str, total_bytes: int) -> bool:
     """Whether to write ``total_bytes`` of output with direct I/O under ``mode`` (one of
     ``MODES``); never where the platform has no ``O_DIRECT``."""
-    if mode not in MODES:
-        raise ConverterError(f"output I/O mode {mode!r}: expected one of {', '.join(MODES)}")
-    if not hasattr(os, "O_DIRECT") or mode == "buffered":
+    if not hasattr(os, "O_DIRECT") or check_mode(mode) == "buffered":
         return False
     return mode == "direct" or total_bytes > dirty_background_bytes()
 
